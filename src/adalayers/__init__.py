@@ -1,0 +1,1 @@
+"""adalayers: side tasks on a frozen transformer."""
