@@ -1,0 +1,184 @@
+"""Evaluation metrics as pure functions of gold and predicted labels.
+
+* sequence classification: accuracy, macro F1, Matthews correlation (MCC, the GLUE CoLA metric);
+* regression: Pearson and Spearman correlation (the GLUE STS-B metrics);
+* token classification: entity-level micro precision / recall / F1 the conlleval way (``seqeval``
+  in its default, conlleval-compatible mode) plus a per-type table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+from seqeval import metrics as seqeval
+from seqeval.metrics.sequence_labeling import get_entities
+from sklearn import metrics as skm
+
+_PRIMARY = {
+    "imdb": "accuracy",
+    "cola": "mcc",
+    "rte": "accuracy",
+    "stsb": "pearson",
+    "conll2003": "f1",
+    "conll": "f1",
+    "sequence_classification": "accuracy",
+    "token_classification": "f1",
+    "regression": "pearson",
+}
+
+
+def _check(y_true: Sequence, y_pred: Sequence) -> None:
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} gold labels but {len(y_pred)} predictions")
+    if len(y_true) == 0:
+        raise ValueError("no examples to score")
+
+
+def accuracy(y_true: Sequence, y_pred: Sequence) -> float:
+    """Share of examples whose prediction equals the gold label.
+
+    Raises:
+        ValueError: If the inputs differ in length or are empty.
+    """
+    _check(y_true, y_pred)
+    return float(skm.accuracy_score(y_true, y_pred))
+
+
+def f1(y_true: Sequence, y_pred: Sequence, *, average: str = "macro", pos_label: Any = 1) -> float:
+    """F1 score, ``2 * P * R / (P + R)``.
+
+    Args:
+        y_true: Gold labels (ids or names).
+        y_pred: Predicted labels.
+        average: ``"macro"`` (unweighted mean over the labels present in either input) or
+            ``"binary"`` (F1 of ``pos_label``).
+        pos_label: The positive label for ``average="binary"``.
+
+    Returns:
+        F1 in [0, 1]; an undefined class score (no gold and no predicted examples) counts as 0.
+    """
+    _check(y_true, y_pred)
+    if average not in ("macro", "binary"):
+        raise ValueError(f"average must be 'macro' or 'binary', got {average!r}")
+    return float(
+        skm.f1_score(y_true, y_pred, average=average, pos_label=pos_label, zero_division=0)
+    )
+
+
+def matthews_corrcoef(y_true: Sequence, y_pred: Sequence) -> float:
+    """Matthews correlation coefficient; binary case ``(TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)
+    (TN+FP)(TN+FN))``, multi-class via the confusion-matrix generalisation; 0 when undefined."""
+    _check(y_true, y_pred)
+    return float(skm.matthews_corrcoef(y_true, y_pred))
+
+
+def pearson_spearman(y_true: Sequence[float], y_pred: Sequence[float]) -> dict[str, float]:
+    """Pearson and Spearman correlation of predictions with gold scores.
+
+    Returns:
+        ``{"pearson": r, "spearman": rho}``; a correlation with a constant input is undefined
+        and reported as 0.0 (as sklearn does for MCC), so model selection never sees NaN.
+    """
+    _check(y_true, y_pred)
+    a, b = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return {"pearson": 0.0, "spearman": 0.0}
+    result = {
+        "pearson": stats.pearsonr(a, b).statistic,
+        "spearman": stats.spearmanr(a, b).statistic,
+    }
+    return {k: 0.0 if math.isnan(v) else float(v) for k, v in result.items()}
+
+
+def ner_scores(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict[str, Any]:
+    """Entity-level scores of IOB tag sequences, computed as conlleval does (via ``seqeval``).
+
+    An entity is a maximal chunk of one type (conlleval also starts a chunk at an ``I-`` tag
+    that follows ``O`` or another type); it is correct only if type and both boundaries match.
+    Precision = correct / predicted entities, recall = correct / gold entities, micro-averaged.
+
+    Args:
+        true_tags: Gold tags, one list per sentence.
+        pred_tags: Predicted tags, same shape.
+
+    Returns:
+        ``{"precision", "recall", "f1", "accuracy" (token level), "per_type": {type:
+        {"precision", "recall", "f1", "support" (gold entities)}}}``.
+
+    Raises:
+        ValueError: If the number of sentences or any sentence length differs, or no sentences.
+    """
+    _check(true_tags, pred_tags)
+    for i, (t, p) in enumerate(zip(true_tags, pred_tags)):
+        if len(t) != len(p):
+            raise ValueError(f"sentence {i}: {len(t)} gold tags but {len(p)} predicted tags")
+    accuracy_ = float(seqeval.accuracy_score(true_tags, pred_tags))
+    if not any(get_entities(t) or get_entities(p) for t, p in zip(true_tags, pred_tags)):
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0, "accuracy": accuracy_, "per_type": {}}
+    report = seqeval.classification_report(true_tags, pred_tags, output_dict=True, zero_division=0)
+    per_type = {
+        name: {
+            "precision": float(row["precision"]),
+            "recall": float(row["recall"]),
+            "f1": float(row["f1-score"]),
+            "support": int(row["support"]),
+        }
+        for name, row in report.items()
+        if not name.endswith(" avg")
+    }
+    micro = report["micro avg"]
+    return {
+        "precision": float(micro["precision"]),
+        "recall": float(micro["recall"]),
+        "f1": float(micro["f1-score"]),
+        "accuracy": accuracy_,
+        "per_type": per_type,
+    }
+
+
+def compute_metrics(task_type: str, y_true: Sequence, y_pred: Sequence) -> dict[str, Any]:
+    """All metrics of a task type as a flat dict of floats.
+
+    Args:
+        task_type: ``"sequence_classification"`` -> accuracy, f1_macro, mcc;
+            ``"regression"`` -> pearson, spearman; ``"token_classification"`` -> precision,
+            recall, f1, accuracy and the nested ``"per_type"`` table of :func:`ner_scores`.
+        y_true: Gold labels (tag lists for token classification).
+        y_pred: Predictions, same shape.
+
+    Raises:
+        ValueError: Unknown task type, or mismatched / empty inputs.
+    """
+    if task_type == "sequence_classification":
+        return {
+            "accuracy": accuracy(y_true, y_pred),
+            "f1_macro": f1(y_true, y_pred, average="macro"),
+            "mcc": matthews_corrcoef(y_true, y_pred),
+        }
+    if task_type == "regression":
+        return pearson_spearman(y_true, y_pred)
+    if task_type == "token_classification":
+        return ner_scores(y_true, y_pred)
+    raise ValueError(f"unknown task type {task_type!r}; use one of {list(_PRIMARY)[-3:]}")
+
+
+def primary_metric(task_name_or_type: str) -> str:
+    """The metric used for model selection and headline results of a task (name or type).
+
+    ``accuracy`` for IMDB / RTE / sequence classification, ``mcc`` for CoLA, ``pearson`` for
+    STS-B / regression, entity ``f1`` for CoNLL-2003 / token classification.
+
+    Raises:
+        ValueError: For an unknown name (e.g. ``"csv"``: pass its task type instead).
+    """
+    try:
+        return _PRIMARY[task_name_or_type]
+    except KeyError:
+        raise ValueError(
+            f"no primary metric for {task_name_or_type!r}; use a task type or one of "
+            f"{list(_PRIMARY)}"
+        ) from None

@@ -1,0 +1,227 @@
+"""The AdaLayers layer mixer.
+
+For hidden states ``Z_0 .. Z_L`` of a frozen base (each (B, T, d)) and the chosen layers ``S``:
+
+    f_i = LN(GELU(Z_i) W_i^T)                 W_i: d -> k, no bias; LN without affine parameters
+    p~  = softmax(alpha * p)                  p: one learned logit per layer in S
+    p~  <- p~ * [p~ > c] / sum(p~ * [p~ > c]) optional cutoff c (the largest weight is always kept)
+    F   = sum_i p~_i f_i  (+ positional embeddings, then dropout)          F: (B, T, k)
+
+and the regulariser ``lambda * H(p~)`` with ``H(p~) = -sum_i p~_i log p~_i`` (the entropy of the
+distribution actually used), returned by :meth:`LayerMixer.regularization` for the caller to add
+to its loss.
+
+The mixer runs in two forms that give the same numbers: *stacked* (:meth:`LayerMixer.forward`,
+all states at hand) and *streaming* (:meth:`LayerMixer.accumulate` called by a tap as each state
+appears, then :meth:`LayerMixer.finish`), which only ever holds one (B, T, k) buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MixerConfig:
+    """Hyper-parameters of the layer mixer.
+
+    Attributes:
+        dim: ``k``, the width every layer is projected to.
+        alpha: temperature-like factor in ``softmax(alpha * p)``; larger values let the
+            distribution move faster (typical 64-128).
+        cutoff: weights ``<= cutoff`` are zeroed and the rest renormalised; 0 disables.
+        entropy_weight: ``lambda`` in the ``lambda * H(p~)`` loss term; 0 disables.
+        dropout: dropout on the mixed features ``F``.
+        positional: add ``"learned"`` or ``"sinusoidal"`` position embeddings to ``F``, or
+            ``"none"``.
+        max_positions: table size for learned positions.
+        layers: indices of the hidden states to use (``None``: all ``L + 1``).
+        single_layer: use only this state (p fixed to one-hot): the single-layer baseline.
+        freeze_distribution: keep ``p`` fixed at its initial (uniform) value.
+    """
+
+    dim: int = 64
+    alpha: float = 64.0
+    cutoff: float = 0.0
+    entropy_weight: float = 0.0
+    dropout: float = 0.0
+    positional: Literal["none", "learned", "sinusoidal"] = "none"
+    max_positions: int = 512
+    layers: list[int] | None = field(default=None)
+    single_layer: int | None = None
+    freeze_distribution: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0:
+            raise ValueError(f"mixer.dim must be positive, got {self.dim}")
+        if self.alpha <= 0:
+            raise ValueError(f"mixer.alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.cutoff < 1.0:
+            raise ValueError(f"mixer.cutoff must be in [0, 1), got {self.cutoff}")
+        if self.entropy_weight < 0:
+            raise ValueError(f"mixer.entropy_weight must be >= 0, got {self.entropy_weight}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"mixer.dropout must be in [0, 1), got {self.dropout}")
+        if self.positional not in ("none", "learned", "sinusoidal"):
+            raise ValueError(
+                f"mixer.positional must be none, learned or sinusoidal, got {self.positional!r}"
+            )
+        if self.single_layer is not None and self.layers is not None:
+            raise ValueError(
+                "mixer.single_layer and mixer.layers contradict each other: set only one"
+            )
+        if self.layers is not None:
+            self.layers = [int(i) for i in self.layers]
+            if not self.layers or len(set(self.layers)) != len(self.layers):
+                raise ValueError(
+                    f"mixer.layers must be a non-empty list of distinct indices, got {self.layers}"
+                )
+
+    def layer_indices(self, num_states: int) -> list[int]:
+        """The state indices this mixer reads from a base with ``num_states`` states."""
+        if self.single_layer is not None:
+            chosen = [self.single_layer]
+        elif self.layers is not None:
+            chosen = list(self.layers)
+        else:
+            chosen = list(range(num_states))
+        normalized = [i + num_states if i < 0 else i for i in chosen]
+        for original, i in zip(chosen, normalized):
+            if not 0 <= i < num_states:
+                raise ValueError(
+                    f"mixer layer index {original} is out of range for a base "
+                    f"with {num_states} hidden states (0..{num_states - 1})"
+                )
+        return normalized
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MixerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown mixer key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
+    """The fixed sin/cos table of "Attention is all you need": (num_positions, dim)."""
+    position = torch.arange(num_positions, dtype=torch.float32)[:, None]  # (P, 1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(num_positions, dim)  # (P, k)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq[: dim // 2])
+    return table
+
+
+class LayerMixer(nn.Module):
+    """Projects chosen hidden states to ``k`` dims and mixes them with learned weights.
+
+    Args:
+        config: the mixer hyper-parameters.
+        num_states: ``L + 1``, the number of hidden states of the base.
+        hidden_size: ``d``, their width.
+    """
+
+    def __init__(self, config: MixerConfig, num_states: int, hidden_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_states = num_states
+        self.hidden_size = hidden_size
+        self.layer_indices = config.layer_indices(num_states)
+        n, k = len(self.layer_indices), config.dim
+        self.weight = nn.Parameter(torch.empty(n, k, hidden_size))  # (n, k, d): W_i per layer
+        nn.init.kaiming_uniform_(self.weight.view(n * k, hidden_size), a=math.sqrt(5))
+        self.p = nn.Parameter(torch.zeros(n), requires_grad=not config.freeze_distribution)
+        if config.positional == "learned":
+            self.positions = nn.Parameter(torch.zeros(config.max_positions, k))
+            nn.init.normal_(self.positions, std=0.02)
+        elif config.positional == "sinusoidal":
+            self.register_buffer(
+                "positions", sinusoidal_positions(config.max_positions, k), persistent=False
+            )
+        else:
+            self.positions = None
+        self.dropout = nn.Dropout(config.dropout)
+        self._local = {layer: i for i, layer in enumerate(self.layer_indices)}
+
+    def distribution(self) -> torch.Tensor:
+        """``p~``: softmax(alpha * p) after the cutoff, shape (n,). Never modifies ``p``."""
+        logits = self.config.alpha * self.p  # (n,)
+        weights = torch.softmax(logits, dim=0)  # (n,)
+        if self.config.cutoff > 0:
+            keep = (weights > self.config.cutoff) | (weights == weights.max())  # keep >= 1 layer
+            # renormalising the kept weights == a softmax over the kept logits only; written
+            # this way the cut layers get exactly zero gradient
+            weights = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=0)
+        return weights
+
+    def entropy(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``H(p~) = -sum p~ log p~`` (zero weights contribute 0, with a zero gradient)."""
+        w = self.distribution() if weights is None else weights
+        positive = w > 0
+        logs = torch.log(torch.where(positive, w, torch.ones_like(w)))
+        return -(w * logs).sum()
+
+    def regularization(self) -> torch.Tensor:
+        """The loss term ``lambda * H(p~)`` (a zero tensor when lambda is 0)."""
+        if self.config.entropy_weight == 0:
+            return self.p.new_zeros(())
+        return self.config.entropy_weight * self.entropy()
+
+    def layer_weights(self) -> dict[int, float]:
+        """State index -> its weight in ``p~`` (plain floats, for reports)."""
+        with torch.no_grad():
+            w = self.distribution().tolist()
+        return dict(zip(self.layer_indices, w))
+
+    def active_layers(self) -> list[tuple[int, torch.Tensor]]:
+        """(state index, weight) for the states with a non-zero weight: the ones to tap."""
+        w = self.distribution()
+        nonzero = (w > 0).tolist()
+        return [(layer, w[i]) for i, layer in enumerate(self.layer_indices) if nonzero[i]]
+
+    def project(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """``f_i = LN(GELU(Z_i) W_i^T)`` for state index ``layer``: (B, T, d) -> (B, T, k)."""
+        w = self.weight[self._local[layer]]  # (k, d)
+        h = F.linear(F.gelu(z.to(w.dtype)), w)  # (B, T, k)
+        return F.layer_norm(h, (h.shape[-1],))  # (B, T, k)
+
+    def accumulate(
+        self, buffer: torch.Tensor | None, layer: int, weight: torch.Tensor, z: torch.Tensor
+    ) -> torch.Tensor:
+        """Streaming step: ``buffer + p~_i f_i`` (buffer ``None`` starts the sum)."""
+        term = weight * self.project(layer, z)  # (B, T, k)
+        return term if buffer is None else buffer + term
+
+    def finish(self, mixed: torch.Tensor) -> torch.Tensor:
+        """Add positions and apply dropout to the mixed features ``F`` (B, T, k)."""
+        if self.positions is not None:
+            length = mixed.shape[1]
+            if length > self.positions.shape[0]:
+                raise ValueError(
+                    f"input of {length} tokens is longer than the mixer's "
+                    f"max_positions={self.positions.shape[0]}"
+                )
+            mixed = mixed + self.positions[:length].to(mixed.dtype)  # (B, T, k)
+        return self.dropout(mixed)
+
+    def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stacked form: mix from all ``L + 1`` states. Returns ``F`` (B, T, k)."""
+        if len(hidden_states) != self.num_states:
+            raise ValueError(
+                f"the mixer was built for {self.num_states} hidden states, got {len(hidden_states)}"
+            )
+        mixed = None
+        for layer, weight in self.active_layers():
+            mixed = self.accumulate(mixed, layer, weight, hidden_states[layer])
+        return self.finish(mixed)

@@ -1,0 +1,124 @@
+"""Taps on every family: state count, streaming == stacked, untouched base, early stop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES
+
+from adalayers.backbone import load_backbone
+from adalayers.model import AdaLayers, Task, TaskConfig
+
+CASES = [(f, "encoder") for f in FAMILIES if f != "gpt2" and f != "llama"]
+CASES += [("bart", "decoder"), ("t5", "decoder"), ("gpt2", None), ("llama", None)]
+TEXTS = ["the movie was very good", "bad plot", "john read a book in london ."]
+
+
+def tasks_for(backbone, seed=0, layers=None):
+    torch.manual_seed(seed)
+    seq = Task(TaskConfig("sequence_classification", ["neg", "pos"],
+                          mixer={"dim": 8, "alpha": 10.0, "layers": layers,
+                                 "positional": "learned", "max_positions": 64},
+                          head={"num_heads": 2}), backbone.info())
+    tok = Task(TaskConfig("token_classification", ["O", "B-PER", "I-PER"],
+                          mixer={"dim": 8, "alpha": 10.0, "layers": layers},
+                          head={"num_heads": 2, "num_layers": 1, "ff_dim": 16}), backbone.info())
+    reg = Task(TaskConfig("regression", [], mixer={"dim": 8, "single_layer": 1},
+                          head={"num_heads": 2}), backbone.info())
+    for task in (seq, tok):
+        torch.nn.init.normal_(task.mixer.p)
+    return {"seq": seq, "tok": tok, "reg": reg}
+
+
+@pytest.fixture
+def encode():
+    def run(backbone, texts=TEXTS):
+        return dict(backbone.tokenizer(texts, padding=True, return_tensors="pt"))
+    return run
+
+
+@pytest.mark.parametrize(("family", "states"), CASES)
+def test_streaming_equals_stacked(tiny_model_dir, encode, family, states):
+    backbone = load_backbone(tiny_model_dir(family), states=states)
+    inputs = encode(backbone)
+    hidden = backbone.hidden_states(inputs)
+    blocks = 3 if states != "decoder" or family not in ("bart", "t5") else 2
+    assert backbone.num_blocks == blocks
+    assert len(hidden) == backbone.num_states == blocks + 1  # every state, the last included
+    runtime = AdaLayers(backbone, tasks_for(backbone)).eval()
+    streamed = runtime(inputs).logits
+    stacked = runtime(inputs, stream=False).logits
+    for name in streamed:
+        torch.testing.assert_close(streamed[name], stacked[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("family", "states"), CASES)
+def test_taps_see_exactly_the_reported_hidden_states(tiny_model_dir, encode, family, states):
+    backbone = load_backbone(tiny_model_dir(family), states=states)
+    inputs = encode(backbone)
+    seen = {}
+    taps = {i: [lambda i, z: seen.__setitem__(i, z.clone())] for i in range(backbone.num_states)}
+    backbone.run(inputs, taps)
+    for i, reference in enumerate(backbone.hidden_states(inputs)):
+        assert torch.equal(seen[i], reference), f"state {i}"
+
+
+@pytest.mark.parametrize(("family", "states"), CASES)
+def test_base_output_bit_identical_with_heads(tiny_model_dir, encode, family, states):
+    backbone = load_backbone(tiny_model_dir(family), states=states)
+    inputs = encode(backbone)
+    bare = backbone(inputs)
+    runtime = AdaLayers(backbone, tasks_for(backbone)).eval()
+    out = runtime(inputs, return_base_output=True)
+    assert torch.equal(out.base_output.last_hidden_state, bare.last_hidden_state)
+    assert set(out.logits) == {"seq", "tok", "reg"}
+    for block in backbone.blocks:  # no taps left behind
+        assert not block._forward_hooks and not block._forward_pre_hooks
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_early_stop_gives_heads_the_same_result(tiny_model_dir, encode, family):
+    backbone = load_backbone(tiny_model_dir(family))
+    inputs = encode(backbone)
+    runtime = AdaLayers(backbone, tasks_for(backbone, layers=[0, 1])).eval()
+    calls = []
+    handle = backbone.blocks[-1].register_forward_hook(lambda *a: calls.append(1))
+    early = runtime(inputs).logits
+    assert calls == [], "the last block ran although no task needs it"
+    full = runtime(inputs, return_base_output=True).logits
+    assert calls == [1]
+    handle.remove()
+    for name in early:
+        assert torch.equal(early[name], full[name])
+
+
+def test_base_is_frozen_and_only_tasks_learn(tiny_model_dir, encode):
+    backbone = load_backbone(tiny_model_dir("bert"))
+    assert not any(p.requires_grad for p in backbone.parameters())
+    tasks = tasks_for(backbone)
+    runtime = AdaLayers(backbone, tasks).train()
+    assert not backbone.model.training  # stays in eval mode
+    inputs = encode(backbone)
+    logits = runtime(inputs).logits
+    loss = tasks["seq"].loss(logits["seq"], torch.tensor([0, 1, 1]))
+    loss.backward()
+    assert tasks["seq"].mixer.weight.grad is not None and tasks["seq"].mixer.p.grad is not None
+    assert tasks["seq"].head.out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in backbone.parameters())
+    # the streaming training graph gives the same gradients as the stacked one
+    grads = [p.grad.clone() for p in tasks["seq"].parameters()]
+    tasks["seq"].zero_grad()
+    stacked = runtime(inputs, stream=False).logits["seq"]
+    tasks["seq"].loss(stacked, torch.tensor([0, 1, 1])).backward()
+    for g, p in zip(grads, tasks["seq"].parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+def test_states_option_is_checked(tiny_model_dir):
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        load_backbone(tiny_model_dir("bert"), states="decoder")
+
+
+def test_missing_model_error_is_clear(tmp_path):
+    with pytest.raises(OSError, match="could not load base model"):
+        load_backbone(tmp_path / "nope")

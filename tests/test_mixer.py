@@ -1,0 +1,155 @@
+"""The layer mixer against an independent NumPy computation, and its options."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from adalayers.mixer import LayerMixer, MixerConfig, sinusoidal_positions
+
+_erf = np.vectorize(math.erf)
+
+
+def numpy_mixer(states, weight, p, alpha, cutoff, layers, positions=None):
+    """Reference: F = sum_i p~_i LN(GELU(Z_i) W_i^T), written from the formula."""
+    e = np.exp(alpha * p - np.max(alpha * p))
+    dist = e / e.sum()
+    if cutoff > 0:
+        keep = (dist > cutoff) | (dist == dist.max())
+        dist = dist * keep / (dist * keep).sum()
+    out = 0.0
+    for j, layer in enumerate(layers):
+        z = states[layer].astype(np.float64)
+        g = 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
+        h = g @ weight[j].T.astype(np.float64)
+        mu = h.mean(-1, keepdims=True)
+        var = h.var(-1, keepdims=True)
+        out = out + dist[j] * (h - mu) / np.sqrt(var + 1e-5)
+    if positions is not None:
+        out = out + positions[: out.shape[1]]
+    return out, dist
+
+
+def make(num_states=5, d=12, **kw):
+    torch.manual_seed(0)
+    mixer = LayerMixer(MixerConfig(dim=6, **kw), num_states, d).eval()
+    with torch.no_grad():
+        mixer.p.copy_(torch.randn_like(mixer.p) * 0.05)
+    states = [torch.randn(2, 7, d) for _ in range(num_states)]
+    return mixer, states
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"alpha": 64.0},
+        {"alpha": 100.0, "cutoff": 0.1},
+        {"alpha": 10.0, "layers": [1, 3, 4]},
+        {"alpha": 64.0, "positional": "sinusoidal", "max_positions": 16},
+        {"alpha": 64.0, "single_layer": -1},
+    ],
+)
+def test_mixer_matches_numpy(kw):
+    mixer, states = make(**kw)
+    got = mixer([s for s in states]).detach().numpy()
+    positions = mixer.positions.numpy() if mixer.positions is not None else None
+    want, dist = numpy_mixer(
+        [s.numpy() for s in states], mixer.weight.detach().numpy(), mixer.p.detach().numpy(),
+        mixer.config.alpha, mixer.config.cutoff, mixer.layer_indices, positions,
+    )
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(mixer.distribution().detach().numpy(), dist, atol=1e-6)
+    if kw.get("cutoff"):
+        assert (dist == 0).any(), "test setup should cut at least one layer"
+
+
+def test_cutoff_keeps_gradient_and_never_writes_p():
+    mixer, _ = make(alpha=100.0, cutoff=0.1)
+    with torch.no_grad():
+        mixer.p.copy_(torch.tensor([0.0, 0.01, 0.02, -0.05, 0.015]))
+    before = mixer.p.detach().clone()
+    dist = mixer.distribution()
+    kept = dist > 0
+    assert kept.tolist() == [False, True, True, False, True]
+    (dist * torch.arange(len(dist), dtype=dist.dtype)).sum().backward()
+    grad = mixer.p.grad
+    assert torch.all(grad[~kept] == 0)
+    assert torch.any(grad[kept] != 0)
+    assert torch.equal(mixer.p.detach(), before)
+
+
+def test_entropy_is_true_entropy_and_finite_under_cutoff():
+    mixer, _ = make(alpha=100.0, cutoff=0.1, entropy_weight=0.5)
+    dist = mixer.distribution().detach().numpy()
+    nz = dist[dist > 0]
+    assert mixer.entropy().item() == pytest.approx(float(-(nz * np.log(nz)).sum()), abs=1e-6)
+    reg = mixer.regularization()
+    assert reg.item() == pytest.approx(0.5 * mixer.entropy().item(), abs=1e-6)
+    reg.backward()
+    assert torch.isfinite(mixer.p.grad).all()
+    uniform = LayerMixer(MixerConfig(dim=4), 4, 8)
+    assert uniform.entropy().item() == pytest.approx(math.log(4), abs=1e-6)
+    assert uniform.regularization().item() == 0.0
+
+
+def test_only_weighted_layers_are_active():
+    mixer, _ = make(alpha=100.0, cutoff=0.1)
+    active = [layer for layer, _ in mixer.active_layers()]
+    weights = mixer.layer_weights()
+    assert active == [layer for layer, w in weights.items() if w > 0]
+    assert sum(weights.values()) == pytest.approx(1.0)
+
+
+def test_single_layer_and_frozen_distribution():
+    mixer = LayerMixer(MixerConfig(dim=4, single_layer=2), 5, 8)
+    assert mixer.layer_indices == [2]
+    assert mixer.layer_weights() == {2: 1.0}
+    frozen = LayerMixer(MixerConfig(dim=4, freeze_distribution=True), 5, 8)
+    assert not frozen.p.requires_grad
+    assert all(w == pytest.approx(0.2) for w in frozen.layer_weights().values())
+
+
+def test_positional_embeddings():
+    table = sinusoidal_positions(10, 6)
+    assert table[3, 0].item() == pytest.approx(math.sin(3.0))
+    assert table[3, 1].item() == pytest.approx(math.cos(3.0))
+    assert table[3, 2].item() == pytest.approx(math.sin(3.0 / 10000 ** (2 / 6)), abs=1e-6)
+    learned = LayerMixer(MixerConfig(dim=4, positional="learned", max_positions=8), 3, 8)
+    assert learned.positions.requires_grad
+    with pytest.raises(ValueError, match="max_positions=8"):
+        learned([torch.randn(1, 9, 8)] * 3)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"layers": [0, 9]}, "out of range"),
+        ({"single_layer": 7}, "out of range"),
+    ],
+)
+def test_bad_layer_indices(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LayerMixer(MixerConfig(dim=4, **kw), 5, 8)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"dim": 0}, "mixer.dim"),
+        ({"cutoff": 1.5}, "mixer.cutoff"),
+        ({"positional": "rotary"}, "mixer.positional"),
+        ({"layers": [1], "single_layer": 1}, "contradict"),
+        ({"layers": [1, 1]}, "distinct"),
+    ],
+)
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MixerConfig(**kw)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ValueError, match="alhpa"):
+        MixerConfig.from_dict({"alhpa": 3})
