@@ -201,7 +201,11 @@ class LayerMixer(nn.Module):
     ) -> torch.Tensor:
         """Streaming step: ``buffer + p~_i f_i`` (buffer ``None`` starts the sum)."""
         term = weight * self.project(layer, z)  # (B, T, k)
-        return term if buffer is None else buffer + term
+        if buffer is None:
+            return term
+        if torch.is_grad_enabled() and (buffer.requires_grad or term.requires_grad):
+            return buffer + term
+        return buffer.add_(term)  # no graph to keep: add in place, no second buffer
 
     def finish(self, mixed: torch.Tensor) -> torch.Tensor:
         """Add positions and apply dropout to the mixed features ``F`` (B, T, k)."""

@@ -355,14 +355,28 @@ class AdaLayers(nn.Module):
                 return self._forward(inputs, return_base_output, stream, grad)
         return self._forward(inputs, return_base_output, stream, grad)
 
-    def _forward(self, inputs: Mapping[str, torch.Tensor], return_base_output: bool,
-                 stream: bool, grad: bool) -> MultiTaskOutput:
+    def _forward(
+        self, inputs: Mapping[str, torch.Tensor], return_base_output: bool, stream: bool, grad: bool
+    ) -> MultiTaskOutput:
         mask = inputs["attention_mask"]
+        features, base_out = self._mix(inputs, return_base_output, stream, grad)
+        logits = {name: task.head(features[name], mask) for name, task in self.tasks.items()}
+        return MultiTaskOutput(logits, base_out)
+
+    def features(
+        self, inputs: Mapping[str, torch.Tensor], *, stream: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The mixed features ``F`` (B, T, k) of every task, without the heads."""
+        with torch.inference_mode():
+            return self._mix(inputs, False, stream, False)[0]
+
+    def _mix(
+        self, inputs: Mapping[str, torch.Tensor], return_base_output: bool, stream: bool, grad: bool
+    ) -> tuple[dict[str, torch.Tensor], Any]:
         if not stream:
             states = self.backbone.hidden_states(inputs, grad=grad)
             base_out = self.backbone(inputs) if return_base_output else None
-            logits = {name: task(states, mask) for name, task in self.tasks.items()}
-            return MultiTaskOutput(logits, base_out)
+            return {name: task.mixer(states) for name, task in self.tasks.items()}, base_out
 
         buffers: dict[str, torch.Tensor | None] = dict.fromkeys(self.tasks)
         taps: dict[int, list] = {}
@@ -375,11 +389,8 @@ class AdaLayers(nn.Module):
 
                 taps.setdefault(layer, []).append(tap)
         base_out = self.backbone.run(inputs, taps, return_base_output=return_base_output, grad=grad)
-        logits = {}
-        for name, task in self.tasks.items():
-            mixed = task.mixer.finish(buffers[name])  # (B, T, k)
-            logits[name] = task.head(mixed, mask)
-        return MultiTaskOutput(logits, base_out)
+        features = {name: task.mixer.finish(buffers[name]) for name, task in self.tasks.items()}
+        return features, base_out
 
     @property
     def max_length(self) -> int:

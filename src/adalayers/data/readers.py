@@ -165,7 +165,7 @@ def split_validation(
     if stratify_by is None:
         held = rng.permutation(len(ds))[: round(fraction * len(ds))]
     else:
-        values = np.asarray(ds[stratify_by], dtype=object)
+        values = np.asarray(ds[stratify_by][:], dtype=object)
         held = []
         for value in sorted(set(values)):
             idx = rng.permutation(np.flatnonzero(values == value))
@@ -237,8 +237,8 @@ def _require(path: Path, hint: str) -> Path:
 
 def _open_text(path: Path):
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _format_of(path: Path, default: str) -> str:
@@ -359,7 +359,8 @@ def _tag_names(tags: Iterable[str]) -> list[str]:
 # --------------------------------------------------------------------------- sources
 
 
-def _benchmark_local(spec: _Benchmark, root: Path) -> dict[str, Dataset]:
+def _benchmark_local(spec: _Benchmark, root: Path) -> tuple[dict[str, Dataset], list[str]]:
+    """Read the official files: ``(splits, tag names or [] to infer them)``."""
     splits = {}
     for split, rel in spec.files.items():
         path = _require(root / rel, _MISSING_HINT)
@@ -370,10 +371,11 @@ def _benchmark_local(spec: _Benchmark, root: Path) -> dict[str, Dataset]:
             to_name = dict(zip(spec.raw_labels, spec.label_names)) if spec.raw_labels else None
             raw = _finish_labels(raw, str(path), spec.task_type, to_name, spec.label_names)
         splits[split] = _to_dataset(raw, spec.task_type)
-    return splits
+    return splits, []
 
 
-def _benchmark_hub(name: str, spec: _Benchmark) -> dict[str, Dataset]:
+def _benchmark_hub(name: str, spec: _Benchmark) -> tuple[dict[str, Dataset], list[str]]:
+    """Load from the hub: ``(splits, tag names or [] to infer them)``."""
     repo, config, revision = spec.hub
     logger.info("no data directory given: loading %s from the Hugging Face hub (%s)", name, repo)
     try:
@@ -386,16 +388,17 @@ def _benchmark_hub(name: str, spec: _Benchmark) -> dict[str, Dataset]:
     wanted = {"train": "train", "test": spec.hub_test}
     if spec.task_type == TOK:
         wanted["validation"] = "validation"
-    splits = {}
+    splits, tag_names = {}, []
     for split, hub_split in wanted.items():
         ds, source = hub[hub_split], f"hub:{repo}/{hub_split}"
         hub_columns = spec.hub_columns or spec.columns
-        raw = {k: ds[col] for k, col in hub_columns.items()}
+        raw = {k: ds[col][:] for k, col in hub_columns.items()}
         feature = ds.features[hub_columns["tags" if spec.task_type == TOK else "label"]]
         if spec.task_type == TOK:
             inner = getattr(feature, "feature", None)
             names = inner.names if isinstance(inner, ClassLabel) else _CONLL_HUB_TAGS
             raw["tags"] = [[names[i] for i in seq] for seq in raw["tags"]]
+            tag_names = _tag_names(names)
             raw = _finish_labels(raw, source, TOK)
         elif spec.task_type == REG:
             raw = _finish_labels(raw, source, REG)
@@ -405,7 +408,7 @@ def _benchmark_hub(name: str, spec: _Benchmark) -> dict[str, Dataset]:
             raw["label"] = [str(i) for i in raw["label"]]  # -1 (unlabelled) fails the check
             raw = _finish_labels(raw, source, SEQ, to_name, spec.label_names)
         splits[split] = _to_dataset(raw, spec.task_type)
-    return splits
+    return splits, tag_names
 
 
 def _user_files(
@@ -428,16 +431,20 @@ def _user_files(
         defaults = {"text": "text", "text_pair": None, "label": "label"}
     if (name == "conll") != (task_type == TOK) or task_type not in TASK_TYPES:
         raise ValueError(f"task_type {task_type!r} does not fit user format {name!r}")
+    if task_type == REG and label_names:
+        raise ValueError("label_names contradicts task_type 'regression'; drop one of them")
     if unknown := sorted(set(columns or {}) - set(defaults)):
         raise ValueError(f"unknown column key(s) {unknown} for {name!r}; use {list(defaults)}")
     cols = {k: v for k, v in {**defaults, **(columns or {})}.items() if v is not None}
+    if name == "conll" and not all(isinstance(v, int) for v in cols.values()):
+        raise ValueError(f"CoNLL columns must be column indices (int), got {cols}")
 
     splits = {}
     for split, file in files.items():
         path = Path(file)
         if data_dir is not None and not path.is_absolute():
             path = Path(data_dir) / path
-        _require(path, f"Check files[{split!r}] (relative paths are taken from the data dir).")
+        _require(path, f"Check files[{split!r}]: relative paths start at --data-dir if given.")
         if task_type == TOK:
             raw = read_conll(path, cols["tokens"], cols["tags"])
         else:
@@ -500,7 +507,10 @@ def load_task_data(
             )
         spec = BENCHMARKS[name]
         root = resolve_data_dir(data_dir)
-        splits = _benchmark_local(spec, root) if root is not None else _benchmark_hub(name, spec)
+        if root is not None:
+            splits, label_names = _benchmark_local(spec, root)
+        else:
+            splits, label_names = _benchmark_hub(name, spec)
         task_type = spec.task_type
     elif name in USER_FORMATS:
         task_type, splits = _user_files(name, files, columns, data_dir, task_type, label_names)

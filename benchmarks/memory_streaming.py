@@ -1,0 +1,130 @@
+"""Extra peak memory of streaming taps vs ``output_hidden_states=True``.
+
+Each variant runs in a fresh process: load the base, warm up, reset the kernel's peak-RSS
+counter (``/proc/self/clear_refs``), run one forward, read the peak (``VmHWM``) minus the
+resident size before the forward. glibc is told to serve every large allocation with mmap
+(``MALLOC_MMAP_THRESHOLD_``) so that freed memory leaves the resident set at once. The extra
+memory of a variant is its peak minus the bare base's peak.
+
+    python benchmarks/memory_streaming.py [--batch 32 --length 256 --dim 64 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+VARIANTS = ("bare", "hidden_states", "stream_1", "stream_4")
+# stream_N: N tasks (mixer + sequence head) tapped on the forward that also returns the base's
+# own output, as in production (the base keeps doing its main job).
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def child(variant: str, batch: int, length: int, dim: int) -> None:
+    import torch
+
+    from adalayers.backbone import load_backbone
+    from adalayers.model import AdaLayers, Task, TaskConfig
+
+    torch.manual_seed(0)
+    backbone = load_backbone("all-MiniLM-L6-v2")
+    n_tasks = int(variant.split("_")[1]) if variant.startswith("stream") else 0
+    tasks = {f"t{i}": Task(TaskConfig("sequence_classification", ["a", "b"],
+                                      mixer={"dim": dim}, head={"num_heads": 8}),
+                           backbone.info()) for i in range(n_tasks)}
+    runtime = AdaLayers(backbone, tasks).eval()
+    ids = torch.randint(1000, 20000, (batch, length))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def run():
+        if variant == "bare":
+            return backbone(inputs)
+        if variant == "hidden_states":
+            return backbone.hidden_states(inputs)
+        return runtime(inputs, return_base_output=True)  # taps + one (B, T, k) buffer per task
+
+    small = {k: v[:2, :16] for k, v in inputs.items()}
+    with torch.inference_mode():
+        saved = inputs
+        inputs = small
+        run()
+        inputs = saved
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    with torch.inference_mode():
+        out = run()
+        peak = _status("VmHWM")
+    del out
+    print(json.dumps({"variant": variant, "peak_extra_bytes": peak - before}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=VARIANTS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.batch, args.length, args.dim)
+        return
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import write_result
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
+    peaks: dict[str, list[int]] = {v: [] for v in VARIANTS}
+    for _ in range(args.repeats):
+        for variant in VARIANTS:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", variant, "--batch", str(args.batch),
+                 "--length", str(args.length), "--dim", str(args.dim)],
+                env=env, capture_output=True, text=True, check=True)
+            peaks[variant].append(json.loads(out.stdout.strip().splitlines()[-1])[
+                "peak_extra_bytes"])
+    median = {v: statistics.median(p) for v, p in peaks.items()}
+    b, t, k, d, states = args.batch, args.length, args.dim, 384, 7
+    extra = {v: median[v] - median["bare"] for v in VARIANTS if v != "bare"}
+    result = {
+        "benchmark": "memory_streaming",
+        "base": "all-MiniLM-L6-v2 (6 blocks, 7 states, d=384)",
+        "batch": b, "length": t, "dim": k, "repeats": args.repeats,
+        "peak_bytes_per_run": peaks,
+        "peak_bytes_median": median,
+        "extra_peak_bytes_vs_bare": extra,
+        "theory_bytes": {"one_buffer_B_T_k": b * t * k * 4,
+                         "all_states_B_T_d_x_states": b * t * d * states * 4},
+        "ratio_hidden_states_over_stream_1": extra["hidden_states"] / max(extra["stream_1"], 1),
+        "ratio_hidden_states_over_stream_4": extra["hidden_states"] / max(extra["stream_4"], 1),
+        "roberta_large_on_paper": {
+            "all_states_bytes": b * t * 1024 * 25 * 4,
+            "one_buffer_bytes": b * t * k * 4,
+            "ratio": 1024 * 25 / k,
+        },
+    }
+    path = write_result("memory_streaming", result)
+    mib = 2**20
+    print(f"extra peak vs bare forward (median of {args.repeats}), batch {b} x {t}, k={k}:")
+    for v, e in extra.items():
+        print(f"  {v:14s} {e / mib:8.1f} MiB")
+    print(f"  theory: one buffer {b * t * k * 4 / mib:.1f} MiB, all states "
+          f"{b * t * d * states * 4 / mib:.1f} MiB")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
