@@ -41,9 +41,15 @@ def child(variant: str, batch: int, length: int, dim: int) -> None:
     torch.manual_seed(0)
     backbone = load_backbone("all-MiniLM-L6-v2")
     n_tasks = int(variant.split("_")[1]) if variant.startswith("stream") else 0
-    tasks = {f"t{i}": Task(TaskConfig("sequence_classification", ["a", "b"],
-                                      mixer={"dim": dim}, head={"num_heads": 8}),
-                           backbone.info()) for i in range(n_tasks)}
+    tasks = {
+        f"t{i}": Task(
+            TaskConfig(
+                "sequence_classification", ["a", "b"], mixer={"dim": dim}, head={"num_heads": 8}
+            ),
+            backbone.info(),
+        )
+        for i in range(n_tasks)
+    }
     runtime = AdaLayers(backbone, tasks).eval()
     ids = torch.randint(1000, 20000, (batch, length))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -91,23 +97,43 @@ def main() -> None:
     for _ in range(args.repeats):
         for variant in VARIANTS:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", variant, "--batch", str(args.batch),
-                 "--length", str(args.length), "--dim", str(args.dim)],
-                env=env, capture_output=True, text=True, check=True)
-            peaks[variant].append(json.loads(out.stdout.strip().splitlines()[-1])[
-                "peak_extra_bytes"])
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    variant,
+                    "--batch",
+                    str(args.batch),
+                    "--length",
+                    str(args.length),
+                    "--dim",
+                    str(args.dim),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            peaks[variant].append(
+                json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+            )
     median = {v: statistics.median(p) for v, p in peaks.items()}
     b, t, k, d, states = args.batch, args.length, args.dim, 384, 7
     extra = {v: median[v] - median["bare"] for v in VARIANTS if v != "bare"}
     result = {
         "benchmark": "memory_streaming",
         "base": "all-MiniLM-L6-v2 (6 blocks, 7 states, d=384)",
-        "batch": b, "length": t, "dim": k, "repeats": args.repeats,
+        "batch": b,
+        "length": t,
+        "dim": k,
+        "repeats": args.repeats,
         "peak_bytes_per_run": peaks,
         "peak_bytes_median": median,
         "extra_peak_bytes_vs_bare": extra,
-        "theory_bytes": {"one_buffer_B_T_k": b * t * k * 4,
-                         "all_states_B_T_d_x_states": b * t * d * states * 4},
+        "theory_bytes": {
+            "one_buffer_B_T_k": b * t * k * 4,
+            "all_states_B_T_d_x_states": b * t * d * states * 4,
+        },
         "ratio_hidden_states_over_stream_1": extra["hidden_states"] / max(extra["stream_1"], 1),
         "ratio_hidden_states_over_stream_4": extra["hidden_states"] / max(extra["stream_4"], 1),
         "roberta_large_on_paper": {
@@ -121,8 +147,10 @@ def main() -> None:
     print(f"extra peak vs bare forward (median of {args.repeats}), batch {b} x {t}, k={k}:")
     for v, e in extra.items():
         print(f"  {v:14s} {e / mib:8.1f} MiB")
-    print(f"  theory: one buffer {b * t * k * 4 / mib:.1f} MiB, all states "
-          f"{b * t * d * states * 4 / mib:.1f} MiB")
+    print(
+        f"  theory: one buffer {b * t * k * 4 / mib:.1f} MiB, all states "
+        f"{b * t * d * states * 4 / mib:.1f} MiB"
+    )
     print(f"wrote {path}")
 
 

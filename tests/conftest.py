@@ -33,29 +33,69 @@ def make_tokenizer(folder: Path, max_length: int = 64) -> T.PreTrainedTokenizerF
 def tiny_config(family: str, vocab_size: int) -> T.PretrainedConfig:
     common = {"vocab_size": vocab_size, "pad_token_id": 0}
     if family in ("bert", "roberta", "deberta", "mpnet"):
-        cls = {"bert": T.BertConfig, "roberta": T.RobertaConfig, "deberta": T.DebertaV2Config,
-               "mpnet": T.MPNetConfig}[family]
-        extra = {"max_position_embeddings": 80} if family != "roberta" else {
-            "max_position_embeddings": 82}
-        return cls(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                   intermediate_size=37, **extra, **common)
+        cls = {
+            "bert": T.BertConfig,
+            "roberta": T.RobertaConfig,
+            "deberta": T.DebertaV2Config,
+            "mpnet": T.MPNetConfig,
+        }[family]
+        extra = (
+            {"max_position_embeddings": 80}
+            if family != "roberta"
+            else {"max_position_embeddings": 82}
+        )
+        return cls(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=37,
+            **extra,
+            **common,
+        )
     if family == "bart":
-        return T.BartConfig(d_model=32, encoder_layers=3, decoder_layers=2,
-                            encoder_attention_heads=4, decoder_attention_heads=4,
-                            encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=80,
-                            decoder_start_token_id=2, bos_token_id=2, eos_token_id=3,
-                            forced_eos_token_id=None, **common)
+        return T.BartConfig(
+            d_model=32,
+            encoder_layers=3,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            max_position_embeddings=80,
+            decoder_start_token_id=2,
+            bos_token_id=2,
+            eos_token_id=3,
+            forced_eos_token_id=None,
+            **common,
+        )
     if family == "t5":
-        return T.T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=3, num_decoder_layers=2,
-                          num_heads=4, decoder_start_token_id=0, eos_token_id=3, **common)
+        return T.T5Config(
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=3,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            eos_token_id=3,
+            **common,
+        )
     if family == "gpt2":
-        return T.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=80, bos_token_id=2,
-                            eos_token_id=3, **common)
+        return T.GPT2Config(
+            n_embd=32, n_layer=3, n_head=4, n_positions=80, bos_token_id=2, eos_token_id=3, **common
+        )
     if family == "llama":
-        return T.LlamaConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=80, bos_token_id=2, eos_token_id=3,
-                             **common)
+        return T.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=80,
+            bos_token_id=2,
+            eos_token_id=3,
+            **common,
+        )
     raise ValueError(family)
 
 

@@ -16,15 +16,34 @@ TEXTS = ["the movie was very good", "bad plot", "john read a book in london ."]
 
 def tasks_for(backbone, seed=0, layers=None):
     torch.manual_seed(seed)
-    seq = Task(TaskConfig("sequence_classification", ["neg", "pos"],
-                          mixer={"dim": 8, "alpha": 10.0, "layers": layers,
-                                 "positional": "learned", "max_positions": 64},
-                          head={"num_heads": 2}), backbone.info())
-    tok = Task(TaskConfig("token_classification", ["O", "B-PER", "I-PER"],
-                          mixer={"dim": 8, "alpha": 10.0, "layers": layers},
-                          head={"num_heads": 2, "num_layers": 1, "ff_dim": 16}), backbone.info())
-    reg = Task(TaskConfig("regression", [], mixer={"dim": 8, "single_layer": 1},
-                          head={"num_heads": 2}), backbone.info())
+    seq = Task(
+        TaskConfig(
+            "sequence_classification",
+            ["neg", "pos"],
+            mixer={
+                "dim": 8,
+                "alpha": 10.0,
+                "layers": layers,
+                "positional": "learned",
+                "max_positions": 64,
+            },
+            head={"num_heads": 2},
+        ),
+        backbone.info(),
+    )
+    tok = Task(
+        TaskConfig(
+            "token_classification",
+            ["O", "B-PER", "I-PER"],
+            mixer={"dim": 8, "alpha": 10.0, "layers": layers},
+            head={"num_heads": 2, "num_layers": 1, "ff_dim": 16},
+        ),
+        backbone.info(),
+    )
+    reg = Task(
+        TaskConfig("regression", [], mixer={"dim": 8, "single_layer": 1}, head={"num_heads": 2}),
+        backbone.info(),
+    )
     for task in (seq, tok):
         torch.nn.init.normal_(task.mixer.p)
     return {"seq": seq, "tok": tok, "reg": reg}
@@ -34,6 +53,7 @@ def tasks_for(backbone, seed=0, layers=None):
 def encode():
     def run(backbone, texts=TEXTS):
         return dict(backbone.tokenizer(texts, padding=True, return_tensors="pt"))
+
     return run
 
 

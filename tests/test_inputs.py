@@ -18,15 +18,26 @@ def backbone(tiny_model_dir):
 
 def seq_runtime(backbone):
     torch.manual_seed(0)
-    task = Task(TaskConfig("sequence_classification", ["neg", "pos"], mixer={"dim": 8},
-                           head={"num_heads": 2}), backbone.info())
+    task = Task(
+        TaskConfig(
+            "sequence_classification", ["neg", "pos"], mixer={"dim": 8}, head={"num_heads": 2}
+        ),
+        backbone.info(),
+    )
     return AdaLayers(backbone, {"s": task})
 
 
 def tok_runtime(backbone):
     torch.manual_seed(0)
-    task = Task(TaskConfig("token_classification", ["O", "B-PER", "I-PER"], mixer={"dim": 8},
-                           head={"num_heads": 2, "num_layers": 1, "ff_dim": 16}), backbone.info())
+    task = Task(
+        TaskConfig(
+            "token_classification",
+            ["O", "B-PER", "I-PER"],
+            mixer={"dim": 8},
+            head={"num_heads": 2, "num_layers": 1, "ff_dim": 16},
+        ),
+        backbone.info(),
+    )
     return AdaLayers(backbone, {"ner": task})
 
 
@@ -74,14 +85,16 @@ def test_long_token_input_gets_a_prediction_for_every_word(backbone):
 
 def test_windows_choose_the_most_central_copy(backbone):
     from adalayers.encoding import encode_words, word_logits
+
     words = [["john", "acmexyz"] * 50]  # "acmexyz" splits into several sub-tokens
     windows = encode_words(backbone.tokenizer, words, max_length=32, stride=8)
     assert len(windows.sample) > 1
     # logits that encode (window, position): each word must come from a window where it
     # sits far from both edges, and every word must be covered exactly once
     n, t = len(windows.sample), len(windows.word_ids[0])
-    logits = torch.stack([torch.stack([torch.tensor([float(w), float(p)]) for p in range(t)])
-                          for w in range(n)])
+    logits = torch.stack(
+        [torch.stack([torch.tensor([float(w), float(p)]) for p in range(t)]) for w in range(n)]
+    )
     rows = word_logits(windows, logits, [100])[0]
     assert rows.shape == (100, 2)
     for word, (w, p) in enumerate(rows.tolist()):
@@ -90,8 +103,11 @@ def test_windows_choose_the_most_central_copy(backbone):
         contexts = []
         for ids, starts in zip(windows.word_ids, windows.starts):
             content = [i for i, x in enumerate(ids) if x is not None]
-            contexts += [min(t - content[0], content[-1] - t)
-                         for t, x in enumerate(ids) if x == word and starts[t]]
+            contexts += [
+                min(t - content[0], content[-1] - t)
+                for t, x in enumerate(ids)
+                if x == word and starts[t]
+            ]
         assert contexts, f"word {word} starts in no window"
         ids = windows.word_ids[int(w)]
         content = [i for i, x in enumerate(ids) if x is not None]

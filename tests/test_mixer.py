@@ -57,8 +57,13 @@ def test_mixer_matches_numpy(kw):
     got = mixer([s for s in states]).detach().numpy()
     positions = mixer.positions.numpy() if mixer.positions is not None else None
     want, dist = numpy_mixer(
-        [s.numpy() for s in states], mixer.weight.detach().numpy(), mixer.p.detach().numpy(),
-        mixer.config.alpha, mixer.config.cutoff, mixer.layer_indices, positions,
+        [s.numpy() for s in states],
+        mixer.weight.detach().numpy(),
+        mixer.p.detach().numpy(),
+        mixer.config.alpha,
+        mixer.config.cutoff,
+        mixer.layer_indices,
+        positions,
     )
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(mixer.distribution().detach().numpy(), dist, atol=1e-6)

@@ -16,9 +16,15 @@ from adalayers.model import AdaLayers, BaseMismatchError, Task, TaskConfig
 def setup(tiny_model_dir):
     backbone = load_backbone(tiny_model_dir("bert"))
     torch.manual_seed(1)
-    task = Task(TaskConfig("sequence_classification", ["neg", "pos", "mixed"],
-                           mixer={"dim": 8, "positional": "learned", "max_positions": 64},
-                           head={"num_heads": 2}), backbone.info())
+    task = Task(
+        TaskConfig(
+            "sequence_classification",
+            ["neg", "pos", "mixed"],
+            mixer={"dim": 8, "positional": "learned", "max_positions": 64},
+            head={"num_heads": 2},
+        ),
+        backbone.info(),
+    )
     torch.nn.init.normal_(task.mixer.p)
     return backbone, task
 
@@ -27,7 +33,10 @@ def test_save_load_gives_identical_outputs(setup, tmp_path):
     backbone, task = setup
     folder = task.save_pretrained(tmp_path / "sentiment")
     assert sorted(p.name for p in folder.iterdir()) == [
-        "config.json", "labels.json", "model.safetensors"]
+        "config.json",
+        "labels.json",
+        "model.safetensors",
+    ]
     meta = json.loads((folder / "config.json").read_text())
     assert meta["base"]["num_states"] == 4 and meta["base"]["hidden_size"] == 32
     assert meta["base"]["fingerprint"] == backbone.fingerprint()
@@ -45,8 +54,10 @@ def test_save_load_gives_identical_outputs(setup, tmp_path):
 def test_wrong_base_is_refused_naming_both(setup, tmp_path, tiny_model_dir):
     _, task = setup
     folder = task.save_pretrained(tmp_path / "t")
-    for other in (load_backbone(tiny_model_dir("bert", seed=1)),
-                  load_backbone(tiny_model_dir("gpt2"))):
+    for other in (
+        load_backbone(tiny_model_dir("bert", seed=1)),
+        load_backbone(tiny_model_dir("gpt2")),
+    ):
         with pytest.raises(BaseMismatchError) as err:
             Task.from_pretrained(folder, other)
         assert str(tiny_model_dir("bert")) in str(err.value)
@@ -91,7 +102,9 @@ def test_failed_save_leaves_nothing_behind(setup, tmp_path, monkeypatch):
 def test_parameters_added(setup):
     backbone, task = setup
     report = AdaLayers(backbone, {"t": task}).parameters_added()["t"]
-    assert report["parameters"] == task.num_parameters() == sum(
-        p.numel() for p in task.parameters())
+    assert (
+        report["parameters"] == task.num_parameters() == sum(p.numel() for p in task.parameters())
+    )
     assert report["percent_of_base"] == pytest.approx(
-        100 * task.num_parameters() / backbone.num_parameters())
+        100 * task.num_parameters() / backbone.num_parameters()
+    )

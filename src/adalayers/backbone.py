@@ -177,8 +177,10 @@ class Backbone(nn.Module):
         if states not in ("encoder", "decoder"):
             raise ValueError(f"states must be 'encoder' or 'decoder', got {states!r}")
         if states != default and self.family != "encoder-decoder":
-            raise ValueError(f"states={states!r} needs an encoder-decoder base; "
-                             f"{self.name_or_path} is {self.family}-only")
+            raise ValueError(
+                f"states={states!r} needs an encoder-decoder base; "
+                f"{self.name_or_path} is {self.family}-only"
+            )
         self.states = states
         self.stack = _find_stack(model, self.family, states)
         self.blocks = _find_blocks(self.stack)
