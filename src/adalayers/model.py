@@ -308,6 +308,52 @@ class AdaLayers(nn.Module):
             raise ValueError(f"a task named {name!r} is already attached")
         self.tasks[name] = task
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: Backbone | str | os.PathLike | None,
+        tasks: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike],
+        **load_kwargs: Any,
+    ) -> AdaLayers:
+        """Load the base once and attach every saved task, checking each task's base.
+
+        Args:
+            base: a loaded :class:`Backbone`, a hub id / folder to load, or ``None`` for the base
+                the first task was trained on (its ``config.json`` records it).
+            tasks: task name -> saved task folder, or a list of folders (named after them).
+            **load_kwargs: passed to :func:`~adalayers.backbone.load_backbone` (``device``,
+                ``dtype``, ...) when ``base`` is not already loaded.
+
+        Raises:
+            FileNotFoundError: a folder is not a saved task.
+            BaseMismatchError: a task was trained on another base (the message names both).
+            ValueError: no tasks, duplicate names, or tasks reading different stacks.
+        """
+        from adalayers.backbone import load_backbone
+
+        if not isinstance(tasks, Mapping):
+            folders = [Path(t) for t in tasks]
+            names = [f.name for f in folders]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"task folders share the name(s) {duplicates}; pass a mapping")
+            tasks = dict(zip(names, folders))
+        if not tasks:
+            raise ValueError("no task folders given")
+        loaded = {name: Task.from_pretrained(folder) for name, folder in tasks.items()}
+        states = {t.base.states for t in loaded.values()}
+        if len(states) > 1:
+            raise ValueError(f"the tasks read different stacks of the base: {sorted(states)}")
+        if not isinstance(base, Backbone):
+            first = next(iter(loaded.values())).base
+            name_or_path = base if base is not None else first.name_or_path
+            states_kw = load_kwargs.pop("states", None) or first.states
+            base = load_backbone(name_or_path, states=states_kw, **load_kwargs)
+        runtime = cls(base)
+        for name, task in loaded.items():
+            runtime.add_task(name, task.to(base.device))
+        return runtime
+
     def remove_task(self, name: str) -> Task:
         if name not in self.tasks:
             raise KeyError(f"no task named {name!r}; attached: {list(self.tasks)}")

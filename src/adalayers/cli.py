@@ -1,0 +1,241 @@
+"""The ``adalayers`` command: thin wrappers over the library API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("adalayers")
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.WARNING,
+    )
+    logging.getLogger("adalayers").setLevel(logging.WARNING if quiet else logging.INFO)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if quiet or not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
+def _print_json(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from adalayers.config import load_config
+    from adalayers.train import CONFIG, fit
+
+    if args.resume:
+        config = load_config(Path(args.output_dir) / CONFIG, args.set, args.data_dir)
+    else:
+        if args.config is None:
+            raise ValueError("train needs --config FILE (or --resume with an existing run)")
+        config = load_config(args.config, args.set, args.data_dir)
+    results = fit(
+        config, args.output_dir, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite
+    )
+    summary = {k: results[k] for k in ("task", "base", "metric", "best_epoch", "epochs_run")}
+    for split in ("validation", "test"):
+        if split in results:
+            summary[split] = {k: v for k, v in results[split].items() if k != "per_type"}
+            if "per_type" in results[split]:
+                summary[f"{split}_per_type"] = results[split]["per_type"]
+    summary["parameters_added"] = results["parameters_added"]
+    summary["percent_of_base"] = round(results["percent_of_base"], 4)
+    summary["train_seconds"] = results["train_seconds"]
+    summary["run"] = str(args.output_dir)
+    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun / accelerate launch
+        _print_json(summary)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from adalayers.train import evaluate_run
+
+    _print_json(evaluate_run(args.run, args.split, data_dir=args.data_dir, quiet=args.quiet))
+    return 0
+
+
+def _read_inputs(path: Path) -> list[Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} not found")
+    items: list[Any] = []
+    if path.suffix in (".jsonl", ".json"):
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from None
+            if isinstance(row, str):
+                items.append(row)
+            elif isinstance(row, dict) and ("text" in row or "tokens" in row):
+                items.append(row.get("tokens", row.get("text")))
+            else:
+                raise ValueError(
+                    f"{path}:{line_no}: expected a string or an object with 'text' or 'tokens'"
+                )
+    else:
+        items = [line for line in path.read_text().splitlines() if line.strip()]
+    if not items:
+        raise ValueError(f"{path} holds no inputs")
+    return items
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from adalayers.model import AdaLayers
+    from adalayers.train import load_run
+
+    _, backbone, task = load_run(args.run)
+    runtime = AdaLayers(backbone, {"task": task}).eval()
+    inputs = args.text if args.text else _read_inputs(Path(args.input))
+    predictions = runtime.predict(inputs, batch_size=args.batch_size)
+    out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for item, pred in zip(inputs, predictions):
+            out.write(json.dumps({"input": item, **pred["task"]}) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from adalayers.model import Task
+    from adalayers.train import MODEL_DIR, read_metrics
+
+    run = Path(args.run)
+    folder = run / MODEL_DIR if (run / MODEL_DIR).is_dir() else run
+    task = Task.from_pretrained(folder)
+    info: dict[str, Any] = {
+        "task_type": task.task_type,
+        "labels": task.labels,
+        "base": task.base.to_dict(),
+        "parameters_added": task.num_parameters(),
+        "layer_weights": task.mixer.layer_weights(),
+        "mixer": task.config.mixer.to_dict(),
+        "head": task.config.head.to_dict(),
+    }
+    if (run / "metrics.json").is_file():
+        metrics = read_metrics(run)
+        info["percent_of_base"] = metrics.get("percent_of_base")
+        info["metrics"] = {s: metrics[s] for s in ("validation", "test") if s in metrics}
+    _print_json(info)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from adalayers.backbone import load_backbone
+
+    backbone = load_backbone(args.base, states=args.states, gguf_file=args.gguf_file)
+    _print_json(
+        {
+            "base": backbone.name_or_path,
+            "family": backbone.family,
+            "model": type(backbone.model).__name__,
+            "blocks": backbone.num_blocks,
+            "hidden_states": backbone.num_states,
+            "hidden_size": backbone.hidden_size,
+            "max_length": backbone.max_length,
+            "parameters": backbone.num_parameters(),
+            "fingerprint": backbone.fingerprint(),
+        }
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from adalayers import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="adalayers",
+        description="Side tasks on a frozen transformer: learned mixing of its hidden states.",
+    )
+    parser.add_argument("--version", action="version", version=f"adalayers {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+
+    p = sub.add_parser("train", help="train a task head on the frozen base")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    p.add_argument("--data-dir", help="folder of the datasets (else $ADALAYERS_DATA_DIR)")
+    p.add_argument("--output-dir", required=True, help="the run folder to write")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run's best task on a split")
+    p.add_argument("run")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--data-dir")
+    common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict with a run's task; writes JSON lines")
+    p.add_argument("run")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--text", action="append", help="an input text (repeatable)")
+    group.add_argument("--input", help="a .txt file (one text a line) or .jsonl file")
+    p.add_argument("--output", help="write here instead of standard output")
+    p.add_argument("--batch-size", type=int, default=32)
+    common(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("info", help="task, base, parameters added, learned layer weights")
+    p.add_argument("run", help="a run folder or a saved task folder")
+    common(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("inspect", help="describe a base model (blocks, states, fingerprint)")
+    p.add_argument("base", nargs="?", default="all-MiniLM-L6-v2")
+    p.add_argument("--states", choices=["encoder", "decoder"])
+    p.add_argument("--gguf-file")
+    common(p)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet)
+    from adalayers.train import TrainingInterrupted
+
+    try:
+        return args.func(args)
+    except TrainingInterrupted as err:
+        print(f"adalayers: {err}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError) as err:
+        if os.environ.get("ADALAYERS_DEBUG"):
+            raise
+        print(f"adalayers {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Run configuration: dataclasses (the single source of truth) loaded from YAML.
+
+A config file has four sections::
+
+    base: all-MiniLM-L6-v2          # hub id, local folder, or the embedded default
+    data: {task: cola, max_length: 128}
+    task: {mixer: {dim: 64, alpha: 64}, head: {num_heads: 8}}
+    train: {epochs: 10, batch_size: 32, lr: 1.0e-4}
+
+Unknown keys, values of the wrong type and contradictory settings raise a ``ValueError`` that
+names the key (and the file). ``--set section.key=value`` overrides any value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from adalayers.backbone import DEFAULT_BASE
+from adalayers.heads import HeadConfig
+from adalayers.mixer import MixerConfig
+
+
+@dataclass
+class DataConfig:
+    """Which data to train on.
+
+    Attributes:
+        task: a benchmark (``imdb``, ``cola``, ``rte``, ``stsb``, ``conll2003``) or a user format
+            (``csv``, ``jsonl``, ``conll``).
+        data_dir: folder of the official files (else ``$ADALAYERS_DATA_DIR``, else the hub).
+        files: user formats: split -> file (``train`` required; ``validation``/``test`` optional).
+        columns: user formats: standard column (text, text_pair, label) -> column in the file.
+        task_type: user formats: ``sequence_classification`` (default) or ``regression``.
+        max_length: tokens per input (longer inputs are truncated with a warning).
+        limit: keep only the first N examples of each split (quick runs, tests).
+        seed: seed of the stratified validation split.
+    """
+
+    task: str = "cola"
+    data_dir: str | None = None
+    files: dict[str, str] | None = None
+    columns: dict[str, str] | None = None
+    task_type: str | None = None
+    max_length: int = 128
+    limit: int | None = None
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"data.limit must be >= 1, got {self.limit}")
+
+
+@dataclass
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+        epochs: maximum number of epochs.
+        batch_size: examples per optimiser step and process (before accumulation).
+        eval_batch_size: examples per evaluation batch.
+        lr: learning rate.
+        weight_decay: decoupled weight decay (never applied to the layer weights ``p``).
+        optimizer: ``adamw`` or ``adam``.
+        lr_patience: epochs without improvement before the learning rate is halved.
+        lr_factor: the factor of that decay.
+        early_stopping: stop after this many epochs without improvement (0: never).
+        grad_clip: clip the gradient norm to this (0: no clipping).
+        grad_accumulation: optimiser step every N batches.
+        mixed_precision: ``no``, ``fp16`` or ``bf16`` (CUDA only; ignored with a warning on CPU).
+        seed: seed for initialisation and data order.
+        metric: validation metric for model selection (default: the task's primary metric).
+        checkpoint_every: also checkpoint every N optimiser steps within an epoch (0: per epoch).
+        cache: train from a stored cache of the frozen hidden states.
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    lr_patience: int = 5
+    lr_factor: float = 0.5
+    early_stopping: int = 10
+    grad_clip: float = 1.0
+    grad_accumulation: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    metric: str | None = None
+    checkpoint_every: int = 0
+    cache: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "eval_batch_size", "grad_accumulation"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr}")
+        if not 0 < self.lr_factor < 1:
+            raise ValueError(f"train.lr_factor must be in (0, 1), got {self.lr_factor}")
+        for key in (
+            "weight_decay",
+            "lr_patience",
+            "early_stopping",
+            "grad_clip",
+            "checkpoint_every",
+        ):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class TaskSection:
+    """The task's model: the layer mixer and the head (labels come from the data)."""
+
+    mixer: MixerConfig = field(default_factory=MixerConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class RunConfig:
+    """A whole run.
+
+    Attributes:
+        base: the frozen base model (hub id, local folder, or ``all-MiniLM-L6-v2``).
+        base_states: encoder-decoder bases: read ``encoder`` (default) or ``decoder`` states.
+        gguf_file: load the base from this GGUF file inside ``base``.
+        dtype: the base's weights dtype (``float32``, ``bfloat16``, ``float16``; default as stored).
+        data: the data section.
+        task: the mixer and head.
+        train: the training section.
+    """
+
+    base: str = DEFAULT_BASE
+    base_states: Literal["encoder", "decoder"] | None = None
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskSection = field(default_factory=TaskSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        mixer = self.task.mixer
+        if mixer.positional != "none" and mixer.max_positions < self.data.max_length:
+            raise ValueError(
+                f"task.mixer.max_positions={mixer.max_positions} must be >= "
+                f"data.max_length={self.data.max_length} with positional "
+                f"embeddings, or inputs would be cut silently"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a type annotation; return it (ints promoted to float)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(
+            errors[0]
+            if len(errors) == 1
+            else f"{key}: {value!r} is not a valid {_type_name(annotation)}"
+        )
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise ValueError(f"{key}: {value!r} is not one of {list(typing.get_args(annotation))}")
+        return value
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            raise ValueError(f"{key}: expected a {origin.__name__}, got {value!r}")
+        args = typing.get_args(annotation)
+        if origin is list:
+            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return {
+            _coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(annotation):
+        return build(annotation, value, key)
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation in (str, bool):
+        if not isinstance(value, annotation):
+            raise ValueError(f"{key}: expected {annotation.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def build(cls: type, values: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types.
+
+    Raises:
+        ValueError: an unknown key (with the known ones), a wrong type, or an invalid value;
+            the message names the dotted key.
+    """
+    where = prefix or "config"
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        import difflib
+
+        hints_text = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), known, n=1)
+            hints_text.append(
+                f"{prefix + '.' if prefix else ''}{k}"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+            )
+        raise ValueError(
+            f"unknown key(s) {', '.join(hints_text)}; known keys in {where}: {', '.join(known)}"
+        )
+    kwargs = {
+        k: _coerce(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in values.items()
+    }
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        message = str(err)
+        if prefix and not message.startswith(prefix):
+            message = f"{prefix}: {message}"
+        raise ValueError(message) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return [part for part in key.strip().split(".") if part], value
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    data_dir: str | None = None,
+) -> RunConfig:
+    """Read a YAML config, apply ``--set`` overrides and ``--data-dir``, validate.
+
+    Raises:
+        FileNotFoundError: the config file does not exist.
+        ValueError: invalid YAML, unknown keys, wrong types (naming the key and the file).
+    """
+    values: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        target = values
+        for part in keys[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"--set {text!r}: {part} is not a section")
+        target[keys[-1]] = value
+    if data_dir is not None:
+        values.setdefault("data", {})["data_dir"] = str(data_dir)
+    try:
+        return build(RunConfig, values)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)

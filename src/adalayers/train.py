@@ -1,0 +1,712 @@
+"""Training and evaluation: plain functions over a run folder, on Hugging Face Accelerate.
+
+A run folder holds::
+
+    config.yaml        the resolved configuration
+    model/             the best-on-validation task (config.json, labels.json, model.safetensors)
+    checkpoint/        the latest resumable state (task, optimiser, scheduler, RNG, counters)
+    history.jsonl      one line per epoch: loss, metrics, learning rate, layer distribution
+    metrics.json       final validation and test metrics, parameters added, timings
+    layer_weights.png  the learned layer distribution
+
+``accelerate launch`` / ``torchrun`` run :func:`fit` data-parallel; every process holds the frozen
+base and the task, gradients of the task are all-reduced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from adalayers.backbone import Backbone, load_backbone
+from adalayers.config import RunConfig, load_config, save_config
+from adalayers.data import TaskData, load_task_data
+from adalayers.encoding import IGNORE_INDEX, align_labels
+from adalayers.metrics import compute_metrics, primary_metric
+from adalayers.model import AdaLayers, Task, TaskConfig
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoint"
+HISTORY = "history.jsonl"
+METRICS = "metrics.json"
+CONFIG = "config.yaml"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on a signal after writing a checkpoint; ``--resume`` continues it."""
+
+
+# -- data ------------------------------------------------------------------------------------
+def tokenize(data: TaskData, split: str, tokenizer: Any, task: Task, max_length: int) -> Any:
+    """Tokenise one split: ``input_ids``, ``attention_mask``, ``labels``, ``index``, ``length``.
+
+    Token tasks: the first sub-token of a word carries its label, the others are ignored.
+    """
+    ds = data.splits[split]
+    ds = ds.add_column("index", list(range(len(ds))))
+    truncated = 0
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        nonlocal truncated
+        if task.task_type == "token_classification":
+            enc = tokenizer(
+                batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length
+            )
+            labels = []
+            for i, tags in enumerate(batch["tags"]):
+                word_ids = enc.word_ids(i)
+                seen = {w for w in word_ids if w is not None}
+                truncated += len(tags) - len(seen)
+                labels.append(align_labels(word_ids, task.label_ids(tags)))
+        else:
+            pairs = batch.get("text_pair")
+            enc = tokenizer(batch["text"], pairs, truncation=True, max_length=max_length)
+            if task.task_type == "regression":
+                labels = [float(v) for v in batch["label"]]
+            else:
+                labels = task.label_ids(batch["label"])
+        out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        out["labels"] = labels
+        out["length"] = [len(ids) for ids in enc["input_ids"]]
+        return out
+
+    keep = {"index"}
+    ds = ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c not in keep])
+    if truncated:
+        logger.warning(
+            "%s/%s: %d word(s) beyond data.max_length=%d were cut; they are scored as "
+            "'O' in evaluation. Raise data.max_length to keep them.",
+            data.name,
+            split,
+            truncated,
+            max_length,
+        )
+    return ds
+
+
+def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a list of tokenised examples into tensors."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch: dict[str, torch.Tensor] = {}
+    for key, pad in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+        if key in features[0]:
+            batch[key] = torch.tensor([f[key] + [pad] * (width - len(f[key])) for f in features])
+    labels = [f["labels"] for f in features]
+    if isinstance(labels[0], list):
+        batch["labels"] = torch.tensor(
+            [lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]
+        )
+    else:
+        batch["labels"] = torch.tensor(labels)
+    batch["index"] = torch.tensor([f["index"] for f in features])
+    return batch
+
+
+def length_batches(
+    lengths: list[int], batch_size: int, *, shuffle: bool, seed: int
+) -> list[list[int]]:
+    """Batches of similar length (less padding). Shuffled: random order, sorted within pools of
+    50 batches, batches shuffled; not shuffled: sorted by length."""
+    order = np.argsort(lengths, kind="stable").tolist()
+    if shuffle:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(lengths)).tolist()
+        pool = batch_size * 50
+        order = [
+            i
+            for s in range(0, len(order), pool)
+            for i in sorted(order[s : s + pool], key=lambda i: lengths[i])
+        ]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+# -- the model being trained -----------------------------------------------------------------
+class TaskModel(nn.Module):
+    """The frozen base and one task behind a single ``forward`` (what DDP wraps)."""
+
+    def __init__(self, backbone: Backbone, task: Task) -> None:
+        super().__init__()
+        self.runtime = AdaLayers(backbone, {"task": task})
+
+    @property
+    def task(self) -> Task:
+        return self.runtime.tasks["task"]
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.runtime(inputs).logits["task"]
+
+
+def build_task(config: RunConfig, data: TaskData, backbone: Backbone) -> Task:
+    task_config = TaskConfig(
+        data.task_type, list(data.label_names), config.task.mixer, config.task.head
+    )
+    return Task(task_config, backbone.info())
+
+
+def _accelerator(config: RunConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    precision = config.train.mixed_precision
+    if precision != "no" and not torch.cuda.is_available():
+        logger.warning("train.mixed_precision=%s needs CUDA; training in float32", precision)
+        precision = "no"
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),  # a CPU world of N processes under torchrun
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.train.grad_accumulation,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def _loader(
+    accelerator: Any, ds: Any, batch_size: int, pad_id: int, *, shuffle: bool, seed: int
+) -> Any:
+    batches = length_batches(ds["length"][:], batch_size, shuffle=shuffle, seed=seed)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=batches, collate_fn=lambda f: collate(f, pad_id)
+    )
+    return accelerator.prepare_data_loader(loader)
+
+
+def _progress(iterable: Any, *, total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True
+    )
+
+
+def _gather(accelerator: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gather per-process batches that may differ in size (index -1 marks padding rows)."""
+    if accelerator.num_processes == 1:
+        return tensors
+    padded = [accelerator.pad_across_processes(t, dim=0, pad_index=-1) for t in tensors]
+    return tuple(accelerator.gather(t) for t in padded)
+
+
+# -- evaluation ------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_split(
+    accelerator: Any,
+    model: nn.Module,
+    task: Task,
+    data: TaskData,
+    ds: Any,
+    split: str,
+    batch_size: int,
+    pad_id: int,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Metrics of ``task`` on one tokenised split; every example is counted exactly once."""
+    model.eval()
+    loader = _loader(accelerator, ds, batch_size, pad_id, shuffle=False, seed=0)
+    token_task = task.task_type == "token_classification"
+    indices, preds, golds = [], [], []
+    for batch in _progress(loader, total=len(loader), desc=f"eval {split}", enabled=progress):
+        index = batch.pop("index")
+        labels = batch.pop("labels")
+        logits = model(**batch)
+        if token_task:
+            pred = logits.argmax(-1).masked_fill(labels == IGNORE_INDEX, IGNORE_INDEX)
+            pred = accelerator.pad_across_processes(pred, dim=1, pad_index=IGNORE_INDEX)
+            index, pred = _gather(accelerator, index, pred)
+            preds.extend(pred.tolist())
+        else:
+            pred = logits.squeeze(-1) if task.task_type == "regression" else logits.argmax(-1)
+            index, pred, labels = _gather(accelerator, index, pred, labels)
+            preds.extend(pred.tolist())
+            golds.extend(labels.tolist())
+        indices.extend(index.tolist())
+    first: dict[int, int] = {}
+    for position, i in enumerate(indices):  # padding and duplicates of the last batch dropped
+        if i >= 0:
+            first.setdefault(i, position)
+    if len(first) != len(ds):
+        raise RuntimeError(f"evaluation saw {len(first)} of {len(ds)} examples")
+    order = [first[i] for i in range(len(ds))]
+    raw = data.splits[split]
+    if token_task:
+        true_tags, pred_tags = [], []
+        gold_column = raw["tags"][:]
+        for i, position in enumerate(order):
+            words = [task.labels[p] for p in preds[position] if p != IGNORE_INDEX]
+            gold = list(gold_column[i])
+            true_tags.append(gold)
+            pred_tags.append(words + ["O"] * (len(gold) - len(words)))
+        metrics = compute_metrics(task.task_type, true_tags, pred_tags)
+    else:
+        y_pred = [preds[p] for p in order]
+        y_true = [golds[p] for p in order]
+        metrics = compute_metrics(task.task_type, y_true, y_pred)
+    metrics["examples"] = len(ds)
+    return metrics
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+@dataclass
+class _State:
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # optimiser batches done in the current epoch
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    global_step: int = 0
+    train_seconds: float = 0.0
+    tokens: int = 0
+
+
+def _save_checkpoint(
+    run: Path,
+    task: Task,
+    optimizer: Any,
+    scheduler: Any,
+    state: _State,
+) -> None:
+    target = run / CHECKPOINT_DIR
+    tmp = run / f".{CHECKPOINT_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(
+        {
+            "task": task.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+        },
+        tmp / "state.pt",
+    )
+    (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2))
+    old = run / f".{CHECKPOINT_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(run: Path, task: Task, optimizer: Any, scheduler: Any) -> _State:
+    folder = run / CHECKPOINT_DIR
+    if not (folder / "state.pt").is_file():
+        raise FileNotFoundError(f"{folder} has no checkpoint to resume from")
+    blob = torch.load(folder / "state.pt", weights_only=False)
+    task.load_state_dict(blob["task"])
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    random.setstate(blob["rng"]["python"])
+    np.random.set_state(blob["rng"]["numpy"])
+    return _State(**json.loads((folder / "trainer_state.json").read_text()))
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict[str, bool]]:
+    """SIGINT / SIGTERM set a flag the loop checks between steps (a second SIGINT aborts)."""
+    flag = {"stop": False}
+    previous = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        logger.warning("signal %d: saving a checkpoint after this step", signum)
+
+    in_main = __import__("threading").current_thread() is __import__("threading").main_thread()
+    if in_main:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# -- training --------------------------------------------------------------------------------
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _optimizer(config: RunConfig, task: Task) -> torch.optim.Optimizer:
+    decay = [p for n, p in task.named_parameters() if p.requires_grad and n != "mixer.p"]
+    no_decay = [p for n, p in task.named_parameters() if p.requires_grad and n == "mixer.p"]
+    groups = [
+        {"params": decay, "weight_decay": config.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if config.train.optimizer == "adam":  # L2 through the gradient, as classic Adam
+        return torch.optim.Adam(groups, lr=config.train.lr)
+    return torch.optim.AdamW(groups, lr=config.train.lr)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def fit(
+    config: RunConfig,
+    output_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train a task on the frozen base, keep the best-on-validation head, evaluate on test.
+
+    Args:
+        config: the run configuration.
+        output_dir: the run folder (created).
+        resume: continue from ``output_dir/checkpoint``.
+        quiet: no progress bars.
+        overwrite: replace an existing run folder.
+
+    Returns:
+        The final metrics (also written to ``metrics.json``).
+
+    Raises:
+        FileExistsError: ``output_dir`` holds a run and neither ``resume`` nor ``overwrite``.
+        TrainingInterrupted: a signal stopped training after a checkpoint was written.
+    """
+    run = Path(output_dir)
+    accelerator = _accelerator(config)
+    main = accelerator.is_main_process
+    if resume:
+        if not (run / CONFIG).is_file():
+            raise FileNotFoundError(f"{run / CONFIG} not found: nothing to resume in {run}")
+    elif run.exists() and any(run.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{run} already holds a run; pass --resume to continue it, "
+                f"--overwrite to replace it, or choose another --output-dir"
+            )
+        if main:
+            shutil.rmtree(run)
+    accelerator.wait_for_everyone()
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            save_config(config, run / CONFIG)
+    progress = main and not quiet and sys.stderr.isatty()
+
+    _seed_everything(config.train.seed)
+    data = load_task_data(
+        config.data.task,
+        config.data.data_dir,
+        seed=config.data.seed,
+        files=config.data.files,
+        columns=config.data.columns,
+        limit=config.data.limit,
+        task_type=config.data.task_type,
+    )
+    for split in ("train", "validation"):
+        if len(data.splits[split]) == 0:
+            raise ValueError(f"the {split} split of {data.name} is empty")
+    backbone = load_backbone(
+        config.base, states=config.base_states, gguf_file=config.gguf_file, dtype=config.dtype
+    )
+    tokenizer = backbone.tokenizer
+    max_length = min(config.data.max_length, backbone.max_length)
+    if config.task.mixer.positional != "none":
+        max_length = min(max_length, config.task.mixer.max_positions)
+    task = build_task(config, data, backbone)
+    metric = config.train.metric or primary_metric(
+        data.name if data.name in ("imdb", "cola", "rte", "stsb", "conll2003") else data.task_type
+    )
+    with accelerator.main_process_first():
+        train_ds = tokenize(data, "train", tokenizer, task, max_length)
+        val_ds = tokenize(data, "validation", tokenizer, task, max_length)
+    pad_id = tokenizer.pad_token_id
+
+    model = TaskModel(backbone, task)
+    optimizer = _optimizer(config, task)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=config.train.lr_factor, patience=config.train.lr_patience
+    )
+    state = _State()
+    if resume:
+        state = _load_checkpoint(run, task, optimizer, scheduler)
+        logger.info("resuming %s at epoch %d, step %d", run, state.epoch, state.step_in_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped: TaskModel = accelerator.unwrap_model(model)
+    task = unwrapped.task
+    history = run / HISTORY
+    logger.info(
+        "task %s: %d parameters (%.3f%% of the base's %d)",
+        data.name,
+        task.num_parameters(),
+        100 * task.num_parameters() / backbone.num_parameters(),
+        backbone.num_parameters(),
+    )
+
+    with _stop_on_signals() as signals:
+        while state.epoch < config.train.epochs:
+            epoch = state.epoch
+            model.train()
+            loader = _loader(
+                accelerator,
+                train_ds,
+                config.train.batch_size,
+                pad_id,
+                shuffle=True,
+                seed=config.train.seed * 100_003 + epoch,
+            )
+            batches = loader
+            if state.step_in_epoch:
+                batches = accelerator.skip_first_batches(loader, state.step_in_epoch)
+            losses = []
+            start = time.perf_counter()
+            bar = _progress(
+                batches,
+                total=len(loader) - state.step_in_epoch,
+                desc=f"epoch {epoch + 1}/{config.train.epochs}",
+                enabled=progress,
+            )
+            for batch in bar:
+                batch.pop("index")
+                labels = batch.pop("labels")
+                with accelerator.accumulate(model):
+                    logits = model(**batch)
+                    loss = task.loss(logits, labels)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.train.grad_clip > 0:
+                        accelerator.clip_grad_norm_(task.parameters(), config.train.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                losses.append(loss.item())
+                state.step_in_epoch += 1
+                state.global_step += 1
+                state.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                if progress:
+                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+                every = config.train.checkpoint_every
+                stop = signals["stop"]
+                if accelerator.num_processes > 1:
+                    flag = torch.tensor([float(stop)], device=accelerator.device)
+                    stop = bool(accelerator.reduce(flag, reduction="sum").item())
+                if stop or (every and state.global_step % every == 0):
+                    state.train_seconds += time.perf_counter() - start
+                    start = time.perf_counter()
+                    if main:
+                        _save_checkpoint(run, task, optimizer, scheduler, state)
+                    accelerator.wait_for_everyone()
+                    if stop:
+                        raise TrainingInterrupted(
+                            f"stopped at epoch {epoch + 1}, step {state.step_in_epoch}; "
+                            f"checkpoint saved. Continue with: adalayers train --resume "
+                            f"--output-dir {run}"
+                        )
+            state.train_seconds += time.perf_counter() - start
+            val = evaluate_split(
+                accelerator,
+                model,
+                task,
+                data,
+                val_ds,
+                "validation",
+                config.train.eval_batch_size,
+                pad_id,
+                progress,
+            )
+            if metric not in val:
+                raise ValueError(
+                    f"train.metric={metric!r} is not a metric of this task; "
+                    f"choose from {sorted(k for k in val if k != 'per_type')}"
+                )
+            score = float(val[metric])
+            scheduler.step(score)
+            improved = score > state.best
+            if improved:
+                state.best, state.best_epoch, state.bad_epochs = score, epoch + 1, 0
+                if main:
+                    task.save_pretrained(run / MODEL_DIR)
+            else:
+                state.bad_epochs += 1
+            state.epoch += 1
+            state.step_in_epoch = 0
+            if main:
+                _append_jsonl(
+                    history,
+                    {
+                        "epoch": epoch + 1,
+                        "train_loss": float(np.mean(losses)) if losses else None,
+                        "validation": {k: v for k, v in val.items() if k != "per_type"},
+                        "metric": metric,
+                        "score": score,
+                        "improved": improved,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "layer_weights": task.mixer.layer_weights(),
+                        "entropy": task.mixer.entropy().item(),
+                        "seconds": round(state.train_seconds, 2),
+                    },
+                )
+                _save_checkpoint(run, task, optimizer, scheduler, state)
+            accelerator.wait_for_everyone()
+            logger.info(
+                "epoch %d: loss %.4f, validation %s %.4f%s",
+                epoch + 1,
+                np.mean(losses) if losses else float("nan"),
+                metric,
+                score,
+                " (best)" if improved else "",
+            )
+            if config.train.early_stopping and state.bad_epochs >= config.train.early_stopping:
+                logger.info("early stopping after %d epochs without improvement", state.bad_epochs)
+                break
+
+    # final evaluation of the best head
+    best = Task.from_pretrained(run / MODEL_DIR, backbone)
+    unwrapped.runtime.tasks["task"].load_state_dict(best.state_dict())
+    results: dict[str, Any] = {
+        "task": data.name,
+        "task_type": data.task_type,
+        "base": config.base,
+        "metric": metric,
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+    }
+    for split in ("validation", "test"):
+        if split not in data.splits or len(data.splits[split]) == 0:
+            continue
+        ds = val_ds if split == "validation" else tokenize(data, split, tokenizer, task, max_length)
+        results[split] = evaluate_split(
+            accelerator,
+            model,
+            task,
+            data,
+            ds,
+            split,
+            config.train.eval_batch_size,
+            pad_id,
+            progress,
+        )
+    results.update(
+        {
+            "parameters_added": task.num_parameters(),
+            "base_parameters": backbone.num_parameters(),
+            "percent_of_base": 100 * task.num_parameters() / backbone.num_parameters(),
+            "layer_weights": task.mixer.layer_weights(),
+            "train_seconds": round(state.train_seconds, 2),
+            "train_tokens": state.tokens,
+            "train_tokens_per_second": round(state.tokens / max(state.train_seconds, 1e-9), 1),
+            "processes": accelerator.num_processes,
+        }
+    )
+    if main:
+        _write_json(run / METRICS, results)
+        from adalayers.report import plot_layer_weights
+
+        plot_layer_weights(
+            task.mixer.layer_weights(),
+            run / "layer_weights.png",
+            title=f"{data.name} on {Path(config.base).name}",
+        )
+    accelerator.wait_for_everyone()
+    return results
+
+
+def load_run(
+    run_dir: str | os.PathLike, *, device: str | None = None
+) -> tuple[RunConfig, Backbone, Task]:
+    """The config, the frozen base and the best task of a finished run."""
+    run = Path(run_dir)
+    if not (run / CONFIG).is_file():
+        raise FileNotFoundError(f"{run / CONFIG} not found: {run} is not an adalayers run folder")
+    config = load_config(run / CONFIG)
+    backbone = load_backbone(
+        config.base,
+        states=config.base_states,
+        gguf_file=config.gguf_file,
+        dtype=config.dtype,
+        device=device,
+    )
+    task = Task.from_pretrained(run / MODEL_DIR, backbone)
+    return config, backbone, task
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    split: str = "test",
+    *,
+    data_dir: str | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a finished run's best task on one split of its data."""
+    config, backbone, task = load_run(run_dir)
+    if data_dir is not None:
+        config.data.data_dir = data_dir
+    data = load_task_data(
+        config.data.task,
+        config.data.data_dir,
+        seed=config.data.seed,
+        files=config.data.files,
+        columns=config.data.columns,
+        limit=config.data.limit,
+        task_type=config.data.task_type,
+    )
+    if split not in data.splits or len(data.splits[split]) == 0:
+        raise ValueError(
+            f"split {split!r} is empty or unknown for {data.name}; "
+            f"choose from {sorted(data.splits)}"
+        )
+    accelerator = _accelerator(config)
+    max_length = min(config.data.max_length, backbone.max_length)
+    if task.mixer.positions is not None:
+        max_length = min(max_length, task.mixer.positions.shape[0])
+    ds = tokenize(data, split, backbone.tokenizer, task, max_length)
+    model = accelerator.prepare(TaskModel(backbone, task))
+    progress = not quiet and sys.stderr.isatty()
+    return evaluate_split(
+        accelerator,
+        model,
+        task,
+        data,
+        ds,
+        split,
+        config.train.eval_batch_size,
+        backbone.tokenizer.pad_token_id,
+        progress,
+    )
+
+
+def read_metrics(run_dir: str | os.PathLike) -> Mapping[str, Any]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the run has not finished")
+    return json.loads(path.read_text())
