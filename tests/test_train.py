@@ -307,3 +307,102 @@ def test_two_processes_count_every_example_once(cola, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["processes"] == 2
     assert metrics["test"]["examples"] == 30 and metrics["validation"]["examples"] == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=0.1", "train.lrr"),
+        ("train.epochs=many", "train.epochs"),
+        ("data.task=imbd", "imbd"),
+    ],
+)
+def test_cli_config_errors_are_one_line(cola, tmp_path, capsys, override, message):
+    config, data = cola
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--set",
+            override,
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_cli_missing_data_names_the_file(cola, tmp_path, capsys):
+    config, _ = cola
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(tmp_path / "nowhere"),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "nowhere" in err and "train.tsv" in err
+
+
+def test_cli_label_outside_the_set(cola, tmp_path, capsys):
+    config, data = cola
+    train = data / "glue" / "CoLA" / "train.tsv"
+    train.write_text(train.read_text() + "src\t7\t\tthe movie .\n")
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "7" in err and "train.tsv" in err
+
+
+def test_cli_predict_bad_input_file(cola, tmp_path, capsys):
+    config, data = cola
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--data-dir",
+                str(data),
+                "--output-dir",
+                str(run),
+                "--quiet",
+                "--set",
+                "train.epochs=1",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json\n')
+    assert main(["predict", str(run), "--input", str(bad)]) == 2
+    assert "in.jsonl:2" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert main(["predict", str(run), "--input", str(empty)]) == 2
+    assert "no inputs" in capsys.readouterr().err

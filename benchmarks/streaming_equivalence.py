@@ -1,0 +1,83 @@
+"""max |streaming - stacked| over the task logits, for every supported family and MiniLM.
+
+    python benchmarks/streaming_equivalence.py
+
+Tiny random models of each family (as in the tests) plus the real embedded MiniLM; three tasks
+(sequence, token, regression) with random layer weights on each.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(Path(__file__).resolve().parent)]
+from _common import write_result  # noqa: E402
+from conftest import build_tiny  # noqa: E402
+
+from adalayers.backbone import load_backbone  # noqa: E402
+from adalayers.model import AdaLayers, Task, TaskConfig  # noqa: E402
+
+TEXTS = ["the movie was very good", "bad plot", "john read a book in london ."]
+
+
+def tasks_for(backbone, dim):
+    torch.manual_seed(0)
+    tasks = {
+        "seq": TaskConfig(
+            "sequence_classification", ["a", "b"], mixer={"dim": dim}, head={"num_heads": 2}
+        ),
+        "tok": TaskConfig(
+            "token_classification",
+            ["O", "B", "I"],
+            mixer={"dim": dim},
+            head={"num_heads": 2, "num_layers": 1, "ff_dim": 32},
+        ),
+        "reg": TaskConfig("regression", [], mixer={"dim": dim}, head={"num_heads": 2}),
+    }
+    out = {name: Task(cfg, backbone.info()) for name, cfg in tasks.items()}
+    for task in out.values():
+        torch.nn.init.normal_(task.mixer.p, std=0.05)
+    return out
+
+
+def max_diff(backbone, dim):
+    runtime = AdaLayers(backbone, tasks_for(backbone, dim)).eval()
+    inputs = dict(backbone.tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    a, b = runtime(inputs).logits, runtime(inputs, stream=False).logits
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def main() -> None:
+    results = {}
+    cases = [(f, None) for f in ("bert", "roberta", "deberta", "mpnet", "gpt2", "llama")]
+    cases += [("bart", "encoder"), ("bart", "decoder"), ("t5", "encoder"), ("t5", "decoder")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for family, states in cases:
+            folder = Path(tmp) / family
+            if not folder.exists():
+                build_tiny(family, folder)
+            backbone = load_backbone(folder, states=states)
+            key = f"tiny-{family}" + (f"-{states}" if states else "")
+            results[key] = max_diff(backbone, 8)
+    results["all-MiniLM-L6-v2"] = max_diff(load_backbone("all-MiniLM-L6-v2"), 64)
+    for key, value in results.items():
+        print(f"{key:22s} max |streaming - stacked| = {value:.3g}")
+    print(
+        write_result(
+            "streaming_equivalence",
+            {
+                "benchmark": "streaming_equivalence",
+                "max_abs_diff": results,
+                "overall_max": max(results.values()),
+            },
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
