@@ -63,6 +63,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from adalayers.config import load_config
+    from adalayers.train import build_cache
+
+    config = load_config(args.config, args.set, args.data_dir)
+    summary = build_cache(config, quiet=args.quiet)
+    if os.environ.get("RANK", "0") == "0":
+        _print_json(summary)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from adalayers.train import evaluate_run
 
@@ -187,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     common(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cache", help="store the frozen base's hidden states for fast training")
+    p.add_argument("--config", required=True, help="YAML config (its cache section)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data-dir")
+    common(p)
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("evaluate", help="evaluate a run's best task on a split")
     p.add_argument("run")

@@ -80,7 +80,8 @@ class TrainConfig:
         seed: seed for initialisation and data order.
         metric: validation metric for model selection (default: the task's primary metric).
         checkpoint_every: also checkpoint every N optimiser steps within an epoch (0: per epoch).
-        cache: train from a stored cache of the frozen hidden states.
+        cache: train from a stored cache of the frozen hidden states (see the ``cache``
+            section); epochs then never run the base.
     """
 
     epochs: int = 10
@@ -120,6 +121,39 @@ class TrainConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The frozen-feature cache (used when ``train.cache`` is true, and by ``adalayers cache``).
+
+    Attributes:
+        dir: where stores live (default ``$ADALAYERS_CACHE_DIR`` or ``~/.cache/adalayers``).
+        dtype: storage precision: ``float16``, ``bfloat16``, ``int8`` (per-row scale) or
+            ``float32``.
+        layers: which hidden states to store: ``null`` for the mixer's layers (all by
+            default), or an integer N to keep the N best states by a training-free probe (the
+            mixer is then restricted to them).
+        probe_examples: training examples the probe reads.
+        chunk_examples: examples per checksummed chunk (the unit of resuming).
+        splits: splits to cache (the others are evaluated online).
+    """
+
+    dir: str | None = None
+    dtype: Literal["float16", "bfloat16", "int8", "float32"] = "float16"
+    layers: int | None = None
+    probe_examples: int = 2000
+    chunk_examples: int = 1024
+    splits: list[str] = field(default_factory=lambda: ["train", "validation"])
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"cache.layers must be >= 1, got {self.layers}")
+        if self.probe_examples < 10 or self.chunk_examples < 1:
+            raise ValueError("cache.probe_examples must be >= 10 and cache.chunk_examples >= 1")
+        unknown = [s for s in self.splits if s not in ("train", "validation", "test")]
+        if unknown:
+            raise ValueError(f"cache.splits: unknown split(s) {unknown}")
+
+
+@dataclass
 class TaskSection:
     """The task's model: the layer mixer and the head (labels come from the data)."""
 
@@ -139,6 +173,7 @@ class RunConfig:
         data: the data section.
         task: the mixer and head.
         train: the training section.
+        cache: the frozen-feature cache section.
     """
 
     base: str = DEFAULT_BASE
@@ -148,6 +183,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskSection = field(default_factory=TaskSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
         mixer = self.task.mixer

@@ -19,7 +19,7 @@ appears, then :meth:`LayerMixer.finish`), which only ever holds one (B, T, k) bu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -219,9 +219,23 @@ class LayerMixer(nn.Module):
             mixed = mixed + self.positions[:length].to(mixed.dtype)  # (B, T, k)
         return self.dropout(mixed)
 
-    def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Stacked form: mix from all ``L + 1`` states. Returns ``F`` (B, T, k)."""
-        if len(hidden_states) != self.num_states:
+    def forward(
+        self, hidden_states: Sequence[torch.Tensor] | Mapping[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """Stacked form: mix from the states. Returns ``F`` (B, T, k).
+
+        Args:
+            hidden_states: all ``L + 1`` states, or a mapping state index -> state holding at
+                least this mixer's layers (e.g. read from a feature cache).
+        """
+        if isinstance(hidden_states, Mapping):
+            missing = [i for i, _ in self.active_layers() if i not in hidden_states]
+            if missing:
+                raise ValueError(
+                    f"the mixer needs hidden state(s) {missing}, which were not "
+                    f"given (have {sorted(hidden_states)})"
+                )
+        elif len(hidden_states) != self.num_states:
             raise ValueError(
                 f"the mixer was built for {self.num_states} hidden states, got {len(hidden_states)}"
             )

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from adalayers.backbone import Backbone, load_backbone
+from adalayers.cache import FeatureStore, open_or_build, probe_layers
 from adalayers.config import RunConfig, load_config, save_config
 from adalayers.data import TaskData, load_task_data
 from adalayers.encoding import IGNORE_INDEX, align_labels
@@ -102,13 +103,24 @@ def tokenize(data: TaskData, split: str, tokenizer: Any, task: Task, max_length:
     return ds
 
 
-def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a list of tokenised examples into tensors."""
+def collate(
+    features: list[dict[str, Any]], pad_id: int, store: FeatureStore | None = None
+) -> dict[str, Any]:
+    """Pad a list of tokenised examples into tensors; with a feature ``store``, the batch holds
+    the cached hidden states (``states``) instead of token ids."""
     width = max(len(f["input_ids"]) for f in features)
-    batch: dict[str, torch.Tensor] = {}
-    for key, pad in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
-        if key in features[0]:
-            batch[key] = torch.tensor([f[key] + [pad] * (width - len(f[key])) for f in features])
+    batch: dict[str, Any] = {}
+    if store is not None:
+        batch["states"] = store.batch([f["index"] for f in features], width)
+        batch["attention_mask"] = torch.tensor(
+            [[1] * f["length"] + [0] * (width - f["length"]) for f in features]
+        )
+    else:
+        for key, pad in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+            if key in features[0]:
+                batch[key] = torch.tensor(
+                    [f[key] + [pad] * (width - len(f[key])) for f in features]
+                )
     labels = [f["labels"] for f in features]
     if isinstance(labels[0], list):
         batch["labels"] = torch.tensor(
@@ -153,7 +165,11 @@ class TaskModel(nn.Module):
     def task(self) -> Task:
         return self.runtime.tasks["task"]
 
-    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, **inputs: Any) -> torch.Tensor:
+        """Logits from token ids (runs the base) or from cached ``states`` (does not)."""
+        if "states" in inputs:
+            task = self.task
+            return task.head(task.mixer(inputs["states"]), inputs["attention_mask"])
         return self.runtime(inputs).logits["task"]
 
 
@@ -181,11 +197,18 @@ def _accelerator(config: RunConfig) -> Any:
 
 
 def _loader(
-    accelerator: Any, ds: Any, batch_size: int, pad_id: int, *, shuffle: bool, seed: int
+    accelerator: Any,
+    ds: Any,
+    batch_size: int,
+    pad_id: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    store: FeatureStore | None = None,
 ) -> Any:
     batches = length_batches(ds["length"][:], batch_size, shuffle=shuffle, seed=seed)
     loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=batches, collate_fn=lambda f: collate(f, pad_id)
+        ds, batch_sampler=batches, collate_fn=lambda f: collate(f, pad_id, store)
     )
     return accelerator.prepare_data_loader(loader)
 
@@ -218,10 +241,14 @@ def evaluate_split(
     batch_size: int,
     pad_id: int,
     progress: bool = False,
+    store: FeatureStore | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``task`` on one tokenised split; every example is counted exactly once."""
+    """Metrics of ``task`` on one tokenised split; every example is counted exactly once.
+
+    With a feature ``store`` the states come from the cache and the base does not run.
+    """
     model.eval()
-    loader = _loader(accelerator, ds, batch_size, pad_id, shuffle=False, seed=0)
+    loader = _loader(accelerator, ds, batch_size, pad_id, shuffle=False, seed=0, store=store)
     token_task = task.task_type == "token_classification"
     indices, preds, golds = [], [], []
     for batch in _progress(loader, total=len(loader), desc=f"eval {split}", enabled=progress):
@@ -426,15 +453,7 @@ def fit(
     progress = main and not quiet and sys.stderr.isatty()
 
     _seed_everything(config.train.seed)
-    data = load_task_data(
-        config.data.task,
-        config.data.data_dir,
-        seed=config.data.seed,
-        files=config.data.files,
-        columns=config.data.columns,
-        limit=config.data.limit,
-        task_type=config.data.task_type,
-    )
+    data = _load_data(config)
     for split in ("train", "validation"):
         if len(data.splits[split]) == 0:
             raise ValueError(f"the {split} split of {data.name} is empty")
@@ -442,9 +461,7 @@ def fit(
         config.base, states=config.base_states, gguf_file=config.gguf_file, dtype=config.dtype
     )
     tokenizer = backbone.tokenizer
-    max_length = min(config.data.max_length, backbone.max_length)
-    if config.task.mixer.positional != "none":
-        max_length = min(max_length, config.task.mixer.max_positions)
+    max_length = _max_length(config, backbone)
     task = build_task(config, data, backbone)
     metric = config.train.metric or primary_metric(
         data.name if data.name in ("imdb", "cola", "rte", "stsb", "conll2003") else data.task_type
@@ -453,6 +470,14 @@ def fit(
         train_ds = tokenize(data, "train", tokenizer, task, max_length)
         val_ds = tokenize(data, "validation", tokenizer, task, max_length)
     pad_id = tokenizer.pad_token_id
+    stores: dict[str, FeatureStore] = {}
+    tokenized = {"train": train_ds, "validation": val_ds}
+    if config.train.cache:
+        task, stores = _prepare_cache(
+            config, accelerator, backbone, data, task, tokenized, max_length, progress
+        )
+        if main:
+            save_config(config, run / CONFIG)  # with the layers the probe chose
 
     model = TaskModel(backbone, task)
     optimizer = _optimizer(config, task)
@@ -486,6 +511,7 @@ def fit(
                 pad_id,
                 shuffle=True,
                 seed=config.train.seed * 100_003 + epoch,
+                store=stores.get("train"),
             )
             batches = loader
             if state.step_in_epoch:
@@ -543,6 +569,7 @@ def fit(
                 config.train.eval_batch_size,
                 pad_id,
                 progress,
+                store=stores.get("validation"),
             )
             if metric not in val:
                 raise ValueError(
@@ -604,7 +631,7 @@ def fit(
     for split in ("validation", "test"):
         if split not in data.splits or len(data.splits[split]) == 0:
             continue
-        ds = val_ds if split == "validation" else tokenize(data, split, tokenizer, task, max_length)
+        ds = tokenized.get(split) or tokenize(data, split, tokenizer, task, max_length)
         results[split] = evaluate_split(
             accelerator,
             model,
@@ -615,6 +642,7 @@ def fit(
             config.train.eval_batch_size,
             pad_id,
             progress,
+            store=stores.get(split),
         )
     results.update(
         {
@@ -626,6 +654,10 @@ def fit(
             "train_tokens": state.tokens,
             "train_tokens_per_second": round(state.tokens / max(state.train_seconds, 1e-9), 1),
             "processes": accelerator.num_processes,
+            "cache": {
+                split: {"bytes": store.size_bytes(), "layers": store.layers, "dtype": store.dtype}
+                for split, store in stores.items()
+            },
         }
     )
     if main:
@@ -639,6 +671,119 @@ def fit(
         )
     accelerator.wait_for_everyone()
     return results
+
+
+def _prepare_cache(
+    config: RunConfig,
+    accelerator: Any,
+    backbone: Backbone,
+    data: TaskData,
+    task: Task,
+    tokenized: dict[str, Any],
+    max_length: int,
+    progress: bool,
+) -> tuple[Task, dict[str, FeatureStore]]:
+    """Choose the layers worth caching (probe), rebuild the task on them, open the stores.
+
+    ``tokenized`` (split -> tokenised dataset) gains the cached splits it lacked.
+    """
+    cache, mixer = config.cache, config.task.mixer
+    layers = task.mixer.layer_indices
+    if (
+        cache.layers is not None
+        and cache.layers < len(layers)
+        and mixer.layers is None
+        and mixer.single_layer is None
+    ):
+        scores = probe_layers(
+            backbone,
+            tokenized["train"],
+            task.task_type,
+            len(task.labels),
+            cache.probe_examples,
+            seed=config.train.seed,
+        )
+        layers = sorted(sorted(scores, key=scores.get, reverse=True)[: cache.layers])
+        logger.info(
+            "probe score per hidden state: %s; caching %s",
+            {i: round(v, 4) for i, v in scores.items()},
+            layers,
+        )
+        mixer.layers = layers  # recorded in the run's config.yaml
+        torch.manual_seed(config.train.seed)
+        task = build_task(config, data, backbone)
+    stores = {}
+    for split in cache.splits:
+        if split not in data.splits or len(data.splits[split]) == 0:
+            continue
+        if split not in tokenized:
+            tokenized[split] = tokenize(data, split, backbone.tokenizer, task, max_length)
+        stores[split] = open_or_build(
+            backbone,
+            tokenized[split],
+            split,
+            layers,
+            dtype=cache.dtype,
+            root=cache.dir,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+            chunk_examples=cache.chunk_examples,
+            progress_bar=progress,
+            barrier=accelerator.wait_for_everyone,
+        )
+    return task, stores
+
+
+def build_cache(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Run the base once over the configured splits and store their hidden states.
+
+    Returns a summary: the layers stored, and per split the folder, examples and bytes.
+    """
+    accelerator = _accelerator(config)
+    data = _load_data(config)
+    backbone = load_backbone(
+        config.base, states=config.base_states, gguf_file=config.gguf_file, dtype=config.dtype
+    )
+    max_length = _max_length(config, backbone)
+    _seed_everything(config.train.seed)
+    task = build_task(config, data, backbone)
+    tokenized = {"train": tokenize(data, "train", backbone.tokenizer, task, max_length)}
+    progress = accelerator.is_main_process and not quiet and sys.stderr.isatty()
+    task, stores = _prepare_cache(
+        config, accelerator, backbone, data, task, tokenized, max_length, progress
+    )
+    return {
+        "layers": task.mixer.layer_indices,
+        "dtype": config.cache.dtype,
+        "splits": {
+            split: {
+                "folder": str(store.folder),
+                "examples": len(store),
+                "bytes": store.size_bytes(),
+            }
+            for split, store in stores.items()
+        },
+    }
+
+
+def _load_data(config: RunConfig) -> TaskData:
+    d = config.data
+    return load_task_data(
+        d.task,
+        d.data_dir,
+        seed=d.seed,
+        files=d.files,
+        columns=d.columns,
+        limit=d.limit,
+        task_type=d.task_type,
+    )
+
+
+def _max_length(config: RunConfig, backbone: Backbone) -> int:
+    max_length = min(config.data.max_length, backbone.max_length)
+    if config.task.mixer.positional != "none":
+        max_length = min(max_length, config.task.mixer.max_positions)
+    return max_length
 
 
 def load_run(
@@ -671,15 +816,7 @@ def evaluate_run(
     config, backbone, task = load_run(run_dir)
     if data_dir is not None:
         config.data.data_dir = data_dir
-    data = load_task_data(
-        config.data.task,
-        config.data.data_dir,
-        seed=config.data.seed,
-        files=config.data.files,
-        columns=config.data.columns,
-        limit=config.data.limit,
-        task_type=config.data.task_type,
-    )
+    data = _load_data(config)
     if split not in data.splits or len(data.splits[split]) == 0:
         raise ValueError(
             f"split {split!r} is empty or unknown for {data.name}; "

@@ -1,0 +1,254 @@
+"""The frozen-feature cache: equal to a fresh forward, resumable, checked, sharded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+from test_train import _env, write_cola, write_config
+
+from adalayers import cache as cache_module
+from adalayers import train as train_module
+from adalayers.backbone import load_backbone
+from adalayers.config import load_config
+from adalayers.data import load_task_data
+from adalayers.model import Task, TaskConfig
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_model_dir):
+    data_dir = write_cola(tmp_path / "data", n_train=120)
+    backbone = load_backbone(tiny_model_dir("bert"))
+    data = load_task_data("cola", data_dir)
+    task = Task(
+        TaskConfig(
+            "sequence_classification", data.label_names, mixer={"dim": 8}, head={"num_heads": 2}
+        ),
+        backbone.info(),
+    )
+    ds = train_module.tokenize(data, "train", backbone.tokenizer, task, 32)
+    return backbone, ds, tmp_path / "cache"
+
+
+def fresh_states(backbone, ds, index):
+    row = ds[index]
+    inputs = {
+        "input_ids": torch.tensor([row["input_ids"]]),
+        "attention_mask": torch.tensor([row["attention_mask"]]),
+    }
+    return backbone.hidden_states(inputs)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [("float32", 1e-5), ("float16", 1e-3), ("bfloat16", 8e-3), ("int8", None)]
+)
+def test_cached_states_equal_a_fresh_forward(setup, dtype, tol):
+    backbone, ds, root = setup
+    store = cache_module.open_or_build(
+        backbone, ds, "train", [0, 2, 3], dtype=dtype, root=root, chunk_examples=40
+    )
+    assert len(store) == len(ds)
+    for index in (0, 17, len(ds) - 1):
+        states = fresh_states(backbone, ds, index)
+        for layer in (0, 2, 3):
+            got, want = store.example(index, layer), states[layer][0]
+            assert got.shape == want.shape
+            if dtype == "int8":  # per-row scale: error at most half a quantisation step
+                step = want.abs().amax(-1, keepdim=True) / 127
+                assert torch.all((got - want).abs() <= step / 2 + 1e-6)
+            else:  # storage precision (float32: batch padding changes the last bits)
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max())
+    size = sum(p.stat().st_size for p in store.folder.rglob("*.bin"))
+    tokens = sum(ds["length"][:])
+    assert size == cache_module.estimate_bytes(tokens, 3, backbone.hidden_size, dtype)
+
+
+def test_interrupted_build_resumes_where_it_stopped(setup, monkeypatch):
+    backbone, ds, root = setup
+    calls = {"n": 0}
+    real_run = backbone.run
+
+    def counting_run(*args, **kwargs):
+        calls["n"] += 1
+        if calls.get("fail_after") and calls["n"] > calls["fail_after"]:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(backbone, "run", counting_run)
+    calls["fail_after"] = 1  # dies inside the second chunk
+    with pytest.raises(KeyboardInterrupt):
+        cache_module.open_or_build(backbone, ds, "train", [1, 3], root=root, chunk_examples=40)
+    shard = next(root.rglob("shard-0-of-1"))
+    assert len(json.loads((shard / "progress.json").read_text())["chunks"]) == 1
+    assert not (shard / "COMPLETE").exists()
+    calls.update(n=0, fail_after=None)
+    store = cache_module.open_or_build(backbone, ds, "train", [1, 3], root=root, chunk_examples=40)
+    assert len(json.loads((shard / "progress.json").read_text())["chunks"]) == 3
+    assert 0 < calls["n"] <= 2  # the first chunk was not computed again
+    states = fresh_states(backbone, ds, 5)  # an example of the first chunk
+    torch.testing.assert_close(store.example(5, 3), states[3][0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_store_is_detected_and_rebuilt(setup, caplog, damage):
+    backbone, ds, root = setup
+    store = cache_module.open_or_build(backbone, ds, "train", [2], root=root, chunk_examples=40)
+    path = next(store.folder.rglob("layer-2.bin"))
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    else:
+        path.write_bytes(bytes(raw[: len(raw) // 2]))
+    with caplog.at_level(logging.WARNING, logger="adalayers"):
+        again = cache_module.open_or_build(backbone, ds, "train", [2], root=root)
+    assert "rebuilding" in caplog.text
+    middle = len(ds) // 2
+    torch.testing.assert_close(
+        again.example(middle, 2), fresh_states(backbone, ds, middle)[2][0], rtol=1e-3, atol=1e-3
+    )
+
+
+def test_a_different_split_or_base_never_reuses_a_store(setup, tiny_model_dir):
+    backbone, ds, _ = setup
+    key = cache_module.store_key(backbone, [1], "float16", ds)
+    assert key != cache_module.store_key(backbone, [1, 2], "float16", ds)
+    assert key != cache_module.store_key(backbone, [1], "int8", ds)
+    assert key != cache_module.store_key(backbone, [1], "float16", ds.select(range(10)))
+    other = load_backbone(tiny_model_dir("bert", seed=1))
+    assert key != cache_module.store_key(other, [1], "float16", ds)
+
+
+def test_refuses_when_the_disk_is_too_small(setup, monkeypatch):
+    backbone, ds, root = setup
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda p: Usage(10, 10, 100))
+    with pytest.raises(OSError, match=r"needs .* GiB but only .* GiB are free"):
+        cache_module.open_or_build(backbone, ds, "train", [0, 1], root=root)
+
+
+def test_cached_and_online_training_agree(tmp_path, tiny_model_dir):
+    data = write_cola(tmp_path / "data", n_train=120)
+    config_path = write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"), epochs=3)
+    online = train_module.fit(
+        load_config(config_path, data_dir=str(data)), tmp_path / "online", quiet=True
+    )
+    cached_config = load_config(
+        config_path,
+        ["train.cache=true", f"cache.dir={tmp_path / 'cache'}", "cache.dtype=float32"],
+        data_dir=str(data),
+    )
+    cached = train_module.fit(cached_config, tmp_path / "cached", quiet=True)
+    assert cached["cache"]["train"]["layers"] == [0, 1, 2, 3]
+    for split in ("validation", "test"):
+        for metric in ("accuracy", "mcc"):
+            assert cached[split][metric] == pytest.approx(online[split][metric], abs=1e-6)
+    a = Task.from_pretrained(tmp_path / "online" / "model").state_dict()
+    b = Task.from_pretrained(tmp_path / "cached" / "model").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_probe_keeps_the_best_layers_and_restricts_the_mixer(tmp_path, tiny_model_dir, capsys):
+    data = write_cola(tmp_path / "data", n_train=120)
+    config_path = write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"), epochs=1)
+    from adalayers.cli import main
+
+    assert (
+        main(
+            [
+                "cache",
+                "--config",
+                str(config_path),
+                "--data-dir",
+                str(data),
+                "--quiet",
+                "--set",
+                "cache.layers=2",
+                "--set",
+                f"cache.dir={tmp_path / 'c'}",
+                "--set",
+                "cache.probe_examples=50",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["layers"]) == 2
+    assert summary["splits"]["train"]["examples"] == 108
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config_path),
+                "--data-dir",
+                str(data),
+                "--quiet",
+                "--output-dir",
+                str(run),
+                "--set",
+                "train.cache=true",
+                "--set",
+                "cache.layers=2",
+                "--set",
+                f"cache.dir={tmp_path / 'c'}",
+                "--set",
+                "cache.probe_examples=50",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    saved = load_config(run / "config.yaml")
+    assert saved.task.mixer.layers == summary["layers"]
+    task = Task.from_pretrained(run / "model")
+    assert sorted(task.mixer.layer_weights()) == summary["layers"]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_processes_write_their_own_shards(tmp_path, tiny_model_dir):
+    data = write_cola(tmp_path / "data", n_train=120)
+    config = write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"), epochs=1)
+    root = tmp_path / "c"
+    out = subprocess.run(
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "adalayers.cli",
+            "train",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--quiet",
+            "--set",
+            "train.cache=true",
+            "--set",
+            f"cache.dir={root}",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    shards = sorted(p.name for p in root.rglob("shard-*") if p.parent.name == "train")
+    assert shards == ["shard-0-of-2", "shard-1-of-2"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["validation"]["examples"] == 12
+    index = np.concatenate(
+        [np.load(p / "index.npy") for p in root.rglob("shard-*") if p.parent.name == "train"]
+    )
+    assert sorted(index[:, 0].tolist()) == list(range(108))
