@@ -19,5 +19,9 @@ lint:
 style:
 	ruff check --fix . && ruff format .
 
+# Long: see BENCHMARKS.md for what each writes and how long it takes on a 2-core CPU.
 bench:
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/streaming_equivalence.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/memory_streaming.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/cache_speed.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_tasks.py configs/minilm-cola.yaml configs/minilm-conll2003.yaml configs/minilm-imdb.yaml

@@ -78,7 +78,7 @@ def test_labels_that_do_not_match_the_head(setup, tmp_path):
         task.label_ids(["pos", "great"])
     with pytest.raises(ValueError, match="at least 2 label"):
         TaskConfig("sequence_classification", ["only"])
-    with pytest.raises(ValueError, match="unknown task key"):
+    with pytest.raises(ValueError, match="unknown key.*lables"):
         TaskConfig.from_dict({"task_type": "regression", "lables": []})
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -103,11 +103,10 @@ class MixerConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MixerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown mixer key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        """Build from a mapping; unknown keys and wrong types raise a ``ValueError``."""
+        from adalayers._schema import build
+
+        return build(cls, values, "mixer")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -243,3 +242,64 @@ class LayerMixer(nn.Module):
         for layer, weight in self.active_layers():
             mixed = self.accumulate(mixed, layer, weight, hidden_states[layer])
         return self.finish(mixed)
+
+
+def stream_taps(
+    mixers: Mapping[str, LayerMixer],
+    buffers: dict[str, torch.Tensor | None],
+    *,
+    grad: bool = False,
+    enabled: Any = None,
+) -> dict[int, list[Any]]:
+    """Streaming taps for many mixers at once: one tap per state index, shared by its readers.
+
+    For each state ``Z_i`` the tap computes ``GELU(Z_i)`` once, every reader's projection in one
+    matrix product (their ``W_i`` stacked), and the LayerNorms in one call, then adds
+    ``p~_i f_i`` into each reader's buffer — the numbers of :meth:`LayerMixer.accumulate` (up to
+    float rounding), at a fraction of the cost when several tasks read the same state.
+
+    Args:
+        mixers: name -> mixer; only the states each gives a non-zero weight are tapped.
+        buffers: name -> running sum (``None`` before the first term); updated in place.
+        grad: build a graph for the mixers' parameters (training).
+        enabled: optional ``() -> bool``; the taps do nothing while it returns ``False``.
+
+    Returns:
+        State index -> ``[tap]``, as :meth:`adalayers.backbone.Backbone.run` takes them.
+    """
+    readers: dict[int, list[tuple[str, LayerMixer, int, torch.Tensor]]] = {}
+    for name, mixer in mixers.items():
+        weights = mixer.distribution()  # (n,)
+        nonzero = (weights > 0).tolist()
+        for local, layer in enumerate(mixer.layer_indices):
+            if nonzero[local]:
+                readers.setdefault(layer, []).append((name, mixer, local, weights[local]))
+
+    def make_tap(users: list[tuple[str, LayerMixer, int, torch.Tensor]]) -> Any:
+        dims = [m.config.dim for _, m, _, _ in users]
+
+        def tap(index: int, z: torch.Tensor) -> None:
+            if enabled is not None and not enabled():
+                return
+            with torch.set_grad_enabled(grad):
+                stacked = torch.cat([m.weight[i] for _, m, i, _ in users])  # (sum k, d)
+                h = F.linear(F.gelu(z.to(stacked.dtype)), stacked)  # (B, T, sum k)
+                if len(set(dims)) == 1:
+                    k = dims[0]
+                    h = F.layer_norm(h.unflatten(-1, (len(dims), k)), (k,))  # (B, T, n, k)
+                    parts = h.unbind(-2)
+                else:
+                    parts = [F.layer_norm(p, (p.shape[-1],)) for p in h.split(dims, -1)]
+                for (name, _, _, weight), f in zip(users, parts):
+                    term = weight * f  # (B, T, k)
+                    buffer = buffers[name]
+                    if buffer is None:
+                        buffers[name] = term
+                    elif torch.is_grad_enabled() and (buffer.requires_grad or term.requires_grad):
+                        buffers[name] = buffer + term
+                    else:
+                        buffer.add_(term)
+
+        return tap
+
+    return {layer: [make_tap(users)] for layer, users in readers.items()}

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ from adalayers.encoding import (
     word_logits,
 )
 from adalayers.heads import HeadConfig, SequenceHead, TokenHead
-from adalayers.mixer import LayerMixer, MixerConfig
+from adalayers.mixer import LayerMixer, MixerConfig, stream_taps
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,10 @@ class TaskConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TaskConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown task key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(values))
+        """Build from a mapping; unknown keys and wrong types raise a ``ValueError``."""
+        from adalayers._schema import build
+
+        return build(cls, dict(values), "task")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -425,15 +424,9 @@ class AdaLayers(nn.Module):
             return {name: task.mixer(states) for name, task in self.tasks.items()}, base_out
 
         buffers: dict[str, torch.Tensor | None] = dict.fromkeys(self.tasks)
-        taps: dict[int, list] = {}
-        for name, task in self.tasks.items():
-            for layer, weight in task.mixer.active_layers():
-
-                def tap(index, z, name=name, task=task, weight=weight):  # noqa: ANN001
-                    with torch.set_grad_enabled(grad):
-                        buffers[name] = task.mixer.accumulate(buffers[name], index, weight, z)
-
-                taps.setdefault(layer, []).append(tap)
+        # one tap per state shared by all its readers: GELU once, one matmul, one LayerNorm
+        mixers = {name: task.mixer for name, task in self.tasks.items()}
+        taps = stream_taps(mixers, buffers, grad=grad)
         base_out = self.backbone.run(inputs, taps, return_base_output=return_base_output, grad=grad)
         features = {name: task.mixer.finish(buffers[name]) for name, task in self.tasks.items()}
         return features, base_out
