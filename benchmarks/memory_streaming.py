@@ -32,6 +32,41 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
+class _Mallinfo:
+    """Bytes glibc has handed out (arena + mmapped), sampled at every module boundary."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        class Info(ctypes.Structure):
+            _fields_ = [
+                (n, ctypes.c_size_t)
+                for n in (
+                    "arena",
+                    "ordblks",
+                    "smblks",
+                    "hblks",
+                    "hblkhd",
+                    "usmblks",
+                    "fsmblks",
+                    "uordblks",
+                    "fordblks",
+                    "keepcost",
+                )
+            ]
+
+        self._libc = ctypes.CDLL("libc.so.6")
+        self._libc.mallinfo2.restype = Info
+        self.peak = 0
+
+    def now(self) -> int:
+        info = self._libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def sample(self, *args) -> None:
+        self.peak = max(self.peak, self.now())
+
+
 def child(variant: str, batch: int, length: int, dim: int) -> None:
     import torch
 
@@ -68,13 +103,28 @@ def child(variant: str, batch: int, length: int, dim: int) -> None:
         run()
         inputs = saved
     gc.collect()
+    malloc = _Mallinfo()
+    for module in list(backbone.modules()) + list(runtime.tasks.modules()):
+        module.register_forward_pre_hook(malloc.sample)
+        module.register_forward_hook(malloc.sample)
     Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS")
+    allocated_before = malloc.now()
+    malloc.peak = allocated_before
     with torch.inference_mode():
         out = run()
         peak = _status("VmHWM")
+        malloc.sample()
     del out
-    print(json.dumps({"variant": variant, "peak_extra_bytes": peak - before}))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "peak_extra_bytes": peak - before,
+                "allocated_peak_extra_bytes": malloc.peak - allocated_before,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -94,6 +144,7 @@ def main() -> None:
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
     peaks: dict[str, list[int]] = {v: [] for v in VARIANTS}
+    allocated: dict[str, list[int]] = {v: [] for v in VARIANTS}
     for _ in range(args.repeats):
         for variant in VARIANTS:
             out = subprocess.run(
@@ -114,12 +165,14 @@ def main() -> None:
                 text=True,
                 check=True,
             )
-            peaks[variant].append(
-                json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
-            )
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            peaks[variant].append(row["peak_extra_bytes"])
+            allocated[variant].append(row["allocated_peak_extra_bytes"])
     median = {v: statistics.median(p) for v, p in peaks.items()}
     b, t, k, d, states = args.batch, args.length, args.dim, 384, 7
     extra = {v: median[v] - median["bare"] for v in VARIANTS if v != "bare"}
+    alloc_median = {v: statistics.median(p) for v, p in allocated.items()}
+    alloc_extra = {v: alloc_median[v] - alloc_median["bare"] for v in VARIANTS if v != "bare"}
     result = {
         "benchmark": "memory_streaming",
         "base": "all-MiniLM-L6-v2 (6 blocks, 7 states, d=384)",
@@ -127,6 +180,14 @@ def main() -> None:
         "length": t,
         "dim": k,
         "repeats": args.repeats,
+        "method": "peak RSS (VmHWM after clear_refs) and peak bytes allocated by malloc "
+        "(mallinfo2, sampled at every module boundary), each minus the bare forward's",
+        "allocated_peak_bytes_per_run": allocated,
+        "allocated_extra_peak_bytes_vs_bare": alloc_extra,
+        "ratio_allocated_hidden_states_over_stream_1": alloc_extra["hidden_states"]
+        / max(alloc_extra["stream_1"], 1),
+        "ratio_allocated_hidden_states_over_stream_4": alloc_extra["hidden_states"]
+        / max(alloc_extra["stream_4"], 1),
         "peak_bytes_per_run": peaks,
         "peak_bytes_median": median,
         "extra_peak_bytes_vs_bare": extra,
@@ -146,7 +207,7 @@ def main() -> None:
     mib = 2**20
     print(f"extra peak vs bare forward (median of {args.repeats}), batch {b} x {t}, k={k}:")
     for v, e in extra.items():
-        print(f"  {v:14s} {e / mib:8.1f} MiB")
+        print(f"  {v:14s} RSS {e / mib:8.1f} MiB   allocated {alloc_extra[v] / mib:8.1f} MiB")
     print(
         f"  theory: one buffer {b * t * k * 4 / mib:.1f} MiB, all states "
         f"{b * t * d * states * 4 / mib:.1f} MiB"
