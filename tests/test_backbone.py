@@ -142,3 +142,32 @@ def test_states_option_is_checked(tiny_model_dir):
 def test_missing_model_error_is_clear(tmp_path):
     with pytest.raises(OSError, match="could not load base model"):
         load_backbone(tmp_path / "nope")
+
+
+def test_zero_weight_layers_are_not_tapped(tiny_model_dir, encode, monkeypatch):
+    backbone = load_backbone(tiny_model_dir("bert"))
+    task = Task(
+        TaskConfig(
+            "sequence_classification",
+            ["a", "b"],
+            mixer={"dim": 8, "alpha": 100.0, "cutoff": 0.1},
+            head={"num_heads": 2},
+        ),
+        backbone.info(),
+    )
+    with torch.no_grad():
+        task.mixer.p.copy_(torch.tensor([0.0, 0.03, -0.05, 0.02]))
+    weights = task.mixer.layer_weights()
+    assert weights[0] == 0 and weights[2] == 0 and weights[1] > 0 and weights[3] > 0
+    seen = []
+    real_run = backbone.run
+
+    def spy(inputs, taps, **kwargs):
+        seen.append(sorted(taps))
+        return real_run(inputs, taps, **kwargs)
+
+    monkeypatch.setattr(backbone, "run", spy)
+    runtime = AdaLayers(backbone, {"t": task}).eval()
+    streamed = runtime(encode(backbone)).logits["t"]
+    assert seen == [[1, 3]]
+    torch.testing.assert_close(streamed, runtime(encode(backbone), stream=False).logits["t"])
