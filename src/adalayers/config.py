@@ -133,6 +133,9 @@ class CacheConfig:
         probe_examples: training examples the probe reads.
         chunk_examples: examples per checksummed chunk (the unit of resuming).
         splits: splits to cache (the others are evaluated online).
+        all_layers: store every hidden state even when the mixer reads fewer, so runs that
+            read different layers of the same data share one store (e.g. the single-layer
+            sweep of ``adalayers compare``); each run reads only its own layers from it.
     """
 
     dir: str | None = None
@@ -141,8 +144,14 @@ class CacheConfig:
     probe_examples: int = 2000
     chunk_examples: int = 1024
     splits: list[str] = field(default_factory=lambda: ["train", "validation"])
+    all_layers: bool = False
 
     def __post_init__(self) -> None:
+        if self.all_layers and self.layers is not None:
+            raise ValueError(
+                "cache.all_layers and cache.layers contradict each other (store every state, "
+                "or the N best): set only one"
+            )
         if self.layers is not None and self.layers < 1:
             raise ValueError(f"cache.layers must be >= 1, got {self.layers}")
         if self.probe_examples < 10 or self.chunk_examples < 1:

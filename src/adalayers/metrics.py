@@ -76,6 +76,24 @@ def matthews_corrcoef(y_true: Sequence, y_pred: Sequence) -> float:
     return float(skm.matthews_corrcoef(y_true, y_pred))
 
 
+def confusion_matrix(
+    y_true: Sequence[int], y_pred: Sequence[int], num_labels: int
+) -> list[list[int]]:
+    """Counts ``m[i][j]`` of examples with gold label ``i`` predicted as ``j`` (label ids).
+
+    Raises:
+        ValueError: If the lengths differ, there are no examples, or an id is outside
+            ``0..num_labels-1``.
+    """
+    _check(y_true, y_pred)
+    out = [[0] * num_labels for _ in range(num_labels)]
+    for t, p in zip(y_true, y_pred):
+        if not (0 <= int(t) < num_labels and 0 <= int(p) < num_labels):
+            raise ValueError(f"label ids must be in 0..{num_labels - 1}, got {t} and {p}")
+        out[int(t)][int(p)] += 1
+    return out
+
+
 def pearson_spearman(y_true: Sequence[float], y_pred: Sequence[float]) -> dict[str, float]:
     """Pearson and Spearman correlation of predictions with gold scores.
 

@@ -14,6 +14,16 @@ to its loss.
 The mixer runs in two forms that give the same numbers: *stacked* (:meth:`LayerMixer.forward`,
 all states at hand) and *streaming* (:meth:`LayerMixer.accumulate` called by a tap as each state
 appears, then :meth:`LayerMixer.finish`), which only ever holds one (B, T, k) buffer.
+
+``mode: scalar_mix`` is the ELMo-style baseline (Peters et al., 2018): mix the *raw* states, then
+project once,
+
+    s = gamma * sum_i softmax(w)_i Z_i        w: one learned logit per layer, gamma: a learned
+                                              scalar (init 1); (B, T, d)
+    F = LN(GELU(s) W^T)                       W: d -> k, no bias; LN without affine parameters
+
+then the same positions, dropout and head. Its streaming buffer holds ``softmax(w)_i Z_i`` and
+is therefore ``d`` wide, not ``k`` (the projection runs once, in :meth:`LayerMixer.finish`).
 """
 
 from __future__ import annotations
@@ -45,6 +55,9 @@ class MixerConfig:
         layers: indices of the hidden states to use (``None``: all ``L + 1``).
         single_layer: use only this state (p fixed to one-hot): the single-layer baseline.
         freeze_distribution: keep ``p`` fixed at its initial (uniform) value.
+        mode: ``"adalayers"`` (project every layer, then mix) or ``"scalar_mix"`` (the ELMo
+            baseline: mix the raw states with ``gamma * softmax(w)``, then one projection;
+            ``alpha`` is not used, ``cutoff`` and ``entropy_weight`` must be 0).
     """
 
     dim: int = 64
@@ -57,6 +70,7 @@ class MixerConfig:
     layers: list[int] | None = field(default=None)
     single_layer: int | None = None
     freeze_distribution: bool = False
+    mode: Literal["adalayers", "scalar_mix"] = "adalayers"
 
     def __post_init__(self) -> None:
         if self.dim <= 0:
@@ -72,6 +86,13 @@ class MixerConfig:
         if self.positional not in ("none", "learned", "sinusoidal"):
             raise ValueError(
                 f"mixer.positional must be none, learned or sinusoidal, got {self.positional!r}"
+            )
+        if self.mode not in ("adalayers", "scalar_mix"):
+            raise ValueError(f"mixer.mode must be adalayers or scalar_mix, got {self.mode!r}")
+        if self.mode == "scalar_mix" and (self.cutoff > 0 or self.entropy_weight > 0):
+            raise ValueError(
+                "mixer.mode=scalar_mix has no cutoff or entropy term: set mixer.cutoff and "
+                "mixer.entropy_weight to 0"
             )
         if self.single_layer is not None and self.layers is not None:
             raise ValueError(
@@ -138,8 +159,13 @@ class LayerMixer(nn.Module):
         self.hidden_size = hidden_size
         self.layer_indices = config.layer_indices(num_states)
         n, k = len(self.layer_indices), config.dim
-        self.weight = nn.Parameter(torch.empty(n, k, hidden_size))  # (n, k, d): W_i per layer
-        nn.init.kaiming_uniform_(self.weight.view(n * k, hidden_size), a=math.sqrt(5))
+        if config.mode == "scalar_mix":
+            self.projection = nn.Parameter(torch.empty(k, hidden_size))  # (k, d): the one W
+            nn.init.kaiming_uniform_(self.projection, a=math.sqrt(5))
+            self.gamma = nn.Parameter(torch.ones(()))  # ()
+        else:
+            self.weight = nn.Parameter(torch.empty(n, k, hidden_size))  # (n, k, d): W_i per layer
+            nn.init.kaiming_uniform_(self.weight.view(n * k, hidden_size), a=math.sqrt(5))
         self.p = nn.Parameter(torch.zeros(n), requires_grad=not config.freeze_distribution)
         if config.positional == "learned":
             self.positions = nn.Parameter(torch.zeros(config.max_positions, k))
@@ -154,7 +180,12 @@ class LayerMixer(nn.Module):
         self._local = {layer: i for i, layer in enumerate(self.layer_indices)}
 
     def distribution(self) -> torch.Tensor:
-        """``p~``: softmax(alpha * p) after the cutoff, shape (n,). Never modifies ``p``."""
+        """``p~``: softmax(alpha * p) after the cutoff, shape (n,). Never modifies ``p``.
+
+        ``mode: scalar_mix``: ``softmax(w)`` (``w`` is stored in ``p``; no alpha, no cutoff).
+        """
+        if self.config.mode == "scalar_mix":
+            return torch.softmax(self.p, dim=0)  # (n,)
         logits = self.config.alpha * self.p  # (n,)
         weights = torch.softmax(logits, dim=0)  # (n,)
         if self.config.cutoff > 0:
@@ -191,6 +222,8 @@ class LayerMixer(nn.Module):
 
     def project(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """``f_i = LN(GELU(Z_i) W_i^T)`` for state index ``layer``: (B, T, d) -> (B, T, k)."""
+        if self.config.mode == "scalar_mix":
+            raise ValueError("a scalar_mix mixer has no per-layer projection; see finish()")
         w = self.weight[self._local[layer]]  # (k, d)
         h = F.linear(F.gelu(z.to(w.dtype)), w)  # (B, T, k)
         return F.layer_norm(h, (h.shape[-1],))  # (B, T, k)
@@ -198,8 +231,14 @@ class LayerMixer(nn.Module):
     def accumulate(
         self, buffer: torch.Tensor | None, layer: int, weight: torch.Tensor, z: torch.Tensor
     ) -> torch.Tensor:
-        """Streaming step: ``buffer + p~_i f_i`` (buffer ``None`` starts the sum)."""
-        term = weight * self.project(layer, z)  # (B, T, k)
+        """Streaming step: ``buffer + p~_i f_i`` (buffer ``None`` starts the sum).
+
+        ``mode: scalar_mix``: ``buffer + softmax(w)_i Z_i``, a (B, T, d) buffer.
+        """
+        if self.config.mode == "scalar_mix":
+            term = weight * z.to(self.projection.dtype)  # (B, T, d)
+        else:
+            term = weight * self.project(layer, z)  # (B, T, k)
         if buffer is None:
             return term
         if torch.is_grad_enabled() and (buffer.requires_grad or term.requires_grad):
@@ -207,7 +246,15 @@ class LayerMixer(nn.Module):
         return buffer.add_(term)  # no graph to keep: add in place, no second buffer
 
     def finish(self, mixed: torch.Tensor) -> torch.Tensor:
-        """Add positions and apply dropout to the mixed features ``F`` (B, T, k)."""
+        """Add positions and apply dropout to the mixed features ``F`` (B, T, k).
+
+        ``mode: scalar_mix``: the buffer is ``sum_i softmax(w)_i Z_i`` (B, T, d); this first
+        computes ``F = LN(GELU(gamma * buffer) W^T)`` (B, T, k).
+        """
+        if self.config.mode == "scalar_mix":
+            s = self.gamma * mixed  # (B, T, d)
+            h = F.linear(F.gelu(s), self.projection)  # (B, T, k)
+            mixed = F.layer_norm(h, (h.shape[-1],))  # (B, T, k)
         if self.positions is not None:
             length = mixed.shape[1]
             if length > self.positions.shape[0]:
@@ -238,68 +285,17 @@ class LayerMixer(nn.Module):
             raise ValueError(
                 f"the mixer was built for {self.num_states} hidden states, got {len(hidden_states)}"
             )
-        mixed = None
-        for layer, weight in self.active_layers():
-            mixed = self.accumulate(mixed, layer, weight, hidden_states[layer])
-        return self.finish(mixed)
-
-
-def stream_taps(
-    mixers: Mapping[str, LayerMixer],
-    buffers: dict[str, torch.Tensor | None],
-    *,
-    grad: bool = False,
-    enabled: Any = None,
-) -> dict[int, list[Any]]:
-    """Streaming taps for many mixers at once: one tap per state index, shared by its readers.
-
-    For each state ``Z_i`` the tap computes ``GELU(Z_i)`` once, every reader's projection in one
-    matrix product (their ``W_i`` stacked), and the LayerNorms in one call, then adds
-    ``p~_i f_i`` into each reader's buffer — the numbers of :meth:`LayerMixer.accumulate` (up to
-    float rounding), at a fraction of the cost when several tasks read the same state.
-
-    Args:
-        mixers: name -> mixer; only the states each gives a non-zero weight are tapped.
-        buffers: name -> running sum (``None`` before the first term); updated in place.
-        grad: build a graph for the mixers' parameters (training).
-        enabled: optional ``() -> bool``; the taps do nothing while it returns ``False``.
-
-    Returns:
-        State index -> ``[tap]``, as :meth:`adalayers.backbone.Backbone.run` takes them.
-    """
-    readers: dict[int, list[tuple[str, LayerMixer, int, torch.Tensor]]] = {}
-    for name, mixer in mixers.items():
-        weights = mixer.distribution()  # (n,)
-        nonzero = (weights > 0).tolist()
-        for local, layer in enumerate(mixer.layer_indices):
-            if nonzero[local]:
-                readers.setdefault(layer, []).append((name, mixer, local, weights[local]))
-
-    def make_tap(users: list[tuple[str, LayerMixer, int, torch.Tensor]]) -> Any:
-        dims = [m.config.dim for _, m, _, _ in users]
-
-        def tap(index: int, z: torch.Tensor) -> None:
-            if enabled is not None and not enabled():
-                return
-            with torch.set_grad_enabled(grad):
-                stacked = torch.cat([m.weight[i] for _, m, i, _ in users])  # (sum k, d)
-                h = F.linear(F.gelu(z.to(stacked.dtype)), stacked)  # (B, T, sum k)
-                if len(set(dims)) == 1:
-                    k = dims[0]
-                    h = F.layer_norm(h.unflatten(-1, (len(dims), k)), (k,))  # (B, T, n, k)
-                    parts = h.unbind(-2)
-                else:
-                    parts = [F.layer_norm(p, (p.shape[-1],)) for p in h.split(dims, -1)]
-                for (name, _, _, weight), f in zip(users, parts):
-                    term = weight * f  # (B, T, k)
-                    buffer = buffers[name]
-                    if buffer is None:
-                        buffers[name] = term
-                    elif torch.is_grad_enabled() and (buffer.requires_grad or term.requires_grad):
-                        buffers[name] = buffer + term
-                    else:
-                        buffer.add_(term)
-
-        return tap
-
-    return {layer: [make_tap(users)] for layer, users in readers.items()}
+        active = self.active_layers()
+        if self.config.mode == "scalar_mix" or len(active) == 1:
+            mixed = None
+            for layer, weight in active:
+                mixed = self.accumulate(mixed, layer, weight, hidden_states[layer])
+            return self.finish(mixed)
+        # all states at hand: one batched projection instead of one per layer
+        z = torch.stack([hidden_states[layer] for layer, _ in active])  # (n, B, T, d)
+        w = self.weight[[self._local[layer] for layer, _ in active]]  # (n, k, d)
+        n, b, t, d = z.shape
+        h = torch.bmm(F.gelu(z.to(w.dtype)).reshape(n, b * t, d), w.transpose(1, 2))  # (n, BT, k)
+        f = F.layer_norm(h, (h.shape[-1],)).reshape(n, b, t, -1)  # (n, B, T, k)
+        weights = torch.stack([weight for _, weight in active])  # (n,)
+        return self.finish(torch.einsum("n,nbtk->btk", weights, f))  # (B, T, k)

@@ -27,7 +27,8 @@ from adalayers.encoding import (
     word_logits,
 )
 from adalayers.heads import HeadConfig, SequenceHead, TokenHead
-from adalayers.mixer import LayerMixer, MixerConfig, stream_taps
+from adalayers.mixer import LayerMixer, MixerConfig
+from adalayers.taps import stream_taps
 
 logger = logging.getLogger(__name__)
 

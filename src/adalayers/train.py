@@ -39,7 +39,7 @@ from adalayers.cache import FeatureStore, open_or_build, probe_layers
 from adalayers.config import RunConfig, load_config, save_config
 from adalayers.data import TaskData, load_task_data
 from adalayers.encoding import IGNORE_INDEX, align_labels
-from adalayers.metrics import compute_metrics, primary_metric
+from adalayers.metrics import compute_metrics, confusion_matrix, primary_metric
 from adalayers.model import AdaLayers, Task, TaskConfig
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ CHECKPOINT_DIR = "checkpoint"
 HISTORY = "history.jsonl"
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
+
+
+_NESTED = ("per_type", "confusion_matrix")  # tables kept out of history.jsonl
 
 
 class TrainingInterrupted(RuntimeError):
@@ -287,6 +290,11 @@ def evaluate_split(
         y_pred = [preds[p] for p in order]
         y_true = [golds[p] for p in order]
         metrics = compute_metrics(task.task_type, y_true, y_pred)
+        if task.task_type == "sequence_classification":
+            metrics["confusion_matrix"] = {
+                "labels": list(task.labels),  # rows: gold label, columns: predicted label
+                "counts": confusion_matrix(y_true, y_pred, len(task.labels)),
+            }
     metrics["examples"] = len(ds)
     return metrics
 
@@ -574,7 +582,7 @@ def fit(
             if metric not in val:
                 raise ValueError(
                     f"train.metric={metric!r} is not a metric of this task; "
-                    f"choose from {sorted(k for k in val if k != 'per_type')}"
+                    f"choose from {sorted(k for k in val if k not in _NESTED)}"
                 )
             score = float(val[metric])
             scheduler.step(score)
@@ -593,7 +601,7 @@ def fit(
                     {
                         "epoch": epoch + 1,
                         "train_loss": float(np.mean(losses)) if losses else None,
-                        "validation": {k: v for k, v in val.items() if k != "per_type"},
+                        "validation": {k: v for k, v in val.items() if k not in _NESTED},
                         "metric": metric,
                         "score": score,
                         "improved": improved,
@@ -712,6 +720,7 @@ def _prepare_cache(
         mixer.layers = layers  # recorded in the run's config.yaml
         torch.manual_seed(config.train.seed)
         task = build_task(config, data, backbone)
+    stored = list(range(backbone.num_states)) if cache.all_layers else layers
     stores = {}
     for split in cache.splits:
         if split not in data.splits or len(data.splits[split]) == 0:
@@ -722,7 +731,7 @@ def _prepare_cache(
             backbone,
             tokenized[split],
             split,
-            layers,
+            stored,
             dtype=cache.dtype,
             root=cache.dir,
             rank=accelerator.process_index,
@@ -731,6 +740,8 @@ def _prepare_cache(
             progress_bar=progress,
             barrier=accelerator.wait_for_everyone,
         )
+        if sorted(layers) != sorted(stored):  # a full store: read only the mixer's states
+            stores[split] = stores[split].select(layers)
     return task, stores
 
 

@@ -1,0 +1,211 @@
+"""Baselines through the same pipeline, same head and same training budget, and one comparison.
+
+Every baseline but ``finetune`` is the task of the config with one mixer setting changed:
+
+    mixer       the config as it is (the AdaLayers mixer)
+    sweep       one run per hidden state i:  task.mixer.single_layer = i
+    last        the last state only:          task.mixer.single_layer = -1
+    uniform     fixed equal weights:          task.mixer.freeze_distribution = true (p stays 0)
+    scalar_mix  ELMo's scalar mix:            task.mixer.mode = scalar_mix
+    finetune    the whole base fine-tuned under a standard head (:mod:`adalayers.finetune`)
+
+:func:`compare` writes one run folder per row under the output folder (``layer_<i>`` for the
+sweep), then ``comparison.json`` (row -> metrics, parameters added, train and wall time) and
+``report.html`` (:func:`adalayers.report.write_report`). With ``train.cache: true`` the
+mixer-family runs store every hidden state once (``cache.all_layers``) and share that store, so
+the sweep never runs the base again. Finished runs are reused and interrupted ones resumed when
+the command is repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adalayers._schema import build
+from adalayers.config import RunConfig, load_config
+from adalayers.train import _NESTED, CHECKPOINT_DIR, CONFIG, METRICS, _write_json, fit
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("mixer", "sweep", "last", "uniform", "scalar_mix", "finetune")
+COMPARISON = "comparison.json"
+REPORT = "report.html"
+
+
+def parse_baselines(text: str | Sequence[str]) -> list[str]:
+    """``"mixer,sweep"`` -> ``["mixer", "sweep"]``; unknown names raise a ``ValueError``."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown or not names:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {','.join(BASELINES)}")
+    return list(dict.fromkeys(names))
+
+
+def num_states(config: RunConfig) -> int:
+    """``L + 1`` of the config's base, from its config alone (built on the meta device)."""
+    from transformers import AutoConfig, AutoModel
+
+    from adalayers.backbone import Backbone, resolve_model_path
+
+    extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+    try:
+        hf_config = AutoConfig.from_pretrained(resolve_model_path(config.base), **extra)
+    except OSError as err:
+        raise OSError(
+            f"could not load the config of base model {config.base!r}: {err}. Give a local "
+            f"folder, or a hub id with network access."
+        ) from err
+    with torch.device("meta"):
+        model = AutoModel.from_config(hf_config)
+    return Backbone(model, states=config.base_states).num_states
+
+
+def _derive(config: RunConfig, **mixer: Any) -> RunConfig:
+    """``config`` with mixer settings changed (validated as a config file would be)."""
+    values = config.to_dict()
+    values["task"]["mixer"].update(mixer)
+    if config.train.cache:
+        values["cache"]["all_layers"] = True  # one store for every mixer-family run
+    return build(RunConfig, values)
+
+
+def plan(config: RunConfig, baselines: Sequence[str], states: int) -> dict[str, RunConfig]:
+    """Row name -> the config of that run (``finetune`` keeps the config as it is).
+
+    Raises:
+        ValueError: ``cache.layers`` is set with the cache on (the sweep reads every state).
+    """
+    if config.train.cache and config.cache.layers is not None:
+        raise ValueError(
+            "compare with train.cache needs every hidden state stored; unset cache.layers "
+            "(the probe) so all baselines share one store"
+        )
+    mixer = config.task.mixer
+    rows: dict[str, RunConfig] = {}
+    for name in parse_baselines(baselines):
+        if name == "mixer":
+            rows[name] = _derive(config)
+        elif name == "sweep":
+            chosen = range(states) if mixer.layers is None else mixer.layer_indices(states)
+            for i in chosen:  # the config's layers, else every state
+                rows[f"layer_{i}"] = _derive(config, single_layer=i, layers=None)
+        elif name == "last":
+            rows[name] = _derive(config, single_layer=-1, layers=None)
+        elif name == "uniform":
+            rows[name] = _derive(config, freeze_distribution=True)
+        elif name == "scalar_mix":
+            rows[name] = _derive(config, mode="scalar_mix", cutoff=0.0, entropy_weight=0.0)
+        else:
+            rows[name] = config
+    return rows
+
+
+def _kind(name: str) -> str:
+    return "single_layer" if name.startswith("layer_") else name
+
+
+def _row(name: str, run: Path, results: dict[str, Any], wall: float | None) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "run": run.name,
+        "baseline": _kind(name),
+        "layer": int(name.split("_")[1]) if name.startswith("layer_") else None,
+        "metric": results.get("metric"),
+    }
+    for split in ("validation", "test"):
+        if split in results:
+            row[split] = {k: v for k, v in results[split].items() if k not in _NESTED}
+    for key in ("parameters_added", "percent_of_base", "best_epoch", "epochs_run"):
+        row[key] = results.get(key)
+    row["train_seconds"] = results.get("train_seconds")
+    row["wall_seconds"] = None if wall is None else round(wall, 2)
+    if "layer_weights" in results:
+        row["layer_weights"] = results["layer_weights"]
+    return row
+
+
+def compare(
+    config: RunConfig,
+    baselines: str | Sequence[str],
+    output_dir: str | os.PathLike,
+    *,
+    finetune_lr: float | None = None,
+    quiet: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train the chosen baselines of ``config`` and write ``comparison.json`` and ``report.html``.
+
+    Args:
+        config: the run configuration (the ``mixer`` row trains it as it is).
+        baselines: names from :data:`BASELINES` (a list or ``"a,b,c"``).
+        output_dir: the comparison folder; one run folder per row goes inside.
+        finetune_lr: the fine-tuning learning rate (default
+            :data:`adalayers.finetune.DEFAULT_LR`).
+        quiet: no progress bars.
+        overwrite: train every row again instead of reusing finished runs.
+
+    Returns:
+        The comparison (also written to ``comparison.json``).
+
+    Raises:
+        FileExistsError: a finished run in ``output_dir`` was trained with another config.
+    """
+    from adalayers.finetune import finetune
+    from adalayers.report import write_report
+
+    out = Path(output_dir)
+    names = parse_baselines(baselines)
+    rows_plan = plan(config, names, num_states(config))
+    out.mkdir(parents=True, exist_ok=True)
+    previous = {}
+    if (out / COMPARISON).is_file() and not overwrite:
+        previous = json.loads((out / COMPARISON).read_text()).get("rows", {})
+    rows: dict[str, Any] = {}
+    for name, cfg in rows_plan.items():
+        run = out / name
+        saved = run / CONFIG
+        if (run / METRICS).is_file() and not overwrite:
+            expected = cfg if name != "finetune" else None
+            if expected is not None and load_config(saved) != expected:
+                raise FileExistsError(
+                    f"{run} was trained with another config than this comparison's; pass "
+                    f"--overwrite or choose another --output-dir"
+                )
+            logger.info("%s: reusing the finished run in %s", name, run)
+            results = json.loads((run / METRICS).read_text())
+            rows[name] = _row(name, run, results, previous.get(name, {}).get("wall_seconds"))
+            continue
+        logger.info("%s: training in %s", name, run)
+        start = time.perf_counter()
+        if name == "finetune":
+            results = finetune(cfg, run, lr=finetune_lr, quiet=quiet, overwrite=True)
+        else:
+            resume = (
+                not overwrite
+                and (run / CHECKPOINT_DIR / "state.pt").is_file()
+                and saved.is_file()
+                and load_config(saved) == cfg
+            )
+            results = fit(cfg, run, resume=resume, quiet=quiet, overwrite=not resume)
+        rows[name] = _row(name, run, results, time.perf_counter() - start)
+    first = next(iter(rows.values()))
+    comparison = {
+        "task": config.data.task,
+        "base": config.base,
+        "metric": first["metric"],
+        "baselines": names,
+        "rows": rows,
+        "report": REPORT,
+    }
+    if os.environ.get("RANK", "0") == "0":  # one writer under torchrun / accelerate launch
+        _write_json(out / COMPARISON, comparison)
+        title = f"{config.data.task} on {config.base}"
+        write_report([out / name for name in rows], out / REPORT, title=title)
+    return comparison

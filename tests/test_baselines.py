@@ -1,0 +1,288 @@
+"""Baselines: the ELMo scalar mix against NumPy, full stores shared by the sweep, fine-tuning,
+and ``adalayers compare`` end to end on a tiny base."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_train import write_cola, write_config, write_conll
+
+from adalayers import cache as cache_module
+from adalayers import compare as compare_module
+from adalayers import train as train_module
+from adalayers.backbone import load_backbone
+from adalayers.cli import main
+from adalayers.config import load_config
+from adalayers.data import load_task_data
+from adalayers.mixer import LayerMixer, MixerConfig
+from adalayers.model import AdaLayers, Task, TaskConfig
+
+_erf = np.vectorize(math.erf)
+COLA = ["unacceptable", "acceptable"]
+
+
+def numpy_scalar_mix(states, w, gamma, projection, layers, positions=None):
+    """Reference: F = LN(GELU(gamma * sum_i softmax(w)_i Z_i) W^T), written from the formula."""
+    e = np.exp(w - np.max(w))
+    dist = e / e.sum()
+    s = gamma * sum(dist[j] * states[layer].astype(np.float64) for j, layer in enumerate(layers))
+    g = 0.5 * s * (1.0 + _erf(s / math.sqrt(2.0)))
+    h = g @ projection.T.astype(np.float64)
+    out = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
+    if positions is not None:
+        out = out + positions[: out.shape[1]]
+    return out, dist
+
+
+def scalar_mixer(num_states=5, d=12, **kw):
+    torch.manual_seed(0)
+    mixer = LayerMixer(MixerConfig(dim=6, mode="scalar_mix", **kw), num_states, d).eval()
+    with torch.no_grad():
+        mixer.p.copy_(torch.randn_like(mixer.p))
+        mixer.gamma.fill_(1.7)
+    return mixer, [torch.randn(2, 7, d) for _ in range(num_states)]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"layers": [1, 3, 4]},
+        {"single_layer": -1},
+        {"positional": "sinusoidal", "max_positions": 16},
+    ],
+)
+def test_scalar_mix_matches_numpy(kw):
+    mixer, states = scalar_mixer(**kw)
+    got = mixer(states).detach().numpy()
+    positions = mixer.positions.numpy() if mixer.positions is not None else None
+    want, dist = numpy_scalar_mix(
+        [s.numpy() for s in states],
+        mixer.p.detach().numpy(),
+        1.7,
+        mixer.projection.detach().numpy(),
+        mixer.layer_indices,
+        positions,
+    )
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(mixer.distribution().detach().numpy(), dist, atol=1e-6)
+    assert "weight" not in dict(mixer.named_parameters())  # one projection, not one per layer
+    assert mixer.projection.shape == (6, 12) and mixer.gamma.shape == ()
+
+
+def test_scalar_mix_ignores_alpha_and_refuses_cutoff():
+    a = LayerMixer(MixerConfig(dim=4, mode="scalar_mix", alpha=1.0), 3, 8)
+    b = LayerMixer(MixerConfig(dim=4, mode="scalar_mix", alpha=100.0), 3, 8)
+    with torch.no_grad():
+        a.p.copy_(torch.tensor([0.1, 0.5, -0.2]))
+        b.p.copy_(a.p)
+    torch.testing.assert_close(a.distribution(), b.distribution())
+    with pytest.raises(ValueError, match="cutoff"):
+        MixerConfig(mode="scalar_mix", cutoff=0.1)
+    with pytest.raises(ValueError, match="task.mixer.mode"):
+        load_config(None, ["task.mixer.mode=elmo"])
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_model_dir):
+    return load_backbone(tiny_model_dir("bert"))
+
+
+def _inputs(backbone):
+    texts = ["the movie was very good", "bad plot", "john read a book in london ."]
+    return dict(backbone.tokenizer(texts, return_tensors="pt", padding=True))
+
+
+def _tasks(backbone):
+    torch.manual_seed(1)
+    info = backbone.info()
+    scalar = Task(
+        TaskConfig("sequence_classification", COLA, mixer={"dim": 8, "mode": "scalar_mix"}),
+        info,
+    )
+    with torch.no_grad():
+        scalar.mixer.p.copy_(torch.randn_like(scalar.mixer.p))
+        scalar.mixer.gamma.fill_(0.8)
+    plain = Task(TaskConfig("token_classification", ["O", "X", "Y"], mixer={"dim": 8}), info)
+    single = Task(
+        TaskConfig(
+            "sequence_classification",
+            COLA,
+            mixer={"dim": 8, "mode": "scalar_mix", "single_layer": 2},
+        ),
+        info,
+    )
+    return {"scalar": scalar, "plain": plain, "single": single}
+
+
+def test_scalar_mix_streaming_equals_stacked_and_trains(bert):
+    runtime = AdaLayers(bert, _tasks(bert)).eval()
+    inputs = _inputs(bert)
+    streamed = runtime(inputs).logits
+    stacked = runtime(inputs, stream=False).logits
+    for name in streamed:
+        torch.testing.assert_close(streamed[name], stacked[name], rtol=1e-5, atol=1e-5)
+    runtime.train()
+    runtime(inputs).logits["scalar"].sum().backward()
+    mixer = runtime.tasks["scalar"].mixer
+    for param in (mixer.p, mixer.gamma, mixer.projection):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+
+
+def test_scalar_mix_saves_and_loads(bert, tmp_path):
+    task = _tasks(bert)["scalar"].eval()
+    folder = task.save_pretrained(tmp_path / "task")
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["mixer"]["mode"] == "scalar_mix"
+    loaded = Task.from_pretrained(folder, bert).eval()
+    assert loaded.mixer.gamma.item() == pytest.approx(0.8)
+    inputs = _inputs(bert)
+    a = AdaLayers(bert, {"t": task})(inputs).logits["t"]
+    b = AdaLayers(bert, {"t": loaded})(inputs).logits["t"]
+    torch.testing.assert_close(a, b)
+
+
+def test_one_full_store_serves_every_mixer(bert, tmp_path):
+    data = load_task_data("cola", write_cola(tmp_path / "data", n_train=30))
+    tasks = _tasks(bert)
+    ds = train_module.tokenize(data, "train", bert.tokenizer, tasks["scalar"], 32)
+    full = cache_module.open_or_build(
+        bert, ds, "train", range(bert.num_states), dtype="float32", root=tmp_path / "c"
+    )
+    rows = [0, 5, 11]
+    width = max(ds["length"][i] for i in rows)
+    batch = train_module.collate([ds[i] for i in rows], bert.tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    for name in ("scalar", "single"):
+        task = tasks[name].eval()
+        view = full.select(task.mixer.layer_indices)
+        states = view.batch(rows, width)
+        assert sorted(states) == task.mixer.layer_indices  # reads only its own layers
+        model = train_module.TaskModel(bert, task).eval()
+        with torch.no_grad():
+            cached = model(states=states, attention_mask=batch["attention_mask"])
+            online = model(**inputs)
+        torch.testing.assert_close(cached, online, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="all_layers"):
+        cache_module.open_or_build(bert, ds, "train", [1], root=tmp_path / "c").select([2])
+    with pytest.raises(ValueError, match="contradict"):
+        load_config(None, ["cache.all_layers=true", "cache.layers=2"])
+
+
+def test_plan_maps_baselines_onto_config_knobs(tmp_path, tiny_model_dir):
+    path = write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"))
+    config = load_config(path, ["train.cache=true", "task.mixer.cutoff=0.05"])
+    rows = compare_module.plan(config, "mixer,sweep,last,uniform,scalar_mix,finetune", 4)
+    assert list(rows) == [
+        "mixer",
+        *(f"layer_{i}" for i in range(4)),
+        "last",
+        "uniform",
+        "scalar_mix",
+        "finetune",
+    ]
+    assert rows["mixer"].task.mixer == config.task.mixer
+    assert rows["layer_2"].task.mixer.single_layer == 2
+    assert rows["last"].task.mixer.single_layer == -1
+    assert rows["uniform"].task.mixer.freeze_distribution
+    scalar = rows["scalar_mix"].task.mixer
+    assert scalar.mode == "scalar_mix" and scalar.cutoff == 0.0
+    assert all(rows[n].cache.all_layers for n in rows if n != "finetune")
+    assert rows["finetune"] is config
+    restricted = load_config(path, ["task.mixer.layers=[1, 3]"])
+    assert [n for n in compare_module.plan(restricted, "sweep", 4)] == ["layer_1", "layer_3"]
+    with pytest.raises(ValueError, match="cache.layers"):
+        compare_module.plan(load_config(path, ["train.cache=true", "cache.layers=2"]), "sweep", 4)
+    with pytest.raises(ValueError, match="bogus"):
+        compare_module.parse_baselines("mixer,bogus")
+
+
+def test_finetune_token_task_writes_a_run(tmp_path, tiny_model_dir):
+    from adalayers.finetune import finetune
+
+    data = write_conll(tmp_path / "data")
+    path = write_config(
+        tmp_path / "cfg.yaml", tiny_model_dir("roberta"), task="conll2003", epochs=2
+    )
+    run = tmp_path / "ft"
+    results = finetune(load_config(path, data_dir=str(data)), run, lr=1e-3, quiet=True)
+    assert results["baseline"] == "finetune" and results["metric"] == "f1"
+    assert set(results["test"]["per_type"]) <= {"PER", "LOC", "ORG"}
+    assert results["test"]["examples"] == 9
+    assert results["parameters_added"] > results["base_parameters"]  # base + a token head
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert results["validation"]["f1"] == pytest.approx(max(h["score"] for h in history))
+    assert load_config(run / "config.yaml").train.lr == pytest.approx(1e-3)
+    with pytest.raises(FileExistsError):
+        finetune(load_config(path, data_dir=str(data)), run, quiet=True)
+
+
+ALL_ROWS = {"mixer", "layer_0", "layer_1", "layer_2", "layer_3", "last", "uniform", "scalar_mix"}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_model_dir):
+    """``adalayers compare`` with every baseline on tiny CoLA (one epoch each, cached)."""
+    root = tmp_path_factory.mktemp("compare")
+    data = write_cola(root / "data", n_train=40, n_dev=12)
+    config = write_config(root / "cfg.yaml", tiny_model_dir("bert"), epochs=1)
+    out = root / "cmp"
+    args = ["compare", "--config", str(config), "--data-dir", str(data), "--output-dir", str(out)]
+    args += ["--baselines", "mixer,sweep,last,uniform,scalar_mix,finetune", "--quiet"]
+    args += ["--set", "train.cache=true", "--set", f"cache.dir={root / 'cache'}"]
+    args += ["--finetune-lr", "1e-3"]
+    assert main(args) == 0
+    return out, root / "cache", args
+
+
+def test_compare_writes_one_comparison(compared, capsys):
+    out, _, _ = compared
+    comparison = json.loads((out / "comparison.json").read_text())
+    rows = comparison["rows"]
+    assert set(rows) == ALL_ROWS | {"finetune"}
+    assert comparison["metric"] == "mcc"
+    for name, row in rows.items():
+        assert (out / name / "metrics.json").is_file()
+        assert row["test"]["examples"] == 12 and "mcc" in row["test"]
+        assert row["wall_seconds"] >= row["train_seconds"] > 0
+    assert rows["layer_2"]["layer_weights"] == {"2": 1.0}
+    assert rows["uniform"]["layer_weights"] == pytest.approx({str(i): 0.25 for i in range(4)})
+    # the last state alone and the sweep's last row are the same run
+    assert rows["last"]["test"] == rows["layer_3"]["test"]
+    single, mixer = rows["layer_0"]["parameters_added"], rows["mixer"]["parameters_added"]
+    assert single < rows["scalar_mix"]["parameters_added"] < mixer
+    assert rows["finetune"]["percent_of_base"] > 100 > rows["mixer"]["percent_of_base"]
+    assert Task.from_pretrained(out / "scalar_mix" / "model").config.mixer.mode == "scalar_mix"
+    report = (out / "report.html").read_text()
+    assert report.count("<h3 id=") == len(rows) and "single-layer sweep" in report
+
+
+def test_every_mixer_baseline_shares_one_store(compared):
+    _, cache, _ = compared
+    train_stores = sorted(p.parent for p in cache.glob("*/train"))
+    assert len(train_stores) == 1  # one key: base, every layer, dtype, tokens
+    meta = json.loads((train_stores[0] / "meta.json").read_text())
+    assert meta["layers"] == [0, 1, 2, 3]
+
+
+def test_compare_again_reuses_finished_runs(compared, monkeypatch, capsys):
+    out, _, args = compared
+    before = (out / "comparison.json").read_text()
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(compare_module, "fit", refuse)
+    monkeypatch.setattr("adalayers.finetune.finetune", refuse)
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["rows"]) == ALL_ROWS | {"finetune"}
+    assert json.loads((out / "comparison.json").read_text())["rows"] == json.loads(before)["rows"]
+    changed = [*args, "--set", "train.lr=0.5"]
+    assert main(changed) == 2
+    assert "another config" in capsys.readouterr().err
