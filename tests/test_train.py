@@ -406,3 +406,23 @@ def test_cli_predict_bad_input_file(cola, tmp_path, capsys):
     empty.write_text("\n  \n")
     assert main(["predict", str(run), "--input", str(empty)]) == 2
     assert "no inputs" in capsys.readouterr().err
+
+
+def test_cli_has_every_command():
+    from adalayers.cli import build_parser, cmd_serve
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "runs/a", "runs/b", "--port", "8123"])
+    assert args.func is cmd_serve and args.runs == ["runs/a", "runs/b"] and args.port == 8123
+    commands = parser._subparsers._group_actions[0].choices
+    assert {
+        "train",
+        "evaluate",
+        "predict",
+        "info",
+        "cache",
+        "serve",
+        "compare",
+        "report",
+        "inspect",
+    } <= set(commands)

@@ -7,6 +7,7 @@ from adalayers.backbone import DEFAULT_BASE, Backbone, BaseInfo, load_backbone
 from adalayers.heads import HeadConfig
 from adalayers.mixer import LayerMixer, MixerConfig
 from adalayers.model import AdaLayers, BaseMismatchError, MultiTaskOutput, Task, TaskConfig
+from adalayers.runtime import attach, load_runs
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,7 @@ __all__ = [
     "MultiTaskOutput",
     "Task",
     "TaskConfig",
+    "attach",
     "load_backbone",
+    "load_runs",
 ]

@@ -74,6 +74,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from adalayers.serve import serve
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "quiet")}
+    serve(options.pop("runs"), **options)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from adalayers.train import evaluate_run
 
@@ -303,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run folder or a saved task folder")
     common(p)
     p.set_defaults(func=cmd_info)
+
+    from adalayers.serve import add_arguments as serve_arguments
+
+    p = sub.add_parser("serve", help="serve runs over HTTP: POST /predict, GET /tasks, /health")
+    serve_arguments(p)
+    common(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("inspect", help="describe a base model (blocks, states, fingerprint)")
     p.add_argument("base", nargs="?", default="all-MiniLM-L6-v2")
