@@ -99,12 +99,31 @@ def _encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]
     return x.numpy().astype(_NP_DTYPES[dtype]), None
 
 
-def _decode(rows: np.ndarray, scale: np.ndarray | None, dtype: str) -> torch.Tensor:
+def _decode(
+    rows: np.ndarray, scale: np.ndarray | None, dtype: str, convert: bool = True
+) -> torch.Tensor:
+    """Storage rows (a fresh array, not a memory map) -> a tensor (float32 if ``convert``;
+    else float16/bfloat16 stay as they are, int8 is scaled to float32)."""
     if dtype == "int8":
-        return torch.from_numpy(rows.astype(np.float32) * scale[:, None])
+        return (
+            torch.from_numpy(np.asarray(rows)).float()
+            * torch.from_numpy(np.asarray(scale))[:, None]
+        )
     if dtype == "bfloat16":
-        return torch.from_numpy(rows.view(np.int16).copy()).view(torch.bfloat16).float()
-    return torch.from_numpy(np.array(rows, dtype=np.float32))
+        x = torch.from_numpy(np.array(rows).view(np.int16)).view(torch.bfloat16)
+    else:
+        x = torch.from_numpy(np.array(rows))
+    return x.float() if convert else x
+
+
+class StackedStates(dict):
+    """State index -> (B, T, d) views of one stacked (n, B, T, d) tensor (``.stacked``), so a
+    mixer that reads them all needs no copy."""
+
+    def __init__(self, layers: Sequence[int], stacked: torch.Tensor) -> None:
+        super().__init__({layer: stacked[j] for j, layer in enumerate(layers)})
+        self.layers = list(layers)
+        self.stacked = stacked
 
 
 # -- one shard -------------------------------------------------------------------------------
@@ -360,22 +379,34 @@ class FeatureStore:
         Rows are gathered with one indexed read per layer and shard.
         """
         layers = self.layers if layers is None else list(layers)
-        out = {layer: torch.zeros(len(indices), width, self.hidden_size) for layer in layers}
-        groups: dict[
-            int, tuple[dict[str, np.memmap], list[np.ndarray], list[np.ndarray], list[np.ndarray]]
-        ] = {}
+        raw = None  # (n, N, d) rows of every layer, in storage dtype
+        order: list[np.ndarray] = []
+        for maps, spans in self._groups(indices):
+            starts, lengths, bs = (np.asarray(x, dtype=np.int64) for x in zip(*spans))
+            ti = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            rows = np.repeat(starts, lengths) + ti
+            part = [
+                _decode(
+                    maps[f"layer-{layer}.bin"][rows],
+                    maps[f"scale-{layer}.bin"][rows] if self.dtype == "int8" else None,
+                    self.dtype,
+                    convert=False,
+                )
+                for layer in layers
+            ]
+            raw = part if raw is None else [torch.cat([a, b]) for a, b in zip(raw, part)]
+            order.append(np.stack([np.repeat(bs, lengths), ti]))
+        bi, ti = (torch.from_numpy(x) for x in np.concatenate(order, axis=1))
+        stacked = torch.zeros(len(layers), len(indices), width, self.hidden_size)  # (n, B, T, d)
+        stacked[:, bi, ti] = torch.stack(raw).float()  # one conversion, one scatter
+        return StackedStates(layers, stacked)
+
+    def _groups(self, indices: Sequence[int]) -> list[tuple[dict[str, np.memmap], list]]:
+        groups: dict[int, tuple[dict[str, np.memmap], list[tuple[int, int, int]]]] = {}
         for b, i in enumerate(indices):
             maps, start, length = self._where[i]
-            _, rows, bs, ts = groups.setdefault(id(maps), (maps, [], [], []))
-            rows.append(np.arange(start, start + length))
-            bs.append(np.full(length, b))
-            ts.append(np.arange(length))
-        for maps, rows, bs, ts in groups.values():
-            r, bi, ti = np.concatenate(rows), np.concatenate(bs), np.concatenate(ts)
-            for layer in layers:
-                scale = maps[f"scale-{layer}.bin"][r] if self.dtype == "int8" else None
-                out[layer][bi, ti] = _decode(maps[f"layer-{layer}.bin"][r], scale, self.dtype)
-        return out
+            groups.setdefault(id(maps), (maps, []))[1].append((start, length, b))
+        return list(groups.values())
 
 
 def open_or_build(

@@ -292,7 +292,11 @@ class LayerMixer(nn.Module):
                 mixed = self.accumulate(mixed, layer, weight, hidden_states[layer])
             return self.finish(mixed)
         # all states at hand: one batched projection instead of one per layer
-        z = torch.stack([hidden_states[layer] for layer, _ in active])  # (n, B, T, d)
+        wanted = [layer for layer, _ in active]
+        if getattr(hidden_states, "layers", None) == wanted:  # already stacked (feature cache)
+            z = hidden_states.stacked  # (n, B, T, d)
+        else:
+            z = torch.stack([hidden_states[layer] for layer in wanted])  # (n, B, T, d)
         w = self.weight[[self._local[layer] for layer, _ in active]]  # (n, k, d)
         n, b, t, d = z.shape
         h = torch.bmm(F.gelu(z.to(w.dtype)).reshape(n, b * t, d), w.transpose(1, 2))  # (n, BT, k)

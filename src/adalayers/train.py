@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from adalayers.backbone import Backbone, load_backbone
-from adalayers.cache import FeatureStore, open_or_build, probe_layers
+from adalayers.cache import FeatureStore, StackedStates, open_or_build, probe_layers
 from adalayers.config import RunConfig, load_config, save_config
 from adalayers.data import TaskData, load_task_data
 from adalayers.encoding import IGNORE_INDEX, align_labels
@@ -114,7 +114,9 @@ def collate(
     width = max(len(f["input_ids"]) for f in features)
     batch: dict[str, Any] = {}
     if store is not None:
-        batch["states"] = store.batch([f["index"] for f in features], width)
+        states = store.batch([f["index"] for f in features], width)
+        batch["states"] = states.stacked  # (n, B, T, d): plain tensors travel through Accelerate
+        batch["state_layers"] = torch.tensor(states.layers)
         batch["attention_mask"] = torch.tensor(
             [[1] * f["length"] + [0] * (width - f["length"]) for f in features]
         )
@@ -172,7 +174,10 @@ class TaskModel(nn.Module):
         """Logits from token ids (runs the base) or from cached ``states`` (does not)."""
         if "states" in inputs:
             task = self.task
-            return task.head(task.mixer(inputs["states"]), inputs["attention_mask"])
+            states = inputs["states"]  # a mapping state index -> (B, T, d), or stacked
+            if "state_layers" in inputs:
+                states = StackedStates(inputs["state_layers"].tolist(), states)
+            return task.head(task.mixer(states), inputs["attention_mask"])
         return self.runtime(inputs).logits["task"]
 
 
