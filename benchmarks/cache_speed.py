@@ -33,6 +33,7 @@ def main() -> None:
     )
     parser.add_argument("--tasks", nargs="+", default=list(CONFIGS))
     parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--cache-dir", help="reuse stores from here (default: a fresh temp folder)")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(dir=".") as tmp:
@@ -46,7 +47,7 @@ def main() -> None:
             cache_overrides = [
                 *overrides,
                 "train.cache=true",
-                f"cache.dir={tmp}/cache",
+                f"cache.dir={args.cache_dir or tmp + '/cache'}",
                 f"cache.dtype={args.dtype}",
             ]
             start = time.perf_counter()
