@@ -120,3 +120,40 @@ def test_sentence_pairs(backbone):
     assert out[0]["s"]["label"] in ("neg", "pos")
     with pytest.raises(ValueError, match="1 texts but 2 pair"):
         runtime.predict(["the movie"], pairs=["a", "b"])
+
+
+def _byte_level_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["john lives in london", "mary read the book", "acme corp said it lives"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<s>")
+
+
+def test_words_are_tokenised_as_ordinary_text_for_byte_level_bpe():
+    from adalayers.encoding import tokenize_words
+
+    tokenizer = _byte_level_tokenizer()
+    words = ["john", "lives", "in", "london"]
+    enc, word_ids, starts = tokenize_words(tokenizer, [words])
+    # the same ids as the sentence itself: every word after the first keeps its leading space
+    assert enc["input_ids"][0] == tokenizer("john lives in london")["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    assert [t for t, w in zip(tokens, word_ids[0]) if w == 1][0].startswith("Ġ")
+    assert sorted({w for w in word_ids[0] if w is not None}) == [0, 1, 2, 3]
+    assert sum(starts[0]) == 4  # one start per word
+
+
+def test_words_match_split_into_words_for_wordpiece(backbone):
+    from adalayers.encoding import tokenize_words
+
+    words = [["john", "read", "acmexyz", "."], ["mary", "said"]]
+    enc, word_ids, starts = tokenize_words(backbone.tokenizer, words)
+    reference = backbone.tokenizer(words, is_split_into_words=True)
+    assert enc["input_ids"] == reference["input_ids"]
+    assert word_ids == [reference.word_ids(0), reference.word_ids(1)]
+    assert [sum(s) for s in starts] == [4, 2]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -268,12 +269,19 @@ class Backbone(nn.Module):
         return self
 
     # -- running the base ------------------------------------------------------------------------
+    def _accepted_inputs(self) -> frozenset[str]:
+        """Tokenizer outputs the base's forward names (e.g. Llama takes no token_type_ids)."""
+        if getattr(self, "_accepted", None) is None:
+            modules = [self.model] + ([self.stack] if self.family == "encoder-decoder" else [])
+            names: set[str] = set()
+            for module in modules:
+                names |= set(inspect.signature(module.forward).parameters)
+            self._accepted = frozenset(names)
+        return self._accepted
+
     def _model_inputs(self, inputs: Mapping[str, torch.Tensor]) -> tuple[nn.Module, dict]:
-        kwargs = {
-            k: v
-            for k, v in inputs.items()
-            if k not in ("word_ids", "offset_mapping", "overflow_to_sample_mapping")
-        }
+        accepted = self._accepted_inputs()  # e.g. Llama takes no token_type_ids
+        kwargs = {k: v for k, v in inputs.items() if k in accepted}
         if self.family == "encoder-decoder":
             if self.states == "encoder" and "decoder_input_ids" not in kwargs:
                 return self.stack, kwargs

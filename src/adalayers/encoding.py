@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,6 +108,66 @@ class Windows:
     starts: list[list[bool]]
 
 
+def tokenize_words(
+    tokenizer: Any, words: Sequence[Sequence[str]], **kwargs: Any
+) -> tuple[Any, list[list[int | None]], list[list[bool]]]:
+    """Tokenise pre-split words as the base sees ordinary text, and map tokens back to words.
+
+    The words are joined with single spaces and tokenised as a string; character offsets give
+    each token's word. (``is_split_into_words=True`` would drop the space before every word for
+    byte-level BPE tokenizers such as RoBERTa's, GPT-2's or SmolLM2's.)
+
+    Returns:
+        The tokenizer's output (``offset_mapping`` removed), per row the word index of every
+        token (``None`` for special tokens, padding and pure whitespace), and per row whether
+        each token starts its word (a window opening inside a word does not).
+
+    Raises:
+        ValueError: the tokenizer is not a fast tokenizer (offsets are needed).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; token tasks need "
+            f"the character offsets only fast (Rust) tokenizers give"
+        )
+    texts, spans = [], []
+    for items in words:
+        position, row = 0, []
+        for word in items:
+            row.append((position, position + len(word)))
+            position += len(word) + 1
+        texts.append(" ".join(items))
+        spans.append(row)
+    enc = tokenizer(texts, return_offsets_mapping=True, **kwargs)
+    offsets = enc.pop("offset_mapping")
+    offsets = offsets.tolist() if hasattr(offsets, "tolist") else offsets
+    sample = enc.get("overflow_to_sample_mapping")
+    sample = (
+        list(range(len(texts)))
+        if sample is None
+        else list(sample.tolist() if hasattr(sample, "tolist") else sample)
+    )
+    word_ids, starts = [], []
+    for row, offs in enumerate(offsets):
+        row_spans = spans[sample[row]]
+        ends = [end for _, end in row_spans]
+        ids: list[int | None] = []
+        flags: list[bool] = []
+        previous = None
+        for start, end in offs:
+            wid = None
+            if end > start:
+                w = bisect.bisect_right(ends, start)
+                if w < len(row_spans) and row_spans[w][0] < end:  # overlaps the word
+                    wid = w
+            ids.append(wid)
+            flags.append(wid is not None and wid != previous and start <= row_spans[wid][0])
+            previous = wid
+        word_ids.append(ids)
+        starts.append(flags)
+    return enc, word_ids, starts
+
+
 def encode_words(
     tokenizer: Any, words: list[list[str]], max_length: int, stride: int | None = None
 ) -> Windows:
@@ -116,28 +177,17 @@ def encode_words(
     prediction.
     """
     stride = max_length // 4 if stride is None else stride
-    enc = tokenizer(
+    enc, word_ids, starts = tokenize_words(
+        tokenizer,
         words,
-        is_split_into_words=True,
         truncation=True,
         max_length=max_length,
         stride=stride,
         return_overflowing_tokens=True,
         padding=True,
-        return_offsets_mapping=True,
         return_tensors="pt",
     )
     sample = enc.pop("overflow_to_sample_mapping").tolist()
-    offsets = enc.pop("offset_mapping")[..., 0].tolist()  # (windows, T) char start in the word
-    word_ids = [enc.word_ids(i) for i in range(len(sample))]
-    starts = []
-    for ids, offs in zip(word_ids, offsets):
-        flags, previous = [], None
-        for wid, off in zip(ids, offs):
-            # a window may open inside a word: its first token there is not the word's start
-            flags.append(wid is not None and wid != previous and (previous is not None or off == 0))
-            previous = wid
-        starts.append(flags)
     if len(sample) > len(words):
         logger.info(
             "%d long input(s) split into windows of %d tokens",

@@ -38,7 +38,7 @@ from adalayers.backbone import Backbone, load_backbone
 from adalayers.cache import FeatureStore, StackedStates, open_or_build, probe_layers
 from adalayers.config import RunConfig, load_config, save_config
 from adalayers.data import TaskData, load_task_data
-from adalayers.encoding import IGNORE_INDEX, align_labels
+from adalayers.encoding import IGNORE_INDEX, align_labels, tokenize_words
 from adalayers.metrics import compute_metrics, confusion_matrix, primary_metric
 from adalayers.model import AdaLayers, Task, TaskConfig
 
@@ -71,12 +71,11 @@ def tokenize(data: TaskData, split: str, tokenizer: Any, task: Task, max_length:
     def encode(batch: dict[str, list]) -> dict[str, list]:
         nonlocal truncated
         if task.task_type == "token_classification":
-            enc = tokenizer(
-                batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length
+            enc, rows, _ = tokenize_words(
+                tokenizer, batch["tokens"], truncation=True, max_length=max_length
             )
             labels = []
-            for i, tags in enumerate(batch["tags"]):
-                word_ids = enc.word_ids(i)
+            for word_ids, tags in zip(rows, batch["tags"]):
                 seen = {w for w in word_ids if w is not None}
                 truncated += len(tags) - len(seen)
                 labels.append(align_labels(word_ids, task.label_ids(tags)))
