@@ -140,7 +140,7 @@ def _find_blocks(stack: nn.Module) -> nn.ModuleList:
     )
 
 
-def _find_final_norm(stack: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
+def _find_final_norm(stack: nn.Module) -> nn.Module | None:
     """The norm applied after the last block, if the family reports the last state after it."""
     for name in _FINAL_NORMS:
         norm = getattr(stack, name, None)
@@ -189,7 +189,7 @@ class Backbone(nn.Module):
         self.states = states
         self.stack = _find_stack(model, self.family, states)
         self.blocks = _find_blocks(self.stack)
-        self.final_norm = _find_final_norm(self.stack, self.blocks)
+        self.final_norm = _find_final_norm(self.stack)
         self._fingerprint: str | None = None
         self._accepted: frozenset[str] | None = None
         freeze(model)

@@ -838,10 +838,7 @@ def evaluate_run(
             f"choose from {sorted(data.splits)}"
         )
     accelerator = _accelerator(config)
-    max_length = min(config.data.max_length, backbone.max_length)
-    if task.mixer.positions is not None:
-        max_length = min(max_length, task.mixer.positions.shape[0])
-    ds = tokenize(data, split, backbone.tokenizer, task, max_length)
+    ds = tokenize(data, split, backbone.tokenizer, task, _max_length(config, backbone))
     model = accelerator.prepare(TaskModel(backbone, task))
     progress = not quiet and sys.stderr.isatty()
     return evaluate_split(
