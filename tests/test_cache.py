@@ -254,3 +254,66 @@ def test_two_processes_write_their_own_shards(tmp_path, tiny_model_dir):
         [np.load(p / "index.npy") for p in root.rglob("shard-*") if p.parent.name == "train"]
     )
     assert sorted(index[:, 0].tolist()) == list(range(108))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+def test_packed_rows_are_the_padded_batch_without_padding(setup, dtype):
+    backbone, ds, root = setup
+    store = cache_module.open_or_build(
+        backbone, ds, "train", [0, 2, 3], dtype=dtype, root=root, chunk_examples=40
+    )
+    indices = [5, 0, len(ds) - 1, 17]
+    width = max(ds[i]["length"] for i in indices)
+    rows, index = store.rows(indices, [3, 0])
+    padded = store.batch(indices, width, [3, 0])
+    assert rows.shape == (2, sum(ds[i]["length"] for i in indices), backbone.hidden_size)
+    assert torch.equal(rows.float(), padded.stacked[:, index[0], index[1]])
+    real = torch.zeros(len(indices), width, dtype=torch.bool)
+    real[index[0], index[1]] = True
+    assert int(real.sum()) == rows.shape[1]  # every real token exactly once
+    assert not padded.stacked[:, ~real].any()  # padding is zero
+    for j, layer in enumerate([3, 0]):
+        b, t = 2, ds[indices[2]]["length"] - 1  # the last token of the third example
+        assert torch.equal(padded[layer][b, t], store.example(indices[2], layer)[t])
+        assert torch.equal(
+            rows[j][(index[0] == b) & (index[1] == t)][0].float(), padded[layer][b, t]
+        )
+
+
+@pytest.mark.parametrize(
+    "mixer",
+    [
+        {},
+        {"single_layer": 2},
+        {"mode": "scalar_mix", "cutoff": 0.0, "entropy_weight": 0.0},
+        {"positional": "learned", "max_positions": 64},
+    ],
+)
+def test_packed_mixer_equals_the_padded_mixer(setup, mixer):
+    """The cache's packed path (rows of real tokens only) gives the padded form's features."""
+    from adalayers.mixer import LayerMixer, MixerConfig
+
+    backbone, ds, root = setup
+    store = cache_module.open_or_build(backbone, ds, "train", [0, 1, 2, 3], root=root)
+    torch.manual_seed(0)
+    layer_mixer = LayerMixer(MixerConfig(dim=8, **mixer), 4, backbone.hidden_size).eval()
+    with torch.no_grad():
+        layer_mixer.p.copy_(torch.randn_like(layer_mixer.p))
+    indices = [3, 9, 1]
+    width = max(ds[i]["length"] for i in indices)
+    rows, index = store.rows(indices)
+    packed = layer_mixer.forward_rows(store.layers, rows, index, (len(indices), width))
+    padded = layer_mixer(store.batch(indices, width))
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+
+
+def test_batches_read_only_the_states_the_mixer_uses(setup):
+    backbone, ds, root = setup
+    store = cache_module.open_or_build(backbone, ds, "train", [0, 1, 2, 3], root=root)
+    features = [ds[i] for i in (2, 4)]
+    full = train_module.collate(features, 0, store)
+    some = train_module.collate(features, 0, store, layers=lambda: [3, 1])
+    assert full["state_layers"].tolist() == [0, 1, 2, 3]
+    assert some["state_layers"].tolist() == [1, 3]  # store order
+    assert torch.equal(some["states"], full["states"][[1, 3]])
+    assert torch.equal(some["state_rows"], full["state_rows"])

@@ -105,10 +105,7 @@ def _decode(
     """Storage rows (a fresh array, not a memory map) -> a tensor (float32 if ``convert``;
     else float16/bfloat16 stay as they are, int8 is scaled to float32)."""
     if dtype == "int8":
-        return (
-            torch.from_numpy(np.asarray(rows)).float()
-            * torch.from_numpy(np.asarray(scale))[:, None]
-        )
+        return torch.from_numpy(np.array(rows)).float() * torch.from_numpy(np.array(scale))[:, None]
     if dtype == "bfloat16":
         x = torch.from_numpy(np.array(rows).view(np.int16)).view(torch.bfloat16)
     else:
@@ -373,33 +370,53 @@ class FeatureStore:
 
     def batch(
         self, indices: Sequence[int], width: int, layers: Sequence[int] | None = None
-    ) -> dict[int, torch.Tensor]:
-        """State index -> (B, width, d) float32, zero-padded on the right.
+    ) -> StackedStates:
+        """State index -> (B, width, d) float32, zero-padded on the right (one stacked
+        (n, B, width, d) tensor underneath)."""
+        layers = self.layers if layers is None else list(layers)
+        rows, index = self.rows(indices, layers)
+        stacked = torch.zeros(len(layers), len(indices), width, self.hidden_size)  # (n, B, T, d)
+        stacked[:, index[0], index[1]] = rows.float()  # one conversion, one scatter
+        return StackedStates(layers, stacked)
 
-        Rows are gathered with one indexed read per layer and shard.
+    def rows(
+        self, indices: Sequence[int], layers: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored rows of these examples' tokens, packed (no padding).
+
+        Returns:
+            ``(rows, index)``: rows (n, N, d) for the n ``layers`` and the N tokens of the
+            examples in order (float16 / bfloat16 / float32 as stored; int8 scaled to
+            float32), and index (2, N) int64: each row's position in ``indices`` and its
+            token position.
         """
         layers = self.layers if layers is None else list(layers)
-        raw = None  # (n, N, d) rows of every layer, in storage dtype
+        groups = [
+            (maps, np.asarray(spans, dtype=np.int64)) for maps, spans in self._groups(indices)
+        ]
+        total = int(sum(spans[:, 1].sum() for _, spans in groups))
+        kind = np.float32 if self.dtype == "int8" else _NP_DTYPES[self.dtype]
+        out = np.empty((len(layers), total, self.hidden_size), dtype=kind)  # (n, N, d)
         order: list[np.ndarray] = []
-        for maps, spans in self._groups(indices):
-            starts, lengths, bs = (np.asarray(x, dtype=np.int64) for x in zip(*spans))
+        offset = 0
+        for maps, spans in groups:
+            starts, lengths, bs = spans[:, 0], spans[:, 1], spans[:, 2]
             ti = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
             rows = np.repeat(starts, lengths) + ti
-            part = [
-                _decode(
-                    maps[f"layer-{layer}.bin"][rows],
-                    maps[f"scale-{layer}.bin"][rows] if self.dtype == "int8" else None,
-                    self.dtype,
-                    convert=False,
-                )
-                for layer in layers
-            ]
-            raw = part if raw is None else [torch.cat([a, b]) for a, b in zip(raw, part)]
+            part = slice(offset, offset + len(rows))
+            for j, layer in enumerate(layers):
+                data = maps[f"layer-{layer}.bin"]
+                if self.dtype == "int8":
+                    scale = maps[f"scale-{layer}.bin"][rows]
+                    np.multiply(data[rows], scale[:, None], out=out[j, part], dtype=np.float32)
+                else:
+                    np.take(data, rows, axis=0, out=out[j, part])  # no intermediate copy
             order.append(np.stack([np.repeat(bs, lengths), ti]))
-        bi, ti = (torch.from_numpy(x) for x in np.concatenate(order, axis=1))
-        stacked = torch.zeros(len(layers), len(indices), width, self.hidden_size)  # (n, B, T, d)
-        stacked[:, bi, ti] = torch.stack(raw).float()  # one conversion, one scatter
-        return StackedStates(layers, stacked)
+            offset += len(rows)
+        tensor = torch.from_numpy(out)
+        if self.dtype == "bfloat16":
+            tensor = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+        return tensor, torch.from_numpy(np.concatenate(order, axis=1))
 
     def _groups(self, indices: Sequence[int]) -> list[tuple[dict[str, np.memmap], list]]:
         groups: dict[int, tuple[dict[str, np.memmap], list[tuple[int, int, int]]]] = {}

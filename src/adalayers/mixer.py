@@ -251,10 +251,17 @@ class LayerMixer(nn.Module):
         ``mode: scalar_mix``: the buffer is ``sum_i softmax(w)_i Z_i`` (B, T, d); this first
         computes ``F = LN(GELU(gamma * buffer) W^T)`` (B, T, k).
         """
+        return self._positions(self._complete(mixed))
+
+    def _complete(self, mixed: torch.Tensor) -> torch.Tensor:
+        """The streamed sum -> ``F`` before positions: ``scalar_mix`` projects it here."""
         if self.config.mode == "scalar_mix":
-            s = self.gamma * mixed  # (B, T, d)
-            h = F.linear(F.gelu(s), self.projection)  # (B, T, k)
-            mixed = F.layer_norm(h, (h.shape[-1],))  # (B, T, k)
+            s = self.gamma * mixed  # (..., d)
+            h = F.linear(F.gelu(s), self.projection)  # (..., k)
+            mixed = F.layer_norm(h, (h.shape[-1],))  # (..., k)
+        return mixed
+
+    def _positions(self, mixed: torch.Tensor) -> torch.Tensor:
         if self.positions is not None:
             length = mixed.shape[1]
             if length > self.positions.shape[0]:
@@ -274,6 +281,42 @@ class LayerMixer(nn.Module):
             hidden_states: all ``L + 1`` states, or a mapping state index -> state holding at
                 least this mixer's layers (e.g. read from a feature cache).
         """
+        return self._positions(self.mix(hidden_states))
+
+    def forward_rows(
+        self,
+        layers: Sequence[int],
+        rows: torch.Tensor,
+        index: torch.Tensor,
+        shape: tuple[int, int],
+    ) -> torch.Tensor:
+        """Packed form (the feature cache): the states of the real tokens only, no padding.
+
+        Every step of the mixture before the positions is per token, so it runs on the ``N``
+        stored rows and only the ``k``-wide result is scattered into the padded batch. Padding
+        tokens get exactly what the padded form gives them (zero states mix to zero features).
+
+        Args:
+            layers: the state index of each of the ``n`` slices of ``rows``.
+            rows: (n, N, d) the states of the N real tokens of the batch (any float dtype).
+            index: (2, N) every row's example and token position in the batch.
+            shape: the padded batch's (B, T).
+
+        Returns:
+            ``F`` (B, T, k), equal to :meth:`forward` on the padded states.
+        """
+        from adalayers.cache import StackedStates
+
+        mixed = self.mix(StackedStates(layers, rows.unsqueeze(1)))[0]  # (N, k)
+        padded = mixed.new_zeros(*shape, mixed.shape[-1])  # (B, T, k)
+        padded = padded.index_put((index[0], index[1]), mixed)
+        return self._positions(padded)
+
+    def mix(
+        self, hidden_states: Sequence[torch.Tensor] | Mapping[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """``sum_i p~_i f_i`` (B, T, k) from the states: :meth:`forward` without positions and
+        dropout."""
         if isinstance(hidden_states, Mapping):
             missing = [i for i, _ in self.active_layers() if i not in hidden_states]
             if missing:
@@ -290,7 +333,7 @@ class LayerMixer(nn.Module):
             mixed = None
             for layer, weight in active:
                 mixed = self.accumulate(mixed, layer, weight, hidden_states[layer])
-            return self.finish(mixed)
+            return self._complete(mixed)
         # all states at hand: one batched projection instead of one per layer
         wanted = [layer for layer, _ in active]
         if getattr(hidden_states, "layers", None) == wanted:  # already stacked (feature cache)
@@ -302,4 +345,4 @@ class LayerMixer(nn.Module):
         h = torch.bmm(F.gelu(z.to(w.dtype)).reshape(n, b * t, d), w.transpose(1, 2))  # (n, BT, k)
         f = F.layer_norm(h, (h.shape[-1],)).reshape(n, b, t, -1)  # (n, B, T, k)
         weights = torch.stack([weight for _, weight in active])  # (n,)
-        return self.finish(torch.einsum("n,nbtk->btk", weights, f))  # (B, T, k)
+        return torch.einsum("n,nbtk->btk", weights, f)  # (B, T, k)

@@ -24,7 +24,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from adalayers.backbone import Backbone, load_backbone
-from adalayers.cache import FeatureStore, StackedStates, open_or_build, probe_layers
+from adalayers.cache import FeatureStore, open_or_build, probe_layers
 from adalayers.config import RunConfig, load_config, save_config
 from adalayers.data import TaskData, load_task_data
 from adalayers.encoding import IGNORE_INDEX, align_labels, tokenize_words
@@ -106,16 +106,28 @@ def tokenize(data: TaskData, split: str, tokenizer: Any, task: Task, max_length:
 
 
 def collate(
-    features: list[dict[str, Any]], pad_id: int, store: FeatureStore | None = None
+    features: list[dict[str, Any]],
+    pad_id: int,
+    store: FeatureStore | None = None,
+    layers: Callable[[], Sequence[int] | None] | None = None,
 ) -> dict[str, Any]:
-    """Pad a list of tokenised examples into tensors; with a feature ``store``, the batch holds
-    the cached hidden states (``states``) instead of token ids."""
+    """Pad a list of tokenised examples into tensors.
+
+    With a feature ``store`` the batch holds the cached hidden states of the real tokens,
+    packed without padding, instead of token ids: ``states`` (n, N, d), ``state_layers`` (n,)
+    and ``state_rows`` (2, N), each row's example and position (see
+    :meth:`~adalayers.mixer.LayerMixer.forward_rows`). ``layers`` (called per batch) names the
+    states to read, e.g. only those the mixer still gives a weight; default: all stored.
+    """
     width = max(len(f["input_ids"]) for f in features)
     batch: dict[str, Any] = {}
     if store is not None:
-        states = store.batch([f["index"] for f in features], width)
-        batch["states"] = states.stacked  # (n, B, T, d): plain tensors travel through Accelerate
-        batch["state_layers"] = torch.tensor(states.layers)
+        wanted = layers() if layers is not None else None
+        wanted = store.layers if wanted is None else [i for i in store.layers if i in wanted]
+        rows, index = store.rows([f["index"] for f in features], wanted)
+        batch["states"] = rows  # (n, N, d): plain tensors travel through Accelerate
+        batch["state_layers"] = torch.tensor(wanted)
+        batch["state_rows"] = index  # (2, N)
         batch["attention_mask"] = torch.tensor(
             [[1] * f["length"] + [0] * (width - f["length"]) for f in features]
         )
@@ -173,10 +185,16 @@ class TaskModel(nn.Module):
         """Logits from token ids (runs the base) or from cached ``states`` (does not)."""
         if "states" in inputs:
             task = self.task
-            states = inputs["states"]  # a mapping state index -> (B, T, d), or stacked
-            if "state_layers" in inputs:
-                states = StackedStates(inputs["state_layers"].tolist(), states)
-            return task.head(task.mixer(states), inputs["attention_mask"])
+            mask = inputs["attention_mask"]  # (B, T)
+            states = inputs["states"]  # packed rows (n, N, d), or state index -> (B, T, d)
+            if "state_rows" in inputs:
+                layers = inputs["state_layers"].tolist()
+                features = task.mixer.forward_rows(
+                    layers, states, inputs["state_rows"], tuple(mask.shape)
+                )
+            else:
+                features = task.mixer(states)
+            return task.head(features, mask)
         return self.runtime(inputs).logits["task"]
 
 
@@ -212,12 +230,21 @@ def _loader(
     shuffle: bool,
     seed: int,
     store: FeatureStore | None = None,
+    task: Task | None = None,
 ) -> Any:
+    """Batches of ``ds``; with a ``store`` they read only the states ``task``'s mixer uses."""
     batches = length_batches(ds["length"][:], batch_size, shuffle=shuffle, seed=seed)
+    layers = None if task is None else (lambda: _active_layers(task))
     loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=batches, collate_fn=lambda f: collate(f, pad_id, store)
+        ds, batch_sampler=batches, collate_fn=lambda f: collate(f, pad_id, store, layers)
     )
     return accelerator.prepare_data_loader(loader)
+
+
+def _active_layers(task: Task) -> list[int]:
+    """The states ``task``'s mixer gives a non-zero weight now (cut layers are not read)."""
+    with torch.no_grad():
+        return [layer for layer, _ in task.mixer.active_layers()]
 
 
 def _progress(iterable: Any, *, total: int, desc: str, enabled: bool) -> Any:
@@ -255,7 +282,9 @@ def evaluate_split(
     With a feature ``store`` the states come from the cache and the base does not run.
     """
     model.eval()
-    loader = _loader(accelerator, ds, batch_size, pad_id, shuffle=False, seed=0, store=store)
+    loader = _loader(
+        accelerator, ds, batch_size, pad_id, shuffle=False, seed=0, store=store, task=task
+    )
     token_task = task.task_type == "token_classification"
     indices, preds, golds = [], [], []
     for batch in _progress(loader, total=len(loader), desc=f"eval {split}", enabled=progress):
@@ -524,6 +553,7 @@ def fit(
                 shuffle=True,
                 seed=config.train.seed * 100_003 + epoch,
                 store=stores.get("train"),
+                task=task,
             )
             batches = loader
             if state.step_in_epoch:
