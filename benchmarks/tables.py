@@ -1,10 +1,12 @@
-"""Print the BENCHMARKS.md task table from benchmarks/results/task_*.json.
+"""Print BENCHMARKS.md tables from benchmarks/results/.
 
-python benchmarks/tables.py
+python benchmarks/tables.py             # the task table (task_*.json)
+python benchmarks/tables.py --compare   # the baseline comparison (compare_*.json)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -16,7 +18,78 @@ def fmt(value: float | None, scale: float = 100.0) -> str:
     return "–" if value is None else f"{value * scale:.1f}"
 
 
+ROWS = (
+    ("mixer", "AdaLayers mixer"),
+    ("best_single_layer", "best single layer (chosen on validation)"),
+    ("last", "last layer"),
+    ("uniform", "uniform mix"),
+    ("scalar_mix", "scalar mix (ELMo)"),
+    ("finetune", "full fine-tuning"),
+)
+TASKS = (("imdb", "IMDB"), ("cola", "CoLA"), ("conll2003", "CoNLL-2003"))
+BASES = (("all-MiniLM-L6-v2", "MiniLM"), ("SmolLM2-135M-Instruct", "SmolLM2"))
+
+
+def _cells() -> dict[tuple[str, str], dict[str, dict]]:
+    """(task, base) -> row kind -> the run's row, from every compare_*.json."""
+    cells: dict[tuple[str, str], dict[str, dict]] = {}
+    for path in sorted(RESULTS.glob("compare_*.json")):
+        comparison = json.loads(path.read_text())["comparison"]
+        cell = cells.setdefault((comparison["task"], comparison["base"]), {})
+        metric = comparison["metric"]
+        singles = []
+        for row in comparison["rows"].values():
+            row = {**row, "metric": metric}
+            if row["baseline"] == "single_layer":
+                singles.append(row)
+            else:
+                cell[row["baseline"]] = row
+        if singles:
+            cell["best_single_layer"] = max(
+                singles, key=lambda r: (r.get("validation") or {}).get(metric, -1e9)
+            )
+    return cells
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "not run"
+    test, metric = row.get("test") or {}, row["metric"]
+    text = f"{metric} {fmt(test.get(metric))}"
+    if metric == "mcc" and "accuracy" in test:
+        text += f" (acc {fmt(test['accuracy'])})"
+    if row.get("layer") is not None:
+        text += f", layer {row['layer']}"
+    params = row.get("parameters_added")
+    if params:
+        text += f"; {params / 1e6:.2f}M params" if params >= 1e5 else f"; {params:,} params"
+    if row.get("train_seconds") is not None:
+        text += f"; {row['train_seconds'] / 60:.1f} min"
+    return text
+
+
+def compare_table() -> str:
+    cells = _cells()
+    columns = [(t, b, f"{tn} × {bn}") for t, tn in TASKS for b, bn in BASES]
+    lines = [
+        "| baseline | " + " | ".join(c[2] for c in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
+    for kind, label in ROWS:
+        values = [
+            _cell(cells.get((t, b), {}).get(kind)) if (t, b) in cells else "not run"
+            for t, b, _ in columns
+        ]
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare", action="store_true", help="the baseline comparison table")
+    if parser.parse_args().compare:
+        print(compare_table())
+        return
     rows = [
         "| task (split) | result on MiniLM | reference (RoBERTa-large) | parameters added "
         "| train wall time | run wall time | train tokens/s | processes |",

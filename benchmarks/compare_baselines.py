@@ -1,0 +1,102 @@
+"""Run ``adalayers compare`` for one config and keep its comparison as a results file.
+
+    python benchmarks/compare_baselines.py configs/minilm-cola.yaml \
+        --baselines mixer,sweep,last,uniform,scalar_mix,finetune \
+        [--data-dir ../shared/datasets] [--runs-dir runs/compare] [--tag T] [--set key=value ...]
+
+The command is the one the README documents, run in a subprocess; the comparison folder is
+``<runs-dir>/<config name>[-<tag>]`` (finished rows are reused when it is repeated, so an
+interrupted comparison continues). Writes ``benchmarks/results/compare_<config name>[-<tag>].json``
+with every row (metrics, parameters added, training and wall time) and a summary: the mixer
+against the best single layer, the last layer, the uniform and the scalar mix, and full
+fine-tuning where it ran. ``python benchmarks/tables.py --compare`` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+
+def headline(comparison: dict) -> dict:
+    """The primary test metric of each baseline (the best single layer picked on validation)."""
+    metric = comparison["metric"]
+    rows = comparison["rows"]
+
+    def test(row: dict) -> float | None:
+        return (row.get("test") or {}).get(metric)
+
+    out: dict = {"metric": metric}
+    singles = {name: row for name, row in rows.items() if row["baseline"] == "single_layer"}
+    if singles:
+        # chosen as a user would: by validation, then reported on test
+        best = max(singles.values(), key=lambda r: (r.get("validation") or {}).get(metric, -1e9))
+        out["best_single_layer"] = {"layer": best["layer"], "test": test(best)}
+        out["single_layer_test"] = {row["layer"]: test(row) for row in singles.values()}
+    for name in ("mixer", "last", "uniform", "scalar_mix", "finetune"):
+        if name in rows:
+            out[name] = test(rows[name])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--baselines", default="mixer,sweep,last,uniform,scalar_mix")
+    parser.add_argument(
+        "--data-dir", default=os.environ.get("ADALAYERS_DATA_DIR", "../shared/datasets")
+    )
+    parser.add_argument("--runs-dir", default="runs/compare")
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--tag", default="", help="suffix of the folder and result names")
+    args = parser.parse_args()
+    name = Path(args.config).stem + (f"-{args.tag}" if args.tag else "")
+    out = Path(args.runs_dir) / name
+    cmd = [
+        sys.executable,
+        "-m",
+        "adalayers.cli",
+        "compare",
+        "--config",
+        args.config,
+        "--data-dir",
+        args.data_dir,
+        "--baselines",
+        args.baselines,
+        "--output-dir",
+        str(out),
+    ]
+    for item in args.set:
+        cmd += ["--set", item]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{args.config}: adalayers compare failed with exit code {proc.returncode}")
+    comparison = json.loads((out / "comparison.json").read_text())
+    path = write_result(
+        f"compare_{name}",
+        {
+            "benchmark": "compare",
+            "config": args.config,
+            "compare_command": " ".join(cmd[2:]).replace("adalayers.cli", "adalayers", 1),
+            "folder": str(out),
+            "wall_seconds_this_call": round(wall, 1),
+            "summary": headline(comparison),
+            "comparison": comparison,
+        },
+    )
+    print(json.dumps(headline(comparison), indent=1))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
