@@ -317,3 +317,26 @@ def test_batches_read_only_the_states_the_mixer_uses(setup):
     assert some["state_layers"].tolist() == [1, 3]  # store order
     assert torch.equal(some["states"], full["states"][[1, 3]])
     assert torch.equal(some["state_rows"], full["state_rows"])
+
+
+def test_a_state_that_comes_back_is_read_again(setup):
+    """The loader collates one batch ahead; if the mixer weighs a state again that the batch
+    lacks (the cutoff had removed it), the batch is read again before the forward."""
+    from adalayers.model import Task, TaskConfig
+
+    backbone, ds, root = setup
+    store = cache_module.open_or_build(backbone, ds, "train", [0, 1, 2, 3], root=root)
+    task = Task(
+        TaskConfig("sequence_classification", ["a", "b"], mixer={"dim": 8}), backbone.info()
+    )
+    features = [ds[i] for i in (2, 4, 7)]
+    stale = train_module.collate(features, 0, store, layers=lambda: [3])  # read with only 3
+    fresh = train_module.collate(features, 0, store)
+    train_module._ensure_states(stale, store, task)  # the mixer weighs all four
+    assert stale["state_layers"].tolist() == [0, 1, 2, 3]
+    assert torch.equal(stale["states"], fresh["states"])
+    assert torch.equal(stale["state_rows"], fresh["state_rows"])
+    model = train_module.TaskModel(backbone, task).eval()
+    batch = {k: v for k, v in stale.items() if k not in ("index", "labels")}
+    with torch.no_grad():
+        assert model(**batch).shape == (3, 2)

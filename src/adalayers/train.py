@@ -247,6 +247,25 @@ def _active_layers(task: Task) -> list[int]:
         return [layer for layer, _ in task.mixer.active_layers()]
 
 
+def _ensure_states(batch: dict[str, Any], store: FeatureStore | None, task: Task) -> None:
+    """Read a cached batch's states again if the mixer now weighs a state it lacks.
+
+    Batches are collated one step ahead (the loader looks ahead), and a state the cutoff had
+    removed can come back after an optimizer step: then this batch reads all it needs.
+    """
+    if store is None or "state_layers" not in batch:
+        return
+    wanted = _active_layers(task)
+    if set(wanted) <= set(batch["state_layers"].tolist()):
+        return
+    device = batch["states"].device
+    layers = [i for i in store.layers if i in wanted]
+    rows, index = store.rows(batch["index"].tolist(), layers)
+    batch["states"] = rows.to(device)
+    batch["state_layers"] = torch.tensor(layers, device=device)
+    batch["state_rows"] = index.to(device)
+
+
 def _progress(iterable: Any, *, total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -288,6 +307,7 @@ def evaluate_split(
     token_task = task.task_type == "token_classification"
     indices, preds, golds = [], [], []
     for batch in _progress(loader, total=len(loader), desc=f"eval {split}", enabled=progress):
+        _ensure_states(batch, store, task)
         index = batch.pop("index")
         labels = batch.pop("labels")
         logits = model(**batch)
@@ -567,6 +587,7 @@ def fit(
                 enabled=progress,
             )
             for batch in bar:
+                _ensure_states(batch, stores.get("train"), task)
                 batch.pop("index")
                 labels = batch.pop("labels")
                 with accelerator.accumulate(model):
