@@ -10,6 +10,8 @@ interrupted comparison continues). Writes ``benchmarks/results/compare_<config n
 with every row (metrics, parameters added, training and wall time) and a summary: the mixer
 against the best single layer, the last layer, the uniform and the scalar mix, and full
 fine-tuning where it ran. ``python benchmarks/tables.py --compare`` prints the table.
+``--variant`` marks a run of other hyper-parameters (e.g. ``--baselines mixer --set
+task.mixer.alpha=1``), listed apart.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/compare")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--tag", default="", help="suffix of the folder and result names")
+    parser.add_argument(
+        "--variant",
+        action="store_true",
+        help="a hyper-parameter variant (e.g. of the mixer, chosen on validation): listed "
+        "apart from the main comparison by tables.py",
+    )
     args = parser.parse_args()
     name = Path(args.config).stem + (f"-{args.tag}" if args.tag else "")
     out = Path(args.runs_dir) / name
@@ -89,6 +97,8 @@ def main() -> None:
             "config": args.config,
             "compare_command": " ".join(cmd[2:]).replace("adalayers.cli", "adalayers", 1),
             "folder": str(out),
+            "variant": args.tag if args.variant else None,
+            "overrides": args.set,
             "wall_seconds_this_call": round(wall, 1),
             "summary": headline(comparison),
             "comparison": comparison,

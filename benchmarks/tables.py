@@ -34,7 +34,10 @@ def _cells() -> dict[tuple[str, str], dict[str, dict]]:
     """(task, base) -> row kind -> the run's row, from every compare_*.json."""
     cells: dict[tuple[str, str], dict[str, dict]] = {}
     for path in sorted(RESULTS.glob("compare_*.json")):
-        comparison = json.loads(path.read_text())["comparison"]
+        result = json.loads(path.read_text())
+        if result.get("variant"):
+            continue
+        comparison = result["comparison"]
         cell = cells.setdefault((comparison["task"], comparison["base"]), {})
         metric = comparison["metric"]
         singles = []
@@ -84,11 +87,40 @@ def compare_table() -> str:
     return "\n".join(lines)
 
 
+def variants_table() -> str:
+    """Every run marked ``--variant``: what it changed, validation and test."""
+    lines = [
+        "| task × base | baselines | settings changed | validation | test |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for path in sorted(RESULTS.glob("compare_*.json")):
+        result = json.loads(path.read_text())
+        if not result.get("variant"):
+            continue
+        comparison = result["comparison"]
+        metric = comparison["metric"]
+        changed = ", ".join(
+            s for s in result["overrides"] if not s.startswith(("train.cache", "cache."))
+        )
+        for name, row in comparison["rows"].items():
+            lines.append(
+                f"| {comparison['task']} × {comparison['base']} | {name} | {changed or '–'} "
+                f"| {metric} {fmt((row.get('validation') or {}).get(metric))} "
+                f"| {metric} {fmt((row.get('test') or {}).get(metric))} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", action="store_true", help="the baseline comparison table")
-    if parser.parse_args().compare:
+    parser.add_argument("--variants", action="store_true", help="the hyper-parameter variants")
+    args = parser.parse_args()
+    if args.compare:
         print(compare_table())
+        return
+    if args.variants:
+        print(variants_table())
         return
     rows = [
         "| task (split) | result on MiniLM | reference (RoBERTa-large) | parameters added "
