@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: install test test-slow lint style bench example
+.PHONY: install test test-slow lint style bench bench-compare example
 
 # torch==2.13.0 is the CPU wheel; drop the pin to get your platform's default build.
 install:
@@ -27,6 +27,15 @@ bench:
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/runtime_overhead.py --threads 1 --rounds 30
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/load_test.py --requests 300 --seconds 120
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_tasks.py configs/minilm-cola.yaml configs/minilm-conll2003.yaml configs/minilm-imdb.yaml
+	$(MAKE) bench-compare
+
+CACHED = --set train.cache=true --set 'cache.splits=[train,validation,test]'
+# The baseline comparison (BENCHMARKS.md): about 1.5 hours on a 2-core CPU.
+bench-compare:
+	$(PY) benchmarks/compare_baselines.py configs/minilm-cola.yaml --baselines mixer,sweep,last,uniform,scalar_mix,finetune $(CACHED) --set cache.dir=runs/cache-cola
+	$(PY) benchmarks/compare_baselines.py configs/minilm-conll2003.yaml $(CACHED) --set cache.dir=runs/cache-conll2003
+	$(PY) benchmarks/compare_baselines.py configs/smollm2-cola.yaml $(CACHED) --set cache.dir=runs/cache-smollm2-cola
+	$(PY) benchmarks/compare_baselines.py configs/minilm-conll2003.yaml --tag finetune --baselines finetune --set train.epochs=3
 
 # SmolLM2 answers a prompt while two side tasks label it, from the same forward
 example:
