@@ -35,7 +35,7 @@ def _cells() -> dict[tuple[str, str], dict[str, dict]]:
     cells: dict[tuple[str, str], dict[str, dict]] = {}
     for path in sorted(RESULTS.glob("compare_*.json")):
         result = json.loads(path.read_text())
-        if result.get("variant"):
+        if result.get("variant") or _seed(result) is not None:
             continue
         comparison = result["comparison"]
         cell = cells.setdefault((comparison["task"], comparison["base"]), {})
@@ -52,6 +52,52 @@ def _cells() -> dict[tuple[str, str], dict[str, dict]]:
                 singles, key=lambda r: (r.get("validation") or {}).get(metric, -1e9)
             )
     return cells
+
+
+def _seed(result: dict) -> int | None:
+    """The ``train.seed`` a result was run with, if it set one (a repeat with another seed)."""
+    for item in result.get("overrides") or []:
+        if item.startswith("train.seed="):
+            return int(item.split("=", 1)[1])
+    return None
+
+
+def seeds_table() -> str:
+    """Test metric per seed (the config's own seed and the ``train.seed`` repeats): mean."""
+    import statistics
+
+    runs: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for path in sorted(RESULTS.glob("compare_*.json")):
+        result = json.loads(path.read_text())
+        if result.get("variant"):
+            continue
+        comparison = result["comparison"]
+        summary = result["summary"]
+        cell = runs.setdefault((comparison["task"], comparison["base"]), {})
+        for kind in ("mixer", "uniform", "scalar_mix", "last"):
+            if summary.get(kind) is not None:
+                cell.setdefault(kind, []).append(summary[kind])
+        if "best_single_layer" in summary:
+            cell.setdefault("best_single_layer", []).append(summary["best_single_layer"]["test"])
+    lines = [
+        "| task × base | seeds | " + " | ".join(label for _, label in ROWS[:5]) + " |",
+        "| --- | --- |" + " --- |" * 5,
+    ]
+    for (task, base), cell in runs.items():
+        n = len(cell.get("mixer", []))
+        if n < 2:
+            continue
+        values = []
+        for kind, _ in ROWS[:5]:
+            xs = [100 * x for x in cell.get(kind, [])]
+            each = ", ".join(f"{x:.1f}" for x in xs)
+            values.append(
+                f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f} ({each})"
+                if len(xs) > 1
+                else "–"
+            )
+        lines.append(f"| {task} × {base} | {n} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
 
 
 def _cell(row: dict | None) -> str:
@@ -115,7 +161,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", action="store_true", help="the baseline comparison table")
     parser.add_argument("--variants", action="store_true", help="the hyper-parameter variants")
+    parser.add_argument("--seeds", action="store_true", help="the comparison over seeds")
     args = parser.parse_args()
+    if args.seeds:
+        print(seeds_table())
+        return
     if args.compare:
         print(compare_table())
         return
