@@ -63,14 +63,13 @@ def _seed(result: dict) -> int | None:
 
 
 def seeds_table() -> str:
-    """Test metric per seed (the config's own seed and the ``train.seed`` repeats): mean."""
+    """Test metric per seed, the config's own seed first, then the ``train.seed`` repeats."""
     import statistics
 
     runs: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for path in sorted(RESULTS.glob("compare_*.json")):
-        result = json.loads(path.read_text())
-        if result.get("variant"):
-            continue
+    results = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("compare_*.json"))]
+    results = [r for r in results if not r.get("variant")]
+    for result in sorted(results, key=lambda r: -1 if _seed(r) is None else _seed(r)):
         comparison = result["comparison"]
         summary = result["summary"]
         cell = runs.setdefault((comparison["task"], comparison["base"]), {})
