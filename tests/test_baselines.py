@@ -247,19 +247,21 @@ def test_compare_writes_one_comparison(compared, capsys):
     assert set(rows) == ALL_ROWS | {"finetune"}
     assert comparison["metric"] == "mcc"
     for name, row in rows.items():
-        assert (out / name / "metrics.json").is_file()
+        assert (out / row.get("same_run_as", name) / "metrics.json").is_file()
         assert row["test"]["examples"] == 12 and "mcc" in row["test"]
         assert row["wall_seconds"] >= row["train_seconds"] > 0
     assert rows["layer_2"]["layer_weights"] == {"2": 1.0}
     assert rows["uniform"]["layer_weights"] == pytest.approx({str(i): 0.25 for i in range(4)})
-    # the last state alone and the sweep's last row are the same run
+    # the last state alone and the sweep's last row are the same run, trained once
     assert rows["last"]["test"] == rows["layer_3"]["test"]
+    assert rows["last"]["same_run_as"] == "layer_3" and not (out / "last").exists()
+    assert rows["last"]["baseline"] == "last" and rows["last"]["layer"] is None
     single, mixer = rows["layer_0"]["parameters_added"], rows["mixer"]["parameters_added"]
     assert single < rows["scalar_mix"]["parameters_added"] < mixer
     assert rows["finetune"]["percent_of_base"] > 100 > rows["mixer"]["percent_of_base"]
     assert Task.from_pretrained(out / "scalar_mix" / "model").config.mixer.mode == "scalar_mix"
     report = (out / "report.html").read_text()
-    assert report.count("<h3 id=") == len(rows) and "single-layer sweep" in report
+    assert report.count("<h3 id=") == len(rows) - 1 and "single-layer sweep" in report
 
 
 def test_every_mixer_baseline_shares_one_store(compared):

@@ -4,7 +4,8 @@ Every baseline but ``finetune`` is the task of the config with one mixer setting
 
     mixer       the config as it is (the AdaLayers mixer)
     sweep       one run per hidden state i:  task.mixer.single_layer = i
-    last        the last state only:          task.mixer.single_layer = -1
+    last        the last state only:          task.mixer.single_layer = -1 (with the sweep,
+                its last row: the same run, not trained twice)
     uniform     fixed equal weights:          task.mixer.freeze_distribution = true (p stays 0)
     scalar_mix  ELMo's scalar mix:            task.mixer.mode = scalar_mix
     finetune    the whole base fine-tuned under a standard head (:mod:`adalayers.finetune`)
@@ -162,13 +163,19 @@ def compare(
 
     out = Path(output_dir)
     names = parse_baselines(baselines)
-    rows_plan = plan(config, names, num_states(config))
+    states = num_states(config)
+    rows_plan = plan(config, names, states)
     out.mkdir(parents=True, exist_ok=True)
     previous = {}
     if (out / COMPARISON).is_file() and not overwrite:
         previous = json.loads((out / COMPARISON).read_text()).get("rows", {})
     rows: dict[str, Any] = {}
+    last_layer = f"layer_{states - 1}"
     for name, cfg in rows_plan.items():
+        if name == "last" and last_layer in rows:  # the sweep already trained this exact run
+            rows[name] = {**rows[last_layer], "baseline": "last", "layer": None}
+            rows[name]["same_run_as"] = last_layer
+            continue
         run = out / name
         saved = run / CONFIG
         if (run / METRICS).is_file() and not overwrite:
@@ -207,5 +214,6 @@ def compare(
     if os.environ.get("RANK", "0") == "0":  # one writer under torchrun / accelerate launch
         _write_json(out / COMPARISON, comparison)
         title = f"{config.data.task} on {config.base}"
-        write_report([out / name for name in rows], out / REPORT, title=title)
+        runs = [out / name for name, row in rows.items() if "same_run_as" not in row]
+        write_report(runs, out / REPORT, title=title)
     return comparison
