@@ -68,3 +68,10 @@ def write_result(name: str, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def run_offline(cmd: list[str]) -> tuple[int, float]:
+    """Run a command with ``HF_HUB_OFFLINE=1``; its exit code and wall seconds."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return proc.returncode, time.perf_counter() - start

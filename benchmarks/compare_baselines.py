@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import run_offline, write_result  # noqa: E402
 
 
 def headline(comparison: dict) -> dict:
@@ -84,11 +82,9 @@ def main() -> None:
     ]
     for item in args.set:
         cmd += ["--set", item]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"{args.config}: adalayers compare failed with exit code {proc.returncode}")
+    code, wall = run_offline(cmd)
+    if code != 0:
+        sys.exit(f"{args.config}: adalayers compare failed with exit code {code}")
     comparison = json.loads((out / "comparison.json").read_text())
     path = write_result(
         f"compare_{name}",

@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import run_offline, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -53,11 +51,9 @@ def main() -> None:
         ]
         for item in args.set:
             cmd += ["--set", item]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            print(f"{config}: failed with exit code {proc.returncode}", file=sys.stderr)
+        code, wall = run_offline(cmd)
+        if code != 0:
+            print(f"{config}: failed with exit code {code}", file=sys.stderr)
             continue
         metrics = json.loads((run / "metrics.json").read_text())
         history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]

@@ -40,17 +40,13 @@ def _cells() -> dict[tuple[str, str], dict[str, dict]]:
         comparison = result["comparison"]
         cell = cells.setdefault((comparison["task"], comparison["base"]), {})
         metric = comparison["metric"]
-        singles = []
         for row in comparison["rows"].values():
-            row = {**row, "metric": metric}
-            if row["baseline"] == "single_layer":
-                singles.append(row)
-            else:
-                cell[row["baseline"]] = row
-        if singles:
-            cell["best_single_layer"] = max(
-                singles, key=lambda r: (r.get("validation") or {}).get(metric, -1e9)
-            )
+            if row["baseline"] != "single_layer":
+                cell[row["baseline"]] = {**row, "metric": metric}
+        best = result["summary"].get("best_single_layer")  # chosen on validation
+        if best is not None:
+            row = comparison["rows"][f"layer_{best['layer']}"]
+            cell["best_single_layer"] = {**row, "metric": metric}
     return cells
 
 

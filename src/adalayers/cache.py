@@ -413,9 +413,10 @@ class FeatureStore:
                     np.take(data, rows, axis=0, out=out[j, part])  # no intermediate copy
             order.append(np.stack([np.repeat(bs, lengths), ti]))
             offset += len(rows)
-        tensor = torch.from_numpy(out)
         if self.dtype == "bfloat16":
             tensor = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+        else:
+            tensor = torch.from_numpy(out)
         return tensor, torch.from_numpy(np.concatenate(order, axis=1))
 
     def _groups(self, indices: Sequence[int]) -> list[tuple[dict[str, np.memmap], list]]:

@@ -123,11 +123,7 @@ def collate(
     batch: dict[str, Any] = {}
     if store is not None:
         wanted = layers() if layers is not None else None
-        wanted = store.layers if wanted is None else [i for i in store.layers if i in wanted]
-        rows, index = store.rows([f["index"] for f in features], wanted)
-        batch["states"] = rows  # (n, N, d): plain tensors travel through Accelerate
-        batch["state_layers"] = torch.tensor(wanted)
-        batch["state_rows"] = index  # (2, N)
+        batch.update(_read_states(store, [f["index"] for f in features], wanted))
         batch["attention_mask"] = torch.tensor(
             [[1] * f["length"] + [0] * (width - f["length"]) for f in features]
         )
@@ -241,6 +237,17 @@ def _loader(
     return accelerator.prepare_data_loader(loader)
 
 
+def _read_states(
+    store: FeatureStore, indices: Sequence[int], wanted: Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """The batch entries holding the cached states of ``indices``: ``states`` (n, N, d),
+    ``state_layers`` (n,), ``state_rows`` (2, N); only the ``wanted`` states (default all)."""
+    layers = store.layers if wanted is None else [i for i in store.layers if i in wanted]
+    rows, index = store.rows(indices, layers)
+    # plain tensors: they travel through Accelerate
+    return {"states": rows, "state_layers": torch.tensor(layers), "state_rows": index}
+
+
 def _active_layers(task: Task) -> list[int]:
     """The states ``task``'s mixer gives a non-zero weight now (cut layers are not read)."""
     with torch.no_grad():
@@ -259,11 +266,8 @@ def _ensure_states(batch: dict[str, Any], store: FeatureStore | None, task: Task
     if set(wanted) <= set(batch["state_layers"].tolist()):
         return
     device = batch["states"].device
-    layers = [i for i in store.layers if i in wanted]
-    rows, index = store.rows(batch["index"].tolist(), layers)
-    batch["states"] = rows.to(device)
-    batch["state_layers"] = torch.tensor(layers, device=device)
-    batch["state_rows"] = index.to(device)
+    fresh = _read_states(store, batch["index"].tolist(), wanted)
+    batch.update({key: value.to(device) for key, value in fresh.items()})
 
 
 def _progress(iterable: Any, *, total: int, desc: str, enabled: bool) -> Any:
