@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adalayers.dropout import Dropout, dropout
+
 
 @dataclass
 class HeadConfig:
@@ -52,6 +54,33 @@ def _check_heads(dim: int, num_heads: int) -> None:
         raise ValueError(f"head.num_heads={num_heads} must divide mixer.dim={dim}")
 
 
+def attention(
+    module: nn.MultiheadAttention, features: torch.Tensor, keep: torch.Tensor, training: bool
+) -> torch.Tensor:
+    """``module`` (an ``nn.MultiheadAttention``) applied to ``features`` with the same weights
+    and result, keys masked where ``keep`` (B, T) is ``False``.
+
+    Without attention dropout this is ``scaled_dot_product_attention`` (``nn.MultiheadAttention``
+    with a key padding mask takes a masked-softmax path about 3x slower on a CPU); with it, the
+    explicit ``softmax(q k^T / sqrt(k/H)) v`` with :func:`~adalayers.dropout.dropout` on the
+    weights.
+    """
+    b, t, k = features.shape
+    heads = module.num_heads
+    qkv = F.linear(features, module.in_proj_weight, module.in_proj_bias)  # (B, T, 3k)
+    q, key, v = qkv.view(b, t, 3, heads, k // heads).permute(2, 0, 3, 1, 4)  # (B, H, T, k/H)
+    mask = None if bool(keep.all()) else keep[:, None, None, :]  # (B, 1, 1, T)
+    if training and module.dropout > 0:
+        scores = (q @ key.transpose(-2, -1)) * (k // heads) ** -0.5  # (B, H, T, T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = dropout(torch.softmax(scores, dim=-1), module.dropout)  # (B, H, T, T)
+        h = weights @ v  # (B, H, T, k/H)
+    else:
+        h = F.scaled_dot_product_attention(q, key, v, attn_mask=mask)  # (B, H, T, k/H)
+    return module.out_proj(h.transpose(1, 2).reshape(b, t, k))  # (B, T, k)
+
+
 class SequenceHead(nn.Module):
     """Self-attention over ``F`` with the padding mask, masked mean pooling, then a linear layer.
 
@@ -64,36 +93,26 @@ class SequenceHead(nn.Module):
         self.attention = nn.MultiheadAttention(
             dim, config.num_heads, dropout=config.dropout, batch_first=True
         )
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.out = nn.Linear(dim, num_outputs)
-
-    def _attend(self, features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``self.attention`` (same weights, same result) through ``scaled_dot_product_attention``.
-
-        ``nn.MultiheadAttention`` with a key padding mask takes a masked-softmax path that is
-        about 3x slower on CPU; this head is most of a task's serving cost, so it matters.
-        """
-        att = self.attention
-        b, t, k = features.shape
-        heads = att.num_heads
-        qkv = F.linear(features, att.in_proj_weight, att.in_proj_bias)  # (B, T, 3k)
-        q, key, v = qkv.view(b, t, 3, heads, k // heads).permute(2, 0, 3, 1, 4)  # (B, H, T, k/H)
-        keep = attention_mask != 0  # (B, T) True for real tokens
-        mask = None if bool(keep.all()) else keep[:, None, None, :]  # (B, 1, 1, T)
-        drop = att.dropout if self.training else 0.0
-        h = F.scaled_dot_product_attention(q, key, v, attn_mask=mask, dropout_p=drop)
-        return att.out_proj(h.transpose(1, 2).reshape(b, t, k))  # (B, T, k)
 
     def forward(self, features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, k), (B, T) -> (B, num_outputs)."""
-        h = self._attend(features, attention_mask)  # (B, T, k)
+        h = attention(self.attention, features, attention_mask != 0, self.training)  # (B, T, k)
         mask = attention_mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
         pooled = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, k)
         return self.out(self.dropout(pooled))  # (B, num_outputs)
 
 
 class TokenHead(nn.Module):
-    """``num_layers`` pre-LayerNorm transformer encoder layers, then a linear layer per token."""
+    """``num_layers`` pre-LayerNorm transformer encoder layers, then a linear layer per token.
+
+    The layers are ``nn.TransformerEncoderLayer`` modules (their weights and saved names), run
+    by :meth:`_layer`: for each layer,
+
+        x = x + drop(attention(LN1(x)))
+        x = x + drop(W2 drop(GELU(W1 LN2(x))))
+    """
 
     def __init__(self, dim: int, num_outputs: int, config: HeadConfig) -> None:
         super().__init__()
@@ -112,12 +131,25 @@ class TokenHead(nn.Module):
             self.encoder = nn.TransformerEncoder(
                 layer, config.num_layers, enable_nested_tensor=False
             )
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.out = nn.Linear(dim, num_outputs)
+
+    def _layer(
+        self, layer: nn.TransformerEncoderLayer, x: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """One pre-LN encoder layer, as ``layer(x, src_key_padding_mask=~keep)`` computes it."""
+        train = self.training
+        h = attention(layer.self_attn, layer.norm1(x), keep, train)  # (B, T, k)
+        x = x + dropout(h, layer.dropout1.p, train)  # (B, T, k)
+        h = F.gelu(layer.linear1(layer.norm2(x)))  # (B, T, ff)
+        h = layer.linear2(dropout(h, layer.dropout.p, train))  # (B, T, k)
+        return x + dropout(h, layer.dropout2.p, train)  # (B, T, k)
 
     def forward(self, features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, k), (B, T) -> (B, T, num_outputs)."""
         h = features
         if self.encoder is not None:
-            h = self.encoder(h, src_key_padding_mask=attention_mask == 0)  # (B, T, k)
+            keep = attention_mask != 0  # (B, T)
+            for layer in self.encoder.layers:
+                h = self._layer(layer, h, keep)  # (B, T, k)
         return self.out(self.dropout(h))  # (B, T, num_outputs)

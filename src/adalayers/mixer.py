@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adalayers.dropout import Dropout
+
 
 @dataclass
 class MixerConfig:
@@ -176,7 +178,7 @@ class LayerMixer(nn.Module):
             )
         else:
             self.positions = None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self._local = {layer: i for i, layer in enumerate(self.layer_indices)}
 
     def distribution(self) -> torch.Tensor:
