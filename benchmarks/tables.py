@@ -39,6 +39,9 @@ def _cells() -> dict[tuple[str, str], dict[str, dict]]:
             continue
         comparison = result["comparison"]
         cell = cells.setdefault((comparison["task"], comparison["base"]), {})
+        for item in result.get("overrides") or []:  # inputs cut shorter than the config's
+            if item.startswith("data.max_length="):
+                cell["max_length"] = int(item.split("=", 1)[1])
         metric = comparison["metric"]
         for row in comparison["rows"].values():
             if row["baseline"] != "single_layer":
@@ -114,7 +117,12 @@ def _cell(row: dict | None) -> str:
 
 def compare_table() -> str:
     cells = _cells()
-    columns = [(t, b, f"{tn} × {bn}") for t, tn in TASKS for b, bn in BASES]
+
+    def title(t: str, tn: str, b: str, bn: str) -> str:
+        cut = cells.get((t, b), {}).get("max_length")
+        return f"{tn} × {bn}" + (f" (first {cut} tokens)" if cut else "")
+
+    columns = [(t, b, title(t, tn, b, bn)) for t, tn in TASKS for b, bn in BASES]
     lines = [
         "| baseline | " + " | ".join(c[2] for c in columns) + " |",
         "| --- |" + " --- |" * len(columns),
