@@ -340,3 +340,25 @@ def test_a_state_that_comes_back_is_read_again(setup):
     batch = {k: v for k, v in stale.items() if k not in ("index", "labels")}
     with torch.no_grad():
         assert model(**batch).shape == (3, 2)
+
+
+def test_cached_batches_carry_the_online_batch_mask_and_labels(setup):
+    """The cached loader reads labels and lengths from lists (no token ids): its batches have
+    the attention mask, labels and order of the online loader's, and the same batches."""
+    from accelerate import Accelerator
+
+    backbone, ds, root = setup
+    store = cache_module.open_or_build(backbone, ds, "train", [0, 1, 2, 3], root=root)
+    examples = train_module.CachedExamples(ds)
+    assert len(examples) == len(ds)
+    assert examples["length"] == ds["length"][:]
+    accelerator = Accelerator(cpu=True)
+    kwargs = {"shuffle": True, "seed": 5}
+    online = list(train_module._loader(accelerator, ds, 7, 0, **kwargs))
+    cached = list(train_module._loader(accelerator, examples, 7, 0, store=store, **kwargs))
+    assert len(online) == len(cached) > 1
+    for a, b in zip(online, cached):
+        assert torch.equal(a["index"], b["index"])
+        assert torch.equal(a["attention_mask"], b["attention_mask"])
+        assert torch.equal(a["labels"], b["labels"])
+        assert "input_ids" not in b and b["states"].shape[1] == int(a["attention_mask"].sum())
