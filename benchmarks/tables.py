@@ -27,6 +27,9 @@ ROWS = (
     ("finetune", "full fine-tuning"),
 )
 TASKS = (("imdb", "IMDB"), ("cola", "CoLA"), ("conll2003", "CoNLL-2003"))
+# overrides that give a whole comparison column a smaller budget than its config: the header
+# says so (every row of a column has the same budget)
+BUDGET = {"data.max_length": "first {} tokens", "train.epochs": "{} epochs"}
 BASES = (("all-MiniLM-L6-v2", "MiniLM"), ("SmolLM2-135M-Instruct", "SmolLM2"))
 
 
@@ -39,17 +42,19 @@ def _cells() -> dict[tuple[str, str], dict[str, dict]]:
             continue
         comparison = result["comparison"]
         cell = cells.setdefault((comparison["task"], comparison["base"]), {})
-        for item in result.get("overrides") or []:  # inputs cut shorter than the config's
-            if item.startswith("data.max_length="):
-                cell["max_length"] = int(item.split("=", 1)[1])
+        budget = [  # a budget other than the config's
+            BUDGET[key].format(value)
+            for key, _, value in (item.partition("=") for item in result.get("overrides") or [])
+            if key in BUDGET
+        ]
         metric = comparison["metric"]
         for row in comparison["rows"].values():
             if row["baseline"] != "single_layer":
-                cell[row["baseline"]] = {**row, "metric": metric}
+                cell[row["baseline"]] = {**row, "metric": metric, "budget": budget}
         best = result["summary"].get("best_single_layer")  # chosen on validation
         if best is not None:
             row = comparison["rows"][f"layer_{best['layer']}"]
-            cell["best_single_layer"] = {**row, "metric": metric}
+            cell["best_single_layer"] = {**row, "metric": metric, "budget": budget}
     return cells
 
 
@@ -98,7 +103,9 @@ def seeds_table() -> str:
     return "\n".join(lines)
 
 
-def _cell(row: dict | None) -> str:
+def _cell(row: dict | None, shared: list[str] | None = None) -> str:
+    """One row's test metric, layer, parameters and training time; ``shared``: the budget
+    note its column header already gives (not repeated)."""
     if row is None:
         return "not run"
     test, metric = row.get("test") or {}, row["metric"]
@@ -112,15 +119,23 @@ def _cell(row: dict | None) -> str:
         text += f"; {params / 1e6:.2f}M params" if params >= 1e5 else f"; {params:,} params"
     if row.get("train_seconds") is not None:
         text += f"; {row['train_seconds'] / 60:.1f} min"
+    own = [note for note in row.get("budget") or [] if note not in (shared or [])]
+    if own:
+        text += f" ({', '.join(own)})"
     return text
 
 
 def compare_table() -> str:
     cells = _cells()
 
+    def shared_budget(t: str, b: str) -> list[str]:
+        """The budget note every row of a column shares (said once, in its header)."""
+        budgets = {tuple(row["budget"]) for row in cells.get((t, b), {}).values()}
+        return list(budgets.pop()) if len(budgets) == 1 else []
+
     def title(t: str, tn: str, b: str, bn: str) -> str:
-        cut = cells.get((t, b), {}).get("max_length")
-        return f"{tn} × {bn}" + (f" (first {cut} tokens)" if cut else "")
+        budget = shared_budget(t, b)
+        return f"{tn} × {bn}" + (f" ({', '.join(budget)})" if budget else "")
 
     columns = [(t, b, title(t, tn, b, bn)) for t, tn in TASKS for b, bn in BASES]
     lines = [
@@ -129,7 +144,9 @@ def compare_table() -> str:
     ]
     for kind, label in ROWS:
         values = [
-            _cell(cells.get((t, b), {}).get(kind)) if (t, b) in cells else "not run"
+            _cell(cells.get((t, b), {}).get(kind), shared_budget(t, b))
+            if (t, b) in cells
+            else "not run"
             for t, b, _ in columns
         ]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
