@@ -27,8 +27,8 @@ ROWS = (
     ("finetune", "full fine-tuning"),
 )
 TASKS = (("imdb", "IMDB"), ("cola", "CoLA"), ("conll2003", "CoNLL-2003"))
-# overrides that give a whole comparison column a smaller budget than its config: the header
-# says so (every row of a column has the same budget)
+# overrides that give a comparison a smaller budget than its config: the rows say so, or the
+# column header when every row of the column shares it
 BUDGET = {"data.max_length": "first {} tokens", "train.epochs": "{} epochs"}
 BASES = (("all-MiniLM-L6-v2", "MiniLM"), ("SmolLM2-135M-Instruct", "SmolLM2"))
 
@@ -128,13 +128,13 @@ def _cell(row: dict | None, shared: list[str] | None = None) -> str:
 def compare_table() -> str:
     cells = _cells()
 
-    def shared_budget(t: str, b: str) -> list[str]:
-        """The budget note every row of a column shares (said once, in its header)."""
-        budgets = {tuple(row["budget"]) for row in cells.get((t, b), {}).values()}
-        return list(budgets.pop()) if len(budgets) == 1 else []
+    shared = {}  # (task, base) -> the budget note every row of the column shares
+    for key, cell in cells.items():
+        budgets = {tuple(row["budget"]) for row in cell.values()}
+        shared[key] = list(budgets.pop()) if len(budgets) == 1 else []
 
     def title(t: str, tn: str, b: str, bn: str) -> str:
-        budget = shared_budget(t, b)
+        budget = shared.get((t, b))
         return f"{tn} × {bn}" + (f" ({', '.join(budget)})" if budget else "")
 
     columns = [(t, b, title(t, tn, b, bn)) for t, tn in TASKS for b, bn in BASES]
@@ -144,9 +144,7 @@ def compare_table() -> str:
     ]
     for kind, label in ROWS:
         values = [
-            _cell(cells.get((t, b), {}).get(kind), shared_budget(t, b))
-            if (t, b) in cells
-            else "not run"
+            _cell(cells[(t, b)].get(kind), shared[(t, b)]) if (t, b) in cells else "not run"
             for t, b, _ in columns
         ]
         lines.append(f"| {label} | " + " | ".join(values) + " |")

@@ -15,6 +15,8 @@ or 1, it is ``torch.nn.functional.dropout``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,9 +26,7 @@ _LEVELS = 1 << 16  # 16-bit uniforms
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
     """A boolean mask of ``shape``, each element ``False`` with probability ``round(p·2¹⁶)/2¹⁶``."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     draws.random_(-(1 << 63), (1 << 63) - 1)  # (ceil(n/4),) every bit uniform
     r = draws.view(torch.int16)[:n].view(shape)  # four signed 16-bit uniforms per draw

@@ -176,16 +176,17 @@ class CachedExamples(torch.utils.data.Dataset):
 
     def __init__(self, ds: Any) -> None:
         self.columns = ds.select_columns(list(self.COLUMNS)).to_dict()
-        self._rows = [dict(zip(self.COLUMNS, row)) for row in zip(*self.columns.values())]
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self.columns["index"])
 
     def __getitem__(self, key: int | str) -> Any:
-        return self.columns[key] if isinstance(key, str) else self._rows[key]
+        if isinstance(key, str):
+            return self.columns[key]
+        return {name: values[key] for name, values in self.columns.items()}
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        return [self._rows[i] for i in indices]
+        return [self[i] for i in indices]
 
 
 # -- the model being trained -----------------------------------------------------------------
