@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE = {"imdb": "96.1 acc", "cola": "83.6 acc", "conll2003": "89.4 F1"}
 
@@ -27,9 +29,23 @@ ROWS = (
     ("finetune", "full fine-tuning"),
 )
 TASKS = (("imdb", "IMDB"), ("cola", "CoLA"), ("conll2003", "CoNLL-2003"))
+
+
 # overrides that give a comparison a smaller budget than its config: the rows say so, or the
 # column header when every row of the column shares it
-BUDGET = {"data.max_length": "first {} tokens", "train.epochs": "{} epochs"}
+def _sample(value: str) -> str:
+    """``data.sample``'s override (a number or ``{split: number}``) as a budget note."""
+    sizes = yaml.safe_load(value)
+    if isinstance(sizes, int):
+        return f"random {sizes:,} of every split"
+    return "random " + " / ".join(f"{n:,} {split}" for split, n in sizes.items())
+
+
+BUDGET = {
+    "data.max_length": "first {} tokens".format,
+    "train.epochs": "{} epochs".format,
+    "data.sample": _sample,
+}
 BASES = (("all-MiniLM-L6-v2", "MiniLM"), ("SmolLM2-135M-Instruct", "SmolLM2"))
 
 
@@ -43,7 +59,7 @@ def _cells() -> dict[tuple[str, str], dict[str, dict]]:
         comparison = result["comparison"]
         cell = cells.setdefault((comparison["task"], comparison["base"]), {})
         budget = [  # a budget other than the config's
-            BUDGET[key].format(value)
+            BUDGET[key](value)
             for key, _, value in (item.partition("=") for item in result.get("overrides") or [])
             if key in BUDGET
         ]

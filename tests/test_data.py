@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
+from adalayers.config import DataConfig
 from adalayers.data import load_task_data, read_conll, readers, split_validation
 
 # --------------------------------------------------------------------------- fixtures
@@ -416,3 +417,45 @@ def test_real_imdb_counts():
     assert Counter(train) == {"negative": 12500, "positive": 12500}
     assert Counter(task.splits["test"]["label"]) == {"negative": 12500, "positive": 12500}
     assert Counter(task.splits["validation"]["label"]) == {"negative": 1250, "positive": 1250}
+
+
+def test_sample_draws_a_seeded_subset_in_file_order(data_dir):
+    full = load_task_data("cola", data_dir)
+    task = load_task_data("cola", data_dir, sample={"train": 3, "validation": 2})
+    assert {s: len(d) for s, d in task.splits.items()} == {"train": 3, "validation": 2, "test": 2}
+    texts = full.splits["train"]["text"]
+    picked = [texts.index(t) for t in task.splits["train"]["text"]]
+    assert picked == sorted(picked)  # file order kept
+    again = load_task_data("cola", data_dir, sample={"train": 3, "validation": 2})
+    assert again.splits["train"]["text"] == task.splits["train"]["text"]  # same seed, same subset
+    other = load_task_data("cola", data_dir, sample=3, seed=7)
+    assert other.splits["train"]["text"] != task.splits["train"]["text"]
+    assert len(other.splits["train"]) == 3
+    assert task.splits["test"]["text"] == full.splits["test"]["text"]  # not named: whole
+
+
+def test_sample_is_representative_where_limit_is_not(tmp_path):
+    # a file sorted by label (as IMDB's are): the first N are one class, a sample has both
+    folder = tmp_path / "imdb"
+    folder.mkdir()
+    for split in ("train", "test"):
+        rows = [{"text": f"{split} review {i}", "label": int(i >= 50)} for i in range(100)]
+        with gzip.open(folder / f"{split}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    first = load_task_data("imdb", tmp_path, limit=20)
+    assert set(first.splits["test"]["label"]) == {"negative"}
+    sampled = load_task_data("imdb", tmp_path, sample={"test": 20})
+    assert set(sampled.splits["test"]["label"]) == {"negative", "positive"}
+
+
+def test_sample_errors_name_the_key(data_dir):
+    with pytest.raises(ValueError, match="unknown split"):
+        load_task_data("cola", data_dir, sample={"dev": 3})
+    with pytest.raises(ValueError, match="train must be a positive"):
+        load_task_data("cola", data_dir, sample={"train": 0})
+    with pytest.raises(ValueError, match="contradict"):
+        load_task_data("cola", data_dir, sample=3, limit=3)
+    with pytest.raises(ValueError, match="data.sample names the split 'dev'"):
+        DataConfig(sample={"dev": 3})
+    with pytest.raises(ValueError, match="data.limit and data.sample"):
+        DataConfig(sample=3, limit=3)

@@ -216,6 +216,31 @@ def test_token_task_end_to_end(tmp_path, tiny_model_dir):
     assert results["test"]["examples"] == 9
 
 
+def test_token_task_with_bio_decoding_predicts_valid_tags(tmp_path, tiny_model_dir):
+    from adalayers.config import load_config
+    from adalayers.model import AdaLayers
+
+    data = write_conll(tmp_path / "data")
+    config = write_config(
+        tmp_path / "cfg.yaml", tiny_model_dir("roberta"), task="conll2003", epochs=1
+    )
+    run = tmp_path / "run"
+    results = train_module.fit(
+        load_config(config, ["task.head.decoding=bio"], data_dir=str(data)), run, quiet=True
+    )
+    assert results["metric"] == "f1"
+    _, backbone, task = train_module.load_run(run)
+    assert task.decoding == "bio"  # saved with the task
+    model = AdaLayers(backbone)
+    model.add_task("ner", task)
+    words = [["Peter", "Blackburn", "went", "to", "Rome", "and", "Paris", "today"]] * 3
+    for out in model.predict(words):
+        tags = out["ner"]["labels"]
+        assert len(tags) == 8
+        for previous, tag in zip(["O", *tags], tags):
+            assert not tag.startswith("I-") or previous[2:] == tag[2:], tags
+
+
 def _env():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent)] + sys.path)

@@ -40,6 +40,10 @@ class DataConfig:
         task_type: user formats: ``sequence_classification`` (default) or ``regression``.
         max_length: tokens per input (longer inputs are truncated with a warning).
         limit: keep only the first N examples of each split (quick runs, tests).
+        sample: keep a random N examples of each split, drawn with ``seed`` and kept in file
+            order; an integer for every split or a mapping ``{train: N, test: M}`` (splits not
+            named stay whole). Unlike ``limit`` it stays representative when a file is sorted
+            (IMDB's files are sorted by label).
         seed: seed of the stratified validation split.
     """
 
@@ -50,6 +54,7 @@ class DataConfig:
     task_type: str | None = None
     max_length: int = 128
     limit: int | None = None
+    sample: int | dict[str, int] | None = None
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -57,6 +62,16 @@ class DataConfig:
             raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"data.limit must be >= 1, got {self.limit}")
+        if self.limit is not None and self.sample is not None:
+            raise ValueError("data.limit and data.sample contradict each other: set only one")
+        sizes = self.sample if isinstance(self.sample, dict) else {"train": self.sample or 1}
+        for split, size in sizes.items():
+            if split not in ("train", "validation", "test"):
+                raise ValueError(
+                    f"data.sample names the split {split!r}; use train, validation or test"
+                )
+            if size < 1:
+                raise ValueError(f"data.sample: {split} must be >= 1 examples, got {size}")
 
 
 @dataclass

@@ -37,6 +37,7 @@ from torch import nn
 
 from adalayers.backbone import Backbone, resolve_model_path
 from adalayers.config import RunConfig, save_config
+from adalayers.decoding import check_iob2
 from adalayers.encoding import IGNORE_INDEX
 from adalayers.metrics import primary_metric
 from adalayers.train import (
@@ -70,6 +71,16 @@ class LabelSpace:
 
     task_type: str
     labels: list[str]
+    decoding: str = "argmax"  # token tasks: head.decoding, as for the mixer's head
+
+    def __post_init__(self) -> None:
+        if self.decoding == "bio":
+            if self.task_type != "token_classification":
+                raise ValueError(
+                    f"head.decoding=bio is for token-classification tasks; this task is "
+                    f"{self.task_type}: remove the setting"
+                )
+            check_iob2(self.labels)
 
     def label_ids(self, names: Sequence[str]) -> list[int]:
         """Label names -> ids; an unknown name raises a ``ValueError`` listing the known ones."""
@@ -190,7 +201,7 @@ def finetune(
 
     _seed_everything(train_cfg.seed)
     data = _load_data(config)
-    space = LabelSpace(data.task_type, list(data.label_names))
+    space = LabelSpace(data.task_type, list(data.label_names), config.task.head.decoding)
     model, tokenizer = load_model(config, space)
     probe = types.SimpleNamespace(tokenizer=tokenizer, model=model)
     max_length = min(config.data.max_length, Backbone.max_length.fget(probe))  # as fit() does

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +22,16 @@ class HeadConfig:
             linear layer (0: linear only). Sequence tasks always use one attention layer.
         ff_dim: feed-forward width of those encoder layers.
         dropout: dropout inside the head.
+        decoding: token tasks: how scores become tags. ``argmax`` (each word's best tag) or
+            ``bio`` (the best valid IOB2 sequence, see :mod:`adalayers.decoding`). Used in
+            evaluation, ``predict`` and serving; training is the same for both.
     """
 
     num_heads: int = 8
     num_layers: int = 1
     ff_dim: int = 2048
     dropout: float = 0.0
+    decoding: Literal["argmax", "bio"] = "argmax"
 
     def __post_init__(self) -> None:
         if self.num_heads <= 0 or self.num_layers < 0 or self.ff_dim <= 0:
@@ -37,6 +41,8 @@ class HeadConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"head.dropout must be in [0, 1), got {self.dropout}")
+        if self.decoding not in ("argmax", "bio"):
+            raise ValueError(f"head.decoding must be argmax or bio, got {self.decoding!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HeadConfig:

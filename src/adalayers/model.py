@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adalayers.backbone import Backbone, BaseInfo
+from adalayers.decoding import check_iob2, decode_words
 from adalayers.encoding import (
     IGNORE_INDEX,
     check_texts,
@@ -77,6 +78,13 @@ class TaskConfig:
             )
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"label names must be distinct, got {self.labels}")
+        if self.head.decoding == "bio":
+            if self.task_type != "token_classification":
+                raise ValueError(
+                    f"head.decoding=bio is for token-classification tasks; this task is "
+                    f"{self.task_type}: remove the setting"
+                )
+            check_iob2(self.labels)
 
     @property
     def num_outputs(self) -> int:
@@ -122,6 +130,11 @@ class Task(nn.Module):
     @property
     def labels(self) -> list[str]:
         return self.config.labels
+
+    @property
+    def decoding(self) -> str:
+        """How a token task's scores become tags (``head.decoding``)."""
+        return self.config.head.decoding
 
     def num_parameters(self) -> int:
         """Parameters this task adds to the base (trainable or not)."""
@@ -505,12 +518,11 @@ class AdaLayers(nn.Module):
             if task.task_type == "token_classification":
                 per_word = word_logits(windows, values, [len(w) for w in items])
                 for i, rows in enumerate(per_word):
-                    probs = rows.softmax(-1)
-                    score, idx = probs.max(-1)
+                    tags, scores = decode_words(rows, task.labels, task.decoding)
                     out[i][name] = {
                         "words": items[i],
-                        "labels": [task.labels[j] for j in idx.tolist()],
-                        "scores": score.tolist(),
+                        "labels": [task.labels[j] for j in tags],
+                        "scores": scores,
                     }
             elif task.task_type == "regression":
                 for i, row in enumerate(first_window):

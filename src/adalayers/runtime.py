@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from adalayers.backbone import Backbone
+from adalayers.decoding import decode_words
 from adalayers.model import CONFIG_NAME, AdaLayers, Task, check_base
 from adalayers.taps import stream_taps
 
@@ -332,8 +333,8 @@ class AttachedTasks:
                 for i in range(len(out)):
                     out[i][name] = {"label": task.labels[idx[i].item()], "score": score[i].item()}
             else:
-                score, idx = values.softmax(-1).max(-1)  # (B, T)
                 for i, n in enumerate(lengths):
+                    tags, scores = decode_words(values[i, :n], task.labels, task.decoding)
                     ids = self._ids[i, :n].tolist() if self._ids is not None else None
                     tokens = (
                         tokenizer.convert_ids_to_tokens(ids)
@@ -342,8 +343,8 @@ class AttachedTasks:
                     )
                     out[i][name] = {
                         "tokens": tokens,
-                        "labels": [task.labels[j] for j in idx[i, :n].tolist()],
-                        "scores": score[i, :n].tolist(),
+                        "labels": [task.labels[j] for j in tags],
+                        "scores": scores,
                     }
         return out
 

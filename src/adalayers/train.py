@@ -38,6 +38,7 @@ from adalayers.backbone import Backbone, load_backbone
 from adalayers.cache import FeatureStore, open_or_build, probe_layers
 from adalayers.config import RunConfig, load_config, save_config
 from adalayers.data import TaskData, load_task_data
+from adalayers.decoding import decode_words
 from adalayers.encoding import IGNORE_INDEX, align_labels, tokenize_words
 from adalayers.metrics import compute_metrics, confusion_matrix, primary_metric
 from adalayers.model import AdaLayers, Task, TaskConfig
@@ -313,6 +314,21 @@ def _gather(accelerator: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...
 
 
 # -- evaluation ------------------------------------------------------------------------------
+def _token_predictions(logits: torch.Tensor, labels: torch.Tensor, task: Any) -> torch.Tensor:
+    """(B, T) tag ids at the labelled (first sub-)tokens, ``IGNORE_INDEX`` elsewhere, read
+    from the logits (B, T, C) the way ``task.decoding`` says (each word, or each sentence's
+    best valid IOB2 sequence)."""
+    scored = labels != IGNORE_INDEX  # (B, T)
+    decoding = getattr(task, "decoding", "argmax")
+    if decoding == "argmax":
+        return logits.argmax(-1).masked_fill(~scored, IGNORE_INDEX)
+    pred = torch.full_like(labels, IGNORE_INDEX)
+    for row in range(logits.shape[0]):
+        tags, _ = decode_words(logits[row][scored[row]], task.labels, decoding)
+        pred[row, scored[row]] = torch.tensor(tags, dtype=pred.dtype, device=pred.device)
+    return pred
+
+
 @torch.no_grad()
 def evaluate_split(
     accelerator: Any,
@@ -342,7 +358,7 @@ def evaluate_split(
         labels = batch.pop("labels")
         logits = model(**batch)
         if token_task:
-            pred = logits.argmax(-1).masked_fill(labels == IGNORE_INDEX, IGNORE_INDEX)
+            pred = _token_predictions(logits, labels, task)
             pred = accelerator.pad_across_processes(pred, dim=1, pad_index=IGNORE_INDEX)
             index, pred = _gather(accelerator, index, pred)
             preds.extend(pred.tolist())
@@ -885,6 +901,7 @@ def _load_data(config: RunConfig) -> TaskData:
         files=d.files,
         columns=d.columns,
         limit=d.limit,
+        sample=d.sample,
         task_type=d.task_type,
     )
 

@@ -28,6 +28,7 @@ import gzip
 import json
 import logging
 import os
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,6 +459,20 @@ def _user_files(
 # --------------------------------------------------------------------------- entry point
 
 
+def _sample_sizes(sample: int | dict[str, int] | None) -> dict[str, int]:
+    """``sample`` as split -> number of examples; checks the splits and numbers."""
+    if sample is None:
+        return {}
+    sizes = dict.fromkeys(SPLITS, sample) if isinstance(sample, int) else dict(sample)
+    unknown = [s for s in sizes if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"sample names unknown split(s) {unknown}; the splits are {list(SPLITS)}")
+    for split, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"sample: {split} must be a positive number of examples, got {size!r}")
+    return sizes
+
+
 def load_task_data(
     name: str,
     data_dir: str | os.PathLike | None = None,
@@ -466,6 +481,7 @@ def load_task_data(
     files: dict[str, str | os.PathLike] | None = None,
     columns: dict[str, Any] | None = None,
     limit: int | None = None,
+    sample: int | dict[str, int] | None = None,
     task_type: str | None = None,
     label_names: list[str] | None = None,
 ) -> TaskData:
@@ -484,6 +500,9 @@ def load_task_data(
             (defaults ``"text"``, none, ``"label"``); CoNLL: ``{"tokens": 0, "tags": -1}``
             (column indices).
         limit: Keep the first ``limit`` examples of every split (after splitting).
+        sample: Keep a random subset of every split (after splitting), drawn with ``seed`` and
+            kept in file order: a number of examples for every split, or ``{split: number}``
+            (splits not named stay whole). A split smaller than the number stays whole.
         task_type: User CSV / JSONL only: ``"sequence_classification"`` (default) or
             ``"regression"`` (labels parsed as floats).
         label_names: User tasks only: the full label set, in id order; labels outside it raise.
@@ -499,6 +518,9 @@ def load_task_data(
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples, got {limit}")
+    if limit is not None and sample is not None:
+        raise ValueError("limit and sample contradict each other: give only one")
+    sizes = _sample_sizes(sample)
     if name in BENCHMARKS:
         if files or columns or task_type or label_names:
             raise ValueError(
@@ -535,6 +557,11 @@ def load_task_data(
             label_names = sorted({x for ds in splits.values() for x in ds["label"]})
     if limit is not None:
         splits = {s: ds.select(range(min(limit, len(ds)))) for s, ds in splits.items()}
+    for split, size in sizes.items():
+        ds = splits[split]
+        if size < len(ds):
+            rng = random.Random(f"{seed}-{split}")
+            splits[split] = ds.select(sorted(rng.sample(range(len(ds)), size)))
     result = DatasetDict({s: splits[s] for s in SPLITS})
     logger.info("%s: %s", name, {s: len(ds) for s, ds in result.items()})
     return TaskData(name=name, task_type=task_type, label_names=label_names, splits=result)
