@@ -229,6 +229,12 @@ def test_token_task_with_bio_decoding_predicts_valid_tags(tmp_path, tiny_model_d
         load_config(config, ["task.head.decoding=bio"], data_dir=str(data)), run, quiet=True
     )
     assert results["metric"] == "f1"
+    again = train_module.evaluate_run(run, "test", data_dir=str(data), quiet=True)
+    assert again["f1"] == results["test"]["f1"]
+    argmax = train_module.evaluate_run(
+        run, "test", data_dir=str(data), decoding="argmax", quiet=True
+    )
+    assert argmax["examples"] == again["examples"]
     _, backbone, task = train_module.load_run(run)
     assert task.decoding == "bio"  # saved with the task
     model = AdaLayers(backbone)
@@ -431,6 +437,9 @@ def test_cli_predict_bad_input_file(cola, tmp_path, capsys):
     empty.write_text("\n  \n")
     assert main(["predict", str(run), "--input", str(empty)]) == 2
     assert "no inputs" in capsys.readouterr().err
+    # a sequence task has no tag sequence to decode
+    assert main(["evaluate", str(run), "--data-dir", str(data), "--decoding", "bio"]) == 2
+    assert "head.decoding=bio is for token-classification" in capsys.readouterr().err
 
 
 def test_cli_has_every_command():

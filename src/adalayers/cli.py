@@ -85,7 +85,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from adalayers.train import evaluate_run
 
-    _print_json(evaluate_run(args.run, args.split, data_dir=args.data_dir, quiet=args.quiet))
+    _print_json(
+        evaluate_run(
+            args.run,
+            args.split,
+            data_dir=args.data_dir,
+            decoding=args.decoding,
+            quiet=args.quiet,
+        )
+    )
     return 0
 
 
@@ -294,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--data-dir")
+    p.add_argument(
+        "--decoding",
+        choices=["argmax", "bio"],
+        help="token tasks: read the scores this way instead of the run's head.decoding",
+    )
     common(p)
     p.set_defaults(func=cmd_evaluate)
 

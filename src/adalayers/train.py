@@ -15,6 +15,7 @@ base and the task, gradients of the task are all-reduced.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -937,12 +938,22 @@ def evaluate_run(
     split: str = "test",
     *,
     data_dir: str | None = None,
+    decoding: str | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a finished run's best task on one split of its data."""
+    """Evaluate a finished run's best task on one split of its data.
+
+    Args:
+        decoding: token tasks: ``argmax`` or ``bio`` instead of the saved ``head.decoding``
+            (the same trained weights, read another way).
+    """
     config, backbone, task = load_run(run_dir)
     if data_dir is not None:
         config.data.data_dir = data_dir
+    if decoding is not None:
+        saved = task.config
+        head = dataclasses.replace(saved.head, decoding=decoding)
+        task.config = TaskConfig(saved.task_type, saved.labels, saved.mixer, head)  # checks it
     data = _load_data(config)
     if split not in data.splits or len(data.splits[split]) == 0:
         raise ValueError(
