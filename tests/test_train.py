@@ -235,6 +235,9 @@ def test_token_task_with_bio_decoding_predicts_valid_tags(tmp_path, tiny_model_d
         run, "test", data_dir=str(data), decoding="argmax", quiet=True
     )
     assert argmax["examples"] == again["examples"]
+    # a bio run also reports the per-word reading of the same scores
+    assert results["test"]["argmax"]["f1"] == argmax["f1"]
+    assert "argmax" not in argmax
     _, backbone, task = train_module.load_run(run)
     assert task.decoding == "bio"  # saved with the task
     model = AdaLayers(backbone)

@@ -352,7 +352,8 @@ def evaluate_split(
         accelerator, ds, batch_size, pad_id, shuffle=False, seed=0, store=store, task=task
     )
     token_task = task.task_type == "token_classification"
-    indices, preds, golds = [], [], []
+    decoded = token_task and getattr(task, "decoding", "argmax") != "argmax"
+    indices, preds, golds, argmax = [], [], [], []
     for batch in _progress(loader, total=len(loader), desc=f"eval {split}", enabled=progress):
         _ensure_states(batch, store, task)
         index = batch.pop("index")
@@ -360,9 +361,18 @@ def evaluate_split(
         logits = model(**batch)
         if token_task:
             pred = _token_predictions(logits, labels, task)
-            pred = accelerator.pad_across_processes(pred, dim=1, pad_index=IGNORE_INDEX)
-            index, pred = _gather(accelerator, index, pred)
-            preds.extend(pred.tolist())
+            if decoded:  # also per word, to report what the decoding changed
+                both = torch.stack(
+                    [pred, logits.argmax(-1).masked_fill(pred == IGNORE_INDEX, IGNORE_INDEX)], 1
+                )
+                both = accelerator.pad_across_processes(both, dim=2, pad_index=IGNORE_INDEX)
+                index, both = _gather(accelerator, index, both)
+                preds.extend(both[:, 0].tolist())
+                argmax.extend(both[:, 1].tolist())
+            else:
+                pred = accelerator.pad_across_processes(pred, dim=1, pad_index=IGNORE_INDEX)
+                index, pred = _gather(accelerator, index, pred)
+                preds.extend(pred.tolist())
         else:
             pred = logits.squeeze(-1) if task.task_type == "regression" else logits.argmax(-1)
             index, pred, labels = _gather(accelerator, index, pred, labels)
@@ -378,14 +388,20 @@ def evaluate_split(
     order = [first[i] for i in range(len(ds))]
     raw = data.splits[split]
     if token_task:
-        true_tags, pred_tags = [], []
         gold_column = raw["tags"][:]
-        for i, position in enumerate(order):
-            words = [task.labels[p] for p in preds[position] if p != IGNORE_INDEX]
-            gold = list(gold_column[i])
-            true_tags.append(gold)
-            pred_tags.append(words + ["O"] * (len(gold) - len(words)))
-        metrics = compute_metrics(task.task_type, true_tags, pred_tags)
+        true_tags = [list(gold_column[i]) for i in range(len(order))]
+
+        def tags(rows: list[list[int]]) -> list[list[str]]:
+            out = []
+            for gold, position in zip(true_tags, order):
+                words = [task.labels[p] for p in rows[position] if p != IGNORE_INDEX]
+                out.append(words + ["O"] * (len(gold) - len(words)))
+            return out
+
+        metrics = compute_metrics(task.task_type, true_tags, tags(preds))
+        if decoded:
+            per_word = compute_metrics(task.task_type, true_tags, tags(argmax))
+            metrics["argmax"] = {k: per_word[k] for k in ("precision", "recall", "f1")}
     else:
         y_pred = [preds[p] for p in order]
         y_true = [golds[p] for p in order]
