@@ -46,22 +46,25 @@ BUDGET = {
     "train.epochs": "{} epochs".format,
     "data.sample": _sample,
 }
+# overrides that change how every row of a comparison is read: such a comparison gets a column
+# of its own beside the config's
+SETTING = {"task.head.decoding": lambda value: f"{value.upper()} decoding"}
 BASES = (("all-MiniLM-L6-v2", "MiniLM"), ("SmolLM2-135M-Instruct", "SmolLM2"))
 
 
-def _cells() -> dict[tuple[str, str], dict[str, dict]]:
-    """(task, base) -> row kind -> the run's row, from every compare_*.json."""
-    cells: dict[tuple[str, str], dict[str, dict]] = {}
+def _cells() -> dict[tuple[str, str, str], dict[str, dict]]:
+    """(task, base, setting) -> row kind -> the run's row, from every compare_*.json."""
+    cells: dict[tuple[str, str, str], dict[str, dict]] = {}
     for path in sorted(RESULTS.glob("compare_*.json")):
         result = json.loads(path.read_text())
         if result.get("variant") or _seed(result) is not None:
             continue
         comparison = result["comparison"]
-        cell = cells.setdefault((comparison["task"], comparison["base"]), {})
+        overrides = [item.partition("=") for item in result.get("overrides") or []]
+        setting = ", ".join(SETTING[key](value) for key, _, value in overrides if key in SETTING)
+        cell = cells.setdefault((comparison["task"], comparison["base"], setting), {})
         budget = [  # a budget other than the config's
-            BUDGET[key](value)
-            for key, _, value in (item.partition("=") for item in result.get("overrides") or [])
-            if key in BUDGET
+            BUDGET[key](value) for key, _, value in overrides if key in BUDGET
         ]
         metric = comparison["metric"]
         for row in comparison["rows"].values():
@@ -126,6 +129,8 @@ def _cell(row: dict | None, shared: list[str] | None = None) -> str:
         return "not run"
     test, metric = row.get("test") or {}, row["metric"]
     text = f"{metric} {fmt(test.get(metric))}"
+    if metric in (test.get("argmax") or {}):  # BIO decoding: the same scores read per word
+        text += f" (argmax {fmt(test['argmax'][metric])})"
     if metric == "mcc" and "accuracy" in test:
         text += f" (acc {fmt(test['accuracy'])})"
     if row.get("layer") is not None:
@@ -149,19 +154,23 @@ def compare_table() -> str:
         budgets = {tuple(row["budget"]) for row in cell.values()}
         shared[key] = list(budgets.pop()) if len(budgets) == 1 else []
 
-    def title(t: str, tn: str, b: str, bn: str) -> str:
-        budget = shared.get((t, b))
-        return f"{tn} × {bn}" + (f" ({', '.join(budget)})" if budget else "")
+    def title(key: tuple[str, str, str], tn: str, bn: str) -> str:
+        notes = list(shared.get(key) or []) + ([key[2]] if key[2] else [])
+        return f"{tn} × {bn}" + (f" ({', '.join(notes)})" if notes else "")
 
-    columns = [(t, b, title(t, tn, b, bn)) for t, tn in TASKS for b, bn in BASES]
+    columns = []  # the config's column, then one per other setting run
+    for t, tn in TASKS:
+        for b, bn in BASES:
+            settings = sorted(s for (ct, cb, s) in cells if (ct, cb) == (t, b)) or [""]
+            columns += [((t, b, s), title((t, b, s), tn, bn)) for s in settings]
     lines = [
-        "| baseline | " + " | ".join(c[2] for c in columns) + " |",
+        "| baseline | " + " | ".join(c[1] for c in columns) + " |",
         "| --- |" + " --- |" * len(columns),
     ]
     for kind, label in ROWS:
         values = [
-            _cell(cells[(t, b)].get(kind), shared[(t, b)]) if (t, b) in cells else "not run"
-            for t, b, _ in columns
+            _cell(cells[key].get(kind), shared[key]) if key in cells else "not run"
+            for key, _ in columns
         ]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     return "\n".join(lines)
@@ -183,10 +192,16 @@ def variants_table() -> str:
             s for s in result["overrides"] if not s.startswith(("train.cache", "cache."))
         )
         for name, row in comparison["rows"].items():
+            cells = []
+            for split in ("validation", "test"):
+                scores = row.get(split) or {}
+                cell = f"{metric} {fmt(scores.get(metric))}"
+                if metric in (scores.get("argmax") or {}):  # bio decoding: the per-word reading
+                    cell += f" (argmax {fmt(scores['argmax'][metric])})"
+                cells.append(cell)
             lines.append(
                 f"| {comparison['task']} × {comparison['base']} | {name} | {changed or '–'} "
-                f"| {metric} {fmt((row.get('validation') or {}).get(metric))} "
-                f"| {metric} {fmt((row.get('test') or {}).get(metric))} |"
+                f"| {cells[0]} | {cells[1]} |"
             )
     return "\n".join(lines)
 
