@@ -45,12 +45,21 @@ def machine() -> dict:
 
 
 def git_commit() -> str | None:
+    """The checked-out commit, with ``+changes`` when tracked files differ from it."""
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        git = ["git", "-C", str(Path(__file__).resolve().parents[1])]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
+        changed = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "src", "benchmarks"])
     except (OSError, subprocess.CalledProcessError):
         return None
+    return head + ("+changes" if changed.returncode else "")
+
+
+# the code a benchmark runs is the code at its start, not at the commit checked out when it
+# writes its results hours later
+STARTED_AT = git_commit()
 
 
 def write_result(name: str, payload: dict) -> Path:
@@ -60,7 +69,7 @@ def write_result(name: str, payload: dict) -> Path:
         **payload,
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
-        "commit": git_commit(),
+        "commit": STARTED_AT,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     path = RESULTS / f"{name}.json"
