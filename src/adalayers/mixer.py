@@ -47,7 +47,10 @@ class MixerConfig:
     Attributes:
         dim: ``k``, the width every layer is projected to.
         alpha: temperature-like factor in ``softmax(alpha * p)``; larger values let the
-            distribution move faster (typical 64-128).
+            distribution move faster. With Adam each logit ``alpha * p_i`` moves by about
+            ``alpha * lr`` per step whatever its gradient, so alpha sets the distribution's
+            speed: the reference used 64-128; on short budgets (a few hundred to a few
+            thousand steps) 1-4 did better on validation here (BENCHMARKS.md).
         cutoff: weights ``<= cutoff`` are zeroed and the rest renormalised; 0 disables.
         entropy_weight: ``lambda`` in the ``lambda * H(p~)`` loss term; 0 disables.
         dropout: dropout on the mixed features ``F``.
