@@ -122,15 +122,21 @@ def seeds_table() -> str:
     return "\n".join(lines)
 
 
+def _score(scores: dict, metric: str) -> str:
+    """``metric`` of one split; under BIO decoding also the argmax reading of the same scores."""
+    text = f"{metric} {fmt(scores.get(metric))}"
+    if metric in (scores.get("argmax") or {}):
+        text += f" (argmax {fmt(scores['argmax'][metric])})"
+    return text
+
+
 def _cell(row: dict | None, shared: list[str] | None = None) -> str:
     """One row's test metric, layer, parameters and training time; ``shared``: the budget
     note its column header already gives (not repeated)."""
     if row is None:
         return "not run"
     test, metric = row.get("test") or {}, row["metric"]
-    text = f"{metric} {fmt(test.get(metric))}"
-    if metric in (test.get("argmax") or {}):  # BIO decoding: the same scores read per word
-        text += f" (argmax {fmt(test['argmax'][metric])})"
+    text = _score(test, metric)
     if metric == "mcc" and "accuracy" in test:
         text += f" (acc {fmt(test['accuracy'])})"
     if row.get("layer") is not None:
@@ -192,16 +198,10 @@ def variants_table() -> str:
             s for s in result["overrides"] if not s.startswith(("train.cache", "cache."))
         )
         for name, row in comparison["rows"].items():
-            cells = []
-            for split in ("validation", "test"):
-                scores = row.get(split) or {}
-                cell = f"{metric} {fmt(scores.get(metric))}"
-                if metric in (scores.get("argmax") or {}):  # bio decoding: the per-word reading
-                    cell += f" (argmax {fmt(scores['argmax'][metric])})"
-                cells.append(cell)
             lines.append(
                 f"| {comparison['task']} × {comparison['base']} | {name} | {changed or '–'} "
-                f"| {cells[0]} | {cells[1]} |"
+                f"| {_score(row.get('validation') or {}, metric)} "
+                f"| {_score(row.get('test') or {}, metric)} |"
             )
     return "\n".join(lines)
 

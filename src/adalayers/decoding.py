@@ -29,6 +29,17 @@ def check_iob2(labels: Sequence[str]) -> None:
         )
 
 
+def check_decoding(decoding: str, task_type: str, labels: Sequence[str]) -> None:
+    """Raise a ``ValueError`` unless ``decoding`` suits a task of this type and labels."""
+    if decoding == "bio":
+        if task_type != "token_classification":
+            raise ValueError(
+                f"head.decoding=bio is for token-classification tasks; this task is "
+                f"{task_type}: remove the setting"
+            )
+        check_iob2(labels)
+
+
 def bio_transitions(labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Which tags may start a sentence (C,) and follow each tag (C, C) under IOB2.
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from adalayers.backbone import Backbone, resolve_model_path
 from adalayers.config import RunConfig, save_config
-from adalayers.decoding import check_iob2
+from adalayers.decoding import check_decoding
 from adalayers.encoding import IGNORE_INDEX
 from adalayers.metrics import primary_metric
 from adalayers.train import (
@@ -74,13 +74,7 @@ class LabelSpace:
     decoding: str = "argmax"  # token tasks: head.decoding, as for the mixer's head
 
     def __post_init__(self) -> None:
-        if self.decoding == "bio":
-            if self.task_type != "token_classification":
-                raise ValueError(
-                    f"head.decoding=bio is for token-classification tasks; this task is "
-                    f"{self.task_type}: remove the setting"
-                )
-            check_iob2(self.labels)
+        check_decoding(self.decoding, self.task_type, self.labels)
 
     def label_ids(self, names: Sequence[str]) -> list[int]:
         """Label names -> ids; an unknown name raises a ``ValueError`` listing the known ones."""

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adalayers.backbone import Backbone, BaseInfo
-from adalayers.decoding import check_iob2, decode_words
+from adalayers.decoding import check_decoding, decode_words
 from adalayers.encoding import (
     IGNORE_INDEX,
     check_texts,
@@ -78,13 +78,7 @@ class TaskConfig:
             )
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"label names must be distinct, got {self.labels}")
-        if self.head.decoding == "bio":
-            if self.task_type != "token_classification":
-                raise ValueError(
-                    f"head.decoding=bio is for token-classification tasks; this task is "
-                    f"{self.task_type}: remove the setting"
-                )
-            check_iob2(self.labels)
+        check_decoding(self.head.decoding, self.task_type, self.labels)
 
     @property
     def num_outputs(self) -> int:

@@ -320,12 +320,11 @@ def _token_predictions(logits: torch.Tensor, labels: torch.Tensor, task: Any) ->
     from the logits (B, T, C) the way ``task.decoding`` says (each word, or each sentence's
     best valid IOB2 sequence)."""
     scored = labels != IGNORE_INDEX  # (B, T)
-    decoding = getattr(task, "decoding", "argmax")
-    if decoding == "argmax":
+    if task.decoding == "argmax":
         return logits.argmax(-1).masked_fill(~scored, IGNORE_INDEX)
     pred = torch.full_like(labels, IGNORE_INDEX)
     for row in range(logits.shape[0]):
-        tags, _ = decode_words(logits[row][scored[row]], task.labels, decoding)
+        tags, _ = decode_words(logits[row][scored[row]], task.labels, task.decoding)
         pred[row, scored[row]] = torch.tensor(tags, dtype=pred.dtype, device=pred.device)
     return pred
 
@@ -352,7 +351,7 @@ def evaluate_split(
         accelerator, ds, batch_size, pad_id, shuffle=False, seed=0, store=store, task=task
     )
     token_task = task.task_type == "token_classification"
-    decoded = token_task and getattr(task, "decoding", "argmax") != "argmax"
+    decoded = token_task and task.decoding != "argmax"
     indices, preds, golds, argmax = [], [], [], []
     for batch in _progress(loader, total=len(loader), desc=f"eval {split}", enabled=progress):
         _ensure_states(batch, store, task)
