@@ -11,7 +11,9 @@ with every row (metrics, parameters added, training and wall time) and a summary
 against the best single layer, the last layer, the uniform and the scalar mix, and full
 fine-tuning where it ran. ``python benchmarks/tables.py --compare`` prints the table.
 ``--variant`` marks a run of other hyper-parameters (e.g. ``--baselines mixer --set
-task.mixer.alpha=1``), listed apart.
+task.mixer.alpha=1``), listed apart. ``--mixer-grid alpha=1,4,16`` (passed on to ``adalayers
+compare``) trains the mixer at those values too; the summary's ``mixer_chosen`` is the mixer row
+best on validation, and tables.py shows it as a row of its own.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ def headline(comparison: dict) -> dict:
     for name in ("mixer", "last", "uniform", "scalar_mix", "finetune"):
         if name in rows:
             out[name] = test(rows[name])
+    chosen = comparison.get("mixer_chosen")
+    if chosen is not None:
+        row = rows[chosen]
+        out["mixer_chosen"] = {
+            "row": chosen,
+            "settings": row.get("settings"),
+            "validation": (row.get("validation") or {}).get(metric),
+            "test": test(row),
+        }
     return out
 
 
@@ -56,6 +67,7 @@ def main() -> None:
     )
     parser.add_argument("--runs-dir", default="runs/compare")
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--mixer-grid", action="append", default=[], metavar="KEY=V1,V2,...")
     parser.add_argument("--tag", default="", help="suffix of the folder and result names")
     parser.add_argument(
         "--variant",
@@ -82,6 +94,8 @@ def main() -> None:
     ]
     for item in args.set:
         cmd += ["--set", item]
+    for item in args.mixer_grid:
+        cmd += ["--mixer-grid", item]
     code, wall = run_offline(cmd)
     if code != 0:
         sys.exit(f"{args.config}: adalayers compare failed with exit code {code}")
@@ -95,6 +109,7 @@ def main() -> None:
             "folder": str(out),
             "variant": args.tag if args.variant else None,
             "overrides": args.set,
+            "mixer_grid": args.mixer_grid or None,
             "wall_seconds_this_call": round(wall, 1),
             "summary": headline(comparison),
             "comparison": comparison,

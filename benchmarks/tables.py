@@ -22,6 +22,7 @@ def fmt(value: float | None, scale: float = 100.0) -> str:
 
 ROWS = (
     ("mixer", "AdaLayers mixer"),
+    ("mixer_chosen", "AdaLayers mixer, α chosen on validation (`--mixer-grid`)"),
     ("best_single_layer", "best single layer (chosen on validation)"),
     ("last", "last layer"),
     ("uniform", "uniform mix"),
@@ -50,6 +51,7 @@ BUDGET = {
 # of its own beside the config's
 SETTING = {"task.head.decoding": lambda value: f"{value.upper()} decoding"}
 BASES = (("all-MiniLM-L6-v2", "MiniLM"), ("SmolLM2-135M-Instruct", "SmolLM2"))
+GREEK = {"alpha": "α", "entropy_weight": "λ"}
 
 
 def _cells() -> dict[tuple[str, str, str], dict[str, dict]]:
@@ -67,8 +69,19 @@ def _cells() -> dict[tuple[str, str, str], dict[str, dict]]:
             BUDGET[key](value) for key, _, value in overrides if key in BUDGET
         ]
         metric = comparison["metric"]
+        chosen = comparison.get("mixer_chosen")
+        if chosen is not None:
+            grid = ", ".join(result.get("mixer_grid") or [])
+            cell["mixer_chosen"] = {
+                **comparison["rows"][chosen],
+                "metric": metric,
+                "budget": budget,
+                "grid": grid,
+            }
+            if comparison["baselines"] == ["mixer"]:
+                continue  # a grid of the mixer alone: the column's other rows come from elsewhere
         for row in comparison["rows"].values():
-            if row["baseline"] != "single_layer":
+            if row["baseline"] not in ("single_layer", "mixer_grid"):
                 cell[row["baseline"]] = {**row, "metric": metric, "budget": budget}
         best = result["summary"].get("best_single_layer")  # chosen on validation
         if best is not None:
@@ -85,40 +98,81 @@ def _seed(result: dict) -> int | None:
     return None
 
 
+# the mixer's own knobs: the other rows do not read them, so a repeat that changes only these
+# still repeats the other rows
+MIXER_ONLY = ("task.mixer.alpha", "task.mixer.cutoff", "task.mixer.entropy_weight")
+
+
+def _changes(result: dict, *, mixer: bool) -> tuple[str, ...]:
+    """What a result changed from its config, bar the seed and where the cache lives."""
+    out = []
+    for item in result.get("overrides") or []:
+        key = item.partition("=")[0]
+        if key == "train.seed" or key == "train.cache" or key.startswith("cache."):
+            continue
+        if not mixer and key in MIXER_ONLY:
+            continue
+        out.append(item)
+    return tuple(sorted(out))
+
+
 def seeds_table() -> str:
-    """Test metric per seed, the config's own seed first, then the ``train.seed`` repeats."""
+    """Test metric per seed for every setting run with two seeds or more: the seed the config
+    gives (0) first, then the ``train.seed`` repeats. A setting is the config plus what the runs
+    changed; the other rows than the mixer ignore the mixer's own knobs (:data:`MIXER_ONLY`), so
+    e.g. a mixer at another α is set beside the baselines run at the config's α."""
     import statistics
 
-    runs: dict[tuple[str, str], dict[str, list[float]]] = {}
-    results = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("compare_*.json"))]
-    results = [r for r in results if not r.get("variant")]
-    for result in sorted(results, key=lambda r: -1 if _seed(r) is None else _seed(r)):
-        comparison = result["comparison"]
-        summary = result["summary"]
-        cell = runs.setdefault((comparison["task"], comparison["base"]), {})
-        for kind in ("mixer", "uniform", "scalar_mix", "last"):
-            if summary.get(kind) is not None:
-                cell.setdefault(kind, []).append(summary[kind])
-        if "best_single_layer" in summary:
-            cell.setdefault("best_single_layer", []).append(summary["best_single_layer"]["test"])
+    # (config, task, base, changes) -> kind -> seed -> test metric
+    runs: dict[tuple, dict[str, dict[int, float]]] = {}
+    for path in sorted(RESULTS.glob("compare_*.json")):
+        result = json.loads(path.read_text())
+        if result.get("mixer_grid"):
+            continue  # its mixer rows are grid points, not repeats
+        comparison, summary = result["comparison"], result["summary"]
+        seed = _seed(result) or 0
+        for kind in ("mixer", "best_single_layer", "last", "uniform", "scalar_mix"):
+            value = summary.get(kind)
+            if isinstance(value, dict):
+                value = value.get("test")
+            if value is None:
+                continue
+            key = (
+                Path(result["config"]).stem,
+                comparison["task"],
+                comparison["base"],
+                _changes(result, mixer=kind == "mixer"),
+            )
+            runs.setdefault(key, {}).setdefault(kind, {}).setdefault(seed, value)
     lines = [
-        "| task × base | seeds | " + " | ".join(label for _, label in ROWS[:5]) + " |",
-        "| --- | --- |" + " --- |" * 5,
+        "| task × base | settings changed | seeds | "
+        + " | ".join(label for kind, label in ROWS[:6] if kind != "mixer_chosen")
+        + " |",
+        "| --- | --- | --- |" + " --- |" * 5,
     ]
-    for (task, base), cell in runs.items():
-        n = len(cell.get("mixer", []))
-        if n < 2:
+    for (config, task, base, changes), cell in runs.items():
+        mixer = cell.get("mixer", {})
+        if len(mixer) < 2:
             continue
+        others = runs.get(
+            (config, task, base, tuple(c for c in changes if c.partition("=")[0] not in MIXER_ONLY))
+        )
         values = []
-        for kind, _ in ROWS[:5]:
-            xs = [100 * x for x in cell.get(kind, [])]
+        for kind in ("mixer", "best_single_layer", "last", "uniform", "scalar_mix"):
+            by_seed = (cell if kind == "mixer" else others or {}).get(kind, {})
+            xs = [100 * by_seed[s] for s in sorted(mixer) if s in by_seed]
             each = ", ".join(f"{x:.1f}" for x in xs)
             values.append(
                 f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f} ({each})"
                 if len(xs) > 1
                 else "–"
             )
-        lines.append(f"| {task} × {base} | {n} | " + " | ".join(values) + " |")
+        seeds = ", ".join(str(s) for s in sorted(mixer))
+        lines.append(
+            f"| {task} × {base} | {', '.join(changes) or '–'} | {seeds} | "
+            + " | ".join(values)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -141,6 +195,10 @@ def _cell(row: dict | None, shared: list[str] | None = None) -> str:
         text += f" (acc {fmt(test['accuracy'])})"
     if row.get("layer") is not None:
         text += f", layer {row['layer']}"
+    if row.get("grid"):
+        chosen = ", ".join(f"{GREEK.get(k, k)} = {v:g}" for k, v in row["settings"].items())
+        val = _score(row.get("validation") or {}, metric).removeprefix(f"{metric} ")
+        text += f", {chosen} (validation {val}; grid {row['grid']} and the config's)"
     params = row.get("parameters_added")
     if params:
         text += f"; {params / 1e6:.2f}M params" if params >= 1e5 else f"; {params:,} params"
@@ -190,14 +248,18 @@ def variants_table() -> str:
     ]
     for path in sorted(RESULTS.glob("compare_*.json")):
         result = json.loads(path.read_text())
-        if not result.get("variant"):
+        if not result.get("variant") and not result.get("mixer_grid"):
             continue
         comparison = result["comparison"]
         metric = comparison["metric"]
-        changed = ", ".join(
-            s for s in result["overrides"] if not s.startswith(("train.cache", "cache."))
-        )
+        changes = [s for s in result["overrides"] if not s.startswith(("train.cache", "cache."))]
         for name, row in comparison["rows"].items():
+            if not result.get("variant") and "settings" not in row:
+                continue  # a grid's other rows are in the main table
+            grid = [f"task.mixer.{k}={v:g}" for k, v in (row.get("settings") or {}).items()]
+            if grid:
+                grid[-1] += " (grid" + (", chosen)" if name == comparison["mixer_chosen"] else ")")
+            changed = ", ".join(changes + grid)
             lines.append(
                 f"| {comparison['task']} × {comparison['base']} | {name} | {changed or '–'} "
                 f"| {_score(row.get('validation') or {}, metric)} "

@@ -288,3 +288,76 @@ def test_compare_again_reuses_finished_runs(compared, monkeypatch, capsys):
     changed = [*args, "--set", "train.lr=0.5"]
     assert main(changed) == 2
     assert "another config" in capsys.readouterr().err
+
+
+def test_mixer_grid_parses_and_plans_extra_mixer_rows(tmp_path, tiny_model_dir):
+    grid = compare_module.parse_mixer_grid(["alpha=1,4,64", "task.mixer.cutoff=0, 0.05"])
+    assert grid == {"alpha": [1, 4, 64], "cutoff": [0, 0.05]}
+    path = write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"))
+    config = load_config(path, ["task.mixer.alpha=64", "task.mixer.cutoff=0.05"])
+    rows = compare_module.plan(config, "mixer,uniform", 4, grid)
+    # the config's own (alpha 64, cutoff 0.05) is the mixer row, not trained twice
+    assert list(rows) == [
+        "mixer",
+        "mixer_alpha1_cutoff0",
+        "mixer_alpha1_cutoff0.05",
+        "mixer_alpha4_cutoff0",
+        "mixer_alpha4_cutoff0.05",
+        "mixer_alpha64_cutoff0",
+        "uniform",
+    ]
+    assert rows["mixer_alpha4_cutoff0.05"].task.mixer.alpha == 4.0
+    assert rows["mixer_alpha1_cutoff0"].task.mixer.cutoff == 0.0
+    assert rows["uniform"].task.mixer.alpha == 64.0  # the grid touches mixer rows only
+    for bad, match in [
+        (["dim=32,64"], "cannot be searched"),
+        (["alpha"], "KEY=V1"),
+        (["alpha=1", "alpha=4"], "twice"),
+        (["alpha=,"], "no values"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            compare_module.parse_mixer_grid(bad)
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        compare_module.plan(config, "mixer", 4, {"alpha": [0]})
+    with pytest.raises(ValueError, match="add mixer"):
+        compare_module.plan(config, "sweep", 4, {"alpha": [1]})
+
+
+def test_choose_mixer_takes_the_best_validation_among_mixer_rows():
+    rows = {
+        "mixer": {"baseline": "mixer", "validation": {"f1": 0.5}},
+        "mixer_alpha1": {"baseline": "mixer_grid", "validation": {"f1": 0.7}},
+        "mixer_alpha4": {"baseline": "mixer_grid", "validation": {"f1": 0.7}},  # a tie: earlier
+        "uniform": {"baseline": "uniform", "validation": {"f1": 0.9}},  # not a mixer row
+    }
+    assert compare_module.choose_mixer(rows, "f1") == "mixer_alpha1"
+    rows["mixer"]["validation"]["f1"] = 0.8
+    assert compare_module.choose_mixer(rows, "f1") == "mixer"
+    assert compare_module.choose_mixer({"uniform": rows["uniform"]}, "f1") is None
+
+
+def test_compare_with_a_mixer_grid_names_the_row_chosen_on_validation(compared, capsys):
+    out, _, args = compared
+    grid_out = out.parent / "grid"
+    grid_args = [a if a != str(out) else str(grid_out) for a in args]
+    grid_args[grid_args.index("--baselines") + 1] = "mixer,uniform"
+    assert main([*grid_args, "--mixer-grid", "alpha=1,4"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    comparison = json.loads((grid_out / "comparison.json").read_text())
+    rows = comparison["rows"]
+    assert list(rows) == ["mixer", "mixer_alpha1", "mixer_alpha4", "uniform"]
+    assert comparison["mixer_grid"] == {"alpha": [1, 4]}
+    assert rows["mixer_alpha1"]["baseline"] == "mixer_grid"
+    assert rows["mixer_alpha4"]["settings"] == {"alpha": 4.0}
+    assert rows["mixer"]["settings"] == {
+        "alpha": load_config(out / "mixer" / "config.yaml").task.mixer.alpha
+    }
+    assert "settings" not in rows["uniform"]
+    mixers = [n for n in rows if n.startswith("mixer")]
+    best = max(rows[n]["validation"]["mcc"] for n in mixers)
+    chosen = comparison["mixer_chosen"]
+    assert chosen in mixers and rows[chosen]["validation"]["mcc"] == best
+    assert printed["mixer_chosen"] == chosen
+    assert load_config(grid_out / "mixer_alpha1" / "config.yaml").task.mixer.alpha == 1.0
+    # every grid row has its own run in the report
+    assert (grid_out / "report.html").read_text().count("<h3 id=") == len(rows)

@@ -187,7 +187,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from adalayers.compare import compare
+    from adalayers.compare import compare, parse_mixer_grid
     from adalayers.config import load_config
 
     config = load_config(args.config, args.set, args.data_dir)
@@ -196,6 +196,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.baselines,
         args.output_dir,
         finetune_lr=args.finetune_lr,
+        mixer_grid=parse_mixer_grid(args.mixer_grid),
         quiet=args.quiet,
         overwrite=args.overwrite,
     )
@@ -214,6 +215,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             {
                 "metric": metric,
                 "rows": table,
+                **({"mixer_chosen": result["mixer_chosen"]} if "mixer_chosen" in result else {}),
                 "comparison": str(Path(args.output_dir) / "comparison.json"),
                 "report": str(Path(args.output_dir) / result["report"]),
             }
@@ -284,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="one run folder per baseline goes here")
     p.add_argument(
         "--finetune-lr", type=float, help="learning rate of full fine-tuning (default 2e-5)"
+    )
+    p.add_argument(
+        "--mixer-grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="also train the mixer with these values of alpha, cutoff or entropy_weight "
+        "(repeatable: every combination) and name the best on validation, e.g. "
+        "--mixer-grid alpha=1,4,16",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="train every baseline again (else reuse)"

@@ -10,6 +10,12 @@ Every baseline but ``finetune`` is the task of the config with one mixer setting
     scalar_mix  ELMo's scalar mix:            task.mixer.mode = scalar_mix
     finetune    the whole base fine-tuned under a standard head (:mod:`adalayers.finetune`)
 
+A mixer grid (``mixer_grid={"alpha": [1, 4, 16]}``, ``--mixer-grid alpha=1,4,16``) adds one
+``mixer`` row per other setting of the mixer's own knobs (``alpha``, ``cutoff``,
+``entropy_weight``: the ones the baselines do not have), named like ``mixer_alpha4``; the
+comparison names the mixer row with the best validation score (``mixer_chosen``), so "the mixer
+with its settings chosen on validation" is one command and one reading, not a hand pick.
+
 :func:`compare` writes one run folder per row under the output folder (``layer_<i>`` for the
 sweep), then ``comparison.json`` (row -> metrics, parameters added, train and wall time) and
 ``report.html`` (:func:`adalayers.report.write_report`). With ``train.cache: true`` the
@@ -20,18 +26,19 @@ the command is repeated.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from adalayers._schema import build
-from adalayers.config import RunConfig, load_config
+from adalayers.config import RunConfig, load_config, parse_override
 from adalayers.train import _NESTED, CHECKPOINT_DIR, CONFIG, METRICS, _write_json, fit
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,8 @@ logger = logging.getLogger(__name__)
 BASELINES = ("mixer", "sweep", "last", "uniform", "scalar_mix", "finetune")
 COMPARISON = "comparison.json"
 REPORT = "report.html"
+GRID_KEYS = ("alpha", "cutoff", "entropy_weight")
+"""The mixer settings a grid may search: the distribution's own, which no baseline has."""
 
 
 def parse_baselines(text: str | Sequence[str]) -> list[str]:
@@ -48,6 +57,42 @@ def parse_baselines(text: str | Sequence[str]) -> list[str]:
     if unknown or not names:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {','.join(BASELINES)}")
     return list(dict.fromkeys(names))
+
+
+def parse_mixer_grid(items: Sequence[str] | None) -> dict[str, list[Any]]:
+    """``["alpha=1,4,16", "cutoff=0,0.01"]`` -> ``{"alpha": [1, 4, 16], "cutoff": [0, 0.01]}``.
+
+    A key may also be written ``task.mixer.alpha``; values are read as YAML, like ``--set``.
+
+    Raises:
+        ValueError: not ``KEY=V1,V2,...``, a key outside :data:`GRID_KEYS`, a key given twice, or
+            no value.
+    """
+    grid: dict[str, list[Any]] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--mixer-grid {item!r}: expected KEY=V1,V2,..., e.g. alpha=1,4,16")
+        key, raw = item.split("=", 1)
+        key = key.strip().removeprefix("task.mixer.")
+        if key not in GRID_KEYS:
+            raise ValueError(
+                f"--mixer-grid {item!r}: {key!r} cannot be searched; choose from "
+                f"{', '.join(GRID_KEYS)} (the mixer's own settings; the others are shared with "
+                f"the baselines: change them with --set)"
+            )
+        if key in grid:
+            raise ValueError(f"--mixer-grid: {key!r} is given twice; list its values once")
+        values = [parse_override(f"{key}={v}")[1] for v in raw.split(",") if v.strip()]
+        if not values:
+            raise ValueError(f"--mixer-grid {item!r}: no values for {key!r}")
+        grid[key] = list(dict.fromkeys(values))
+    return grid
+
+
+def _grid_name(settings: Mapping[str, Any]) -> str:
+    return "mixer_" + "_".join(
+        f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items()
+    )
 
 
 def num_states(config: RunConfig) -> int:
@@ -78,11 +123,20 @@ def _derive(config: RunConfig, **mixer: Any) -> RunConfig:
     return build(RunConfig, values)
 
 
-def plan(config: RunConfig, baselines: Sequence[str], states: int) -> dict[str, RunConfig]:
+def plan(
+    config: RunConfig,
+    baselines: str | Sequence[str],
+    states: int,
+    mixer_grid: Mapping[str, Sequence[Any]] | None = None,
+) -> dict[str, RunConfig]:
     """Row name -> the config of that run (``finetune`` keeps the config as it is).
 
+    ``mixer_grid`` adds, after the ``mixer`` row, one row per combination of its values that
+    differs from the config's own (:func:`parse_mixer_grid`).
+
     Raises:
-        ValueError: ``cache.layers`` is set with the cache on (the sweep reads every state).
+        ValueError: ``cache.layers`` is set with the cache on (the sweep reads every state), or
+            a grid without the ``mixer`` baseline, or a grid value the mixer refuses.
     """
     if config.train.cache and config.cache.layers is not None:
         raise ValueError(
@@ -94,6 +148,8 @@ def plan(config: RunConfig, baselines: Sequence[str], states: int) -> dict[str, 
     for name in parse_baselines(baselines):
         if name == "mixer":
             rows[name] = _derive(config)
+            for name_, cfg in _grid_rows(config, mixer_grid or {}):
+                rows.setdefault(name_, cfg)
         elif name == "sweep":
             chosen = range(states) if mixer.layers is None else mixer.layer_indices(states)
             for i in chosen:  # the config's layers, else every state
@@ -106,10 +162,41 @@ def plan(config: RunConfig, baselines: Sequence[str], states: int) -> dict[str, 
             rows[name] = _derive(config, mode="scalar_mix", cutoff=0.0, entropy_weight=0.0)
         else:
             rows[name] = config
+    if mixer_grid and "mixer" not in rows:
+        raise ValueError("--mixer-grid searches the mixer's settings: add mixer to --baselines")
     return rows
 
 
+def _grid_rows(config: RunConfig, grid: Mapping[str, Sequence[Any]]) -> list[tuple[str, RunConfig]]:
+    own = config.task.mixer
+    out = []
+    for values in itertools.product(*grid.values()):
+        settings = dict(zip(grid, values))
+        if all(getattr(own, k) == v for k, v in settings.items()):
+            continue  # the config's own setting: the mixer row itself
+        try:
+            out.append((_grid_name(settings), _derive(config, **settings)))
+        except ValueError as err:
+            raise ValueError(f"--mixer-grid {settings}: {err}") from None
+    return out
+
+
+def choose_mixer(rows: Mapping[str, Mapping[str, Any]], metric: str) -> str | None:
+    """The mixer row (the config's or a grid row) with the best validation score; ties go to the
+    earlier row (the config's own first)."""
+    best, best_score = None, None
+    for name, row in rows.items():
+        if row.get("baseline") not in ("mixer", "mixer_grid"):
+            continue
+        score = (row.get("validation") or {}).get(metric)
+        if score is not None and (best_score is None or score > best_score):
+            best, best_score = name, score
+    return best
+
+
 def _kind(name: str) -> str:
+    if name.startswith("mixer_"):
+        return "mixer_grid"
     return "single_layer" if name.startswith("layer_") else name
 
 
@@ -138,6 +225,7 @@ def compare(
     output_dir: str | os.PathLike,
     *,
     finetune_lr: float | None = None,
+    mixer_grid: Mapping[str, Sequence[Any]] | None = None,
     quiet: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
@@ -149,6 +237,8 @@ def compare(
         output_dir: the comparison folder; one run folder per row goes inside.
         finetune_lr: the fine-tuning learning rate (default
             :data:`adalayers.finetune.DEFAULT_LR`).
+        mixer_grid: other values of the mixer's own settings to train as extra mixer rows,
+            e.g. ``{"alpha": [1, 4, 16]}``; ``mixer_chosen`` names the best on validation.
         quiet: no progress bars.
         overwrite: train every row again instead of reusing finished runs.
 
@@ -164,7 +254,7 @@ def compare(
     out = Path(output_dir)
     names = parse_baselines(baselines)
     states = num_states(config)
-    rows_plan = plan(config, names, states)
+    rows_plan = plan(config, names, states, mixer_grid)
     out.mkdir(parents=True, exist_ok=True)
     previous = {}
     if (out / COMPARISON).is_file() and not overwrite:
@@ -211,6 +301,15 @@ def compare(
         "rows": rows,
         "report": REPORT,
     }
+    if mixer_grid:
+        chosen = choose_mixer(rows, first["metric"])
+        comparison["mixer_grid"] = {k: list(v) for k, v in mixer_grid.items()}
+        comparison["mixer_chosen"] = chosen
+        for name, row in rows.items():
+            if row["baseline"] in ("mixer", "mixer_grid"):
+                mixer = rows_plan[name].task.mixer
+                row["settings"] = {k: getattr(mixer, k) for k in mixer_grid}
+        logger.info("mixer chosen on validation: %s", chosen)
     if os.environ.get("RANK", "0") == "0":  # one writer under torchrun / accelerate launch
         _write_json(out / COMPARISON, comparison)
         title = f"{config.data.task} on {config.base}"

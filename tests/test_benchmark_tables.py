@@ -1,0 +1,109 @@
+"""benchmarks/tables.py: which results go into which table (synthetic results files)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+TABLES = Path(__file__).resolve().parents[1] / "benchmarks" / "tables.py"
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_tables", TABLES)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    return module
+
+
+def row(kind, val, test, layer=None, **extra):
+    return {
+        "baseline": kind,
+        "layer": layer,
+        "validation": {"f1": val},
+        "test": {"f1": test},
+        "parameters_added": 1000,
+        "train_seconds": 60.0,
+        **extra,
+    }
+
+
+def write(root, name, rows, overrides=(), variant=None, grid=None, chosen=None):
+    comparison = {
+        "task": "conll2003",
+        "base": "all-MiniLM-L6-v2",
+        "metric": "f1",
+        "baselines": sorted({r["baseline"] for r in rows.values()} - {"mixer_grid"}),
+        "rows": rows,
+    }
+    summary = {"metric": "f1"}
+    singles = {n: r for n, r in rows.items() if r["baseline"] == "single_layer"}
+    if singles:
+        best = max(singles.values(), key=lambda r: r["validation"]["f1"])
+        summary["best_single_layer"] = {"layer": best["layer"], "test": best["test"]["f1"]}
+    for kind in ("mixer", "uniform", "scalar_mix"):
+        if kind in rows:
+            summary[kind] = rows[kind]["test"]["f1"]
+    if chosen:
+        comparison["mixer_chosen"] = chosen
+    result = {
+        "config": "configs/minilm-conll2003.yaml",
+        "overrides": list(overrides),
+        "variant": variant,
+        "mixer_grid": grid,
+        "summary": summary,
+        "comparison": comparison,
+    }
+    (root / f"compare_{name}.json").write_text(json.dumps(result))
+
+
+def full(seed_shift=0.0):
+    return {
+        "mixer": row("mixer", 0.80, 0.78 + seed_shift),
+        "layer_0": row("single_layer", 0.70, 0.70 + seed_shift, layer=0),
+        "layer_1": row("single_layer", 0.75, 0.74 + seed_shift, layer=1),
+        "uniform": row("uniform", 0.79, 0.77 + seed_shift),
+        "scalar_mix": row("scalar_mix", 0.78, 0.76 + seed_shift),
+    }
+
+
+def test_seeds_group_by_setting_and_the_mixer_knobs_only_split_the_mixer(tables, tmp_path):
+    write(tmp_path, "a", full())
+    write(tmp_path, "a-seed1", full(0.01), overrides=["train.seed=1"])
+    bio = ["task.head.decoding=bio"]
+    write(tmp_path, "a-bio", full(0.02), overrides=bio)  # another setting: not seed 2 of "a"
+    alpha = [*bio, "task.mixer.alpha=1"]
+    write(tmp_path, "a-bio-alpha1", {"mixer": row("mixer", 0.9, 0.85)}, alpha, variant="x")
+    write(tmp_path, "a-bio-alpha1-seed1", full(0.04), [*alpha, "train.seed=1"], variant="y")
+    lines = tables.seeds_table().splitlines()[2:]
+    assert len(lines) == 2
+    plain = next(x for x in lines if "| – | 0, 1" in x)
+    bio_alpha = next(x for x in lines if "alpha=1" in x)
+    assert "| – | 0, 1 | 78.5 ± 0.7 (78.0, 79.0) | 74.5 ± 0.7 (74.0, 75.0) |" in plain
+    # the mixer at alpha 1 over seeds 0 and 1, beside the baselines of the bio runs (seed 0 from
+    # the bio column at the config's alpha, which they do not read); no "last" run: a dash
+    expected = "| 0, 1 | 83.5 ± 2.1 (85.0, 82.0) | 77.0 ± 1.4 (76.0, 78.0) | – | 80.0 ± 1.4"
+    assert "task.head.decoding=bio, task.mixer.alpha=1 " + expected in bio_alpha
+
+
+def test_a_mixer_grid_fills_its_own_row_and_leaves_the_column(tables, tmp_path):
+    write(tmp_path, "a", full())
+    grid = {
+        "mixer": row("mixer", 0.81, 0.70, settings={"alpha": 128.0}),
+        "mixer_alpha1": row("mixer_grid", 0.83, 0.79, settings={"alpha": 1.0}),
+    }
+    write(tmp_path, "a-grid", grid, grid=["alpha=1"], chosen="mixer_alpha1")
+    table = tables.compare_table()
+    mixer_row = next(x for x in table.splitlines() if x.startswith("| AdaLayers mixer |"))
+    assert "f1 78.0" in mixer_row  # the column's own mixer, not the grid's retrained one
+    chosen = next(x for x in table.splitlines() if "chosen on validation (`--mixer" in x)
+    assert "f1 79.0, α = 1 (validation 83.0; grid alpha=1 and the config's)" in chosen
+    assert tables.seeds_table().count("\n") == 1  # grid rows are not seeds
+    variants = tables.variants_table()
+    assert "task.mixer.alpha=1 (grid, chosen)" in variants
+    assert "task.mixer.alpha=128 (grid)" in variants
+    assert "| uniform |" not in variants
