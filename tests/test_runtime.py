@@ -275,3 +275,20 @@ def test_minilm_attach_keeps_embeddings_bit_identical(minilm_path):
         expected = AdaLayers(backbone, tasks).eval()(inputs).logits
     assert torch.equal(bare, tapped)
     torch.testing.assert_close(logits["sentiment"], expected["sentiment"], atol=1e-5, rtol=0)
+
+
+def test_continuing_sequence_is_found_under_either_cache_name():
+    from transformers import DynamicCache
+
+    from adalayers.runtime import _continues_a_sequence
+
+    empty = DynamicCache()
+    held = DynamicCache()
+    held.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), layer_idx=0)
+    assert held.get_seq_length() == 3
+    for name in ("cache", "past_key_values"):
+        assert not _continues_a_sequence({name: None})
+        assert not _continues_a_sequence({name: empty})
+        assert _continues_a_sequence({name: held})
+    assert _continues_a_sequence({"past_key_values": ((torch.zeros(1), torch.zeros(1)),)})
+    assert not _continues_a_sequence({"input_ids": torch.zeros(1, 3)})

@@ -188,6 +188,24 @@ def _as_tasks(tasks: Any) -> dict[str, Task]:
     }
 
 
+# transformers < 5.24 names the KV cache argument ``past_key_values``; 5.24 renamed it ``cache``
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
+
+
+def _continues_a_sequence(arguments: Mapping[str, Any]) -> bool:
+    """Whether a forward's arguments carry a KV cache that already holds earlier tokens."""
+    for name in _CACHE_ARGS:
+        cache = arguments.get(name)
+        if cache is None:
+            continue
+        if hasattr(cache, "get_seq_length"):
+            if cache.get_seq_length() > 0:
+                return True
+        elif isinstance(cache, (tuple, list)) and len(cache) > 0:
+            return True  # a legacy tuple cache: non-empty means earlier tokens
+    return False
+
+
 class AttachedTasks:
     """Tasks reading a model's hidden states through persistent taps (see :func:`attach`).
 
@@ -241,8 +259,7 @@ class AttachedTasks:
             bound = self._signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = dict(kwargs)
-        cache = bound.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        if _continues_a_sequence(bound):
             return  # a decoding step continuing a sequence: the prompt was captured already
         ids = bound.get("input_ids")
         mask = bound.get("attention_mask")
