@@ -2,6 +2,7 @@
 
 python benchmarks/tables.py             # the task table (task_*.json)
 python benchmarks/tables.py --compare   # the baseline comparison (compare_*.json)
+python benchmarks/tables.py --targets   # the comparison against issue 6's targets
 """
 
 from __future__ import annotations
@@ -210,10 +211,10 @@ def _cell(row: dict | None, shared: list[str] | None = None) -> str:
     return text
 
 
-def compare_table() -> str:
-    cells = _cells()
-
-    shared = {}  # (task, base) -> the budget note every row of the column shares
+def _columns(cells: dict) -> tuple[list[tuple[tuple[str, str, str], str]], dict]:
+    """The table's columns (key, title): the config's, then one per other setting run; and
+    (task, base, setting) -> the budget note every row of that column shares."""
+    shared = {}
     for key, cell in cells.items():
         budgets = {tuple(row["budget"]) for row in cell.values()}
         shared[key] = list(budgets.pop()) if len(budgets) == 1 else []
@@ -222,11 +223,17 @@ def compare_table() -> str:
         notes = list(shared.get(key) or []) + ([key[2]] if key[2] else [])
         return f"{tn} × {bn}" + (f" ({', '.join(notes)})" if notes else "")
 
-    columns = []  # the config's column, then one per other setting run
+    columns = []
     for t, tn in TASKS:
         for b, bn in BASES:
             settings = sorted(s for (ct, cb, s) in cells if (ct, cb) == (t, b)) or [""]
             columns += [((t, b, s), title((t, b, s), tn, bn)) for s in settings]
+    return columns, shared
+
+
+def compare_table() -> str:
+    cells = _cells()
+    columns, shared = _columns(cells)
     lines = [
         "| baseline | " + " | ".join(c[1] for c in columns) + " |",
         "| --- |" + " --- |" * len(columns),
@@ -237,6 +244,48 @@ def compare_table() -> str:
             for key, _ in columns
         ]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def _test(row: dict | None) -> float | None:
+    """A row's test metric in points, rounded as the tables print it (so the margins add up)."""
+    if row is None or (row.get("test") or {}).get(row["metric"]) is None:
+        return None
+    return round(100 * row["test"][row["metric"]], 1)
+
+
+# (label, the row compared with, the margin the mixer must reach over it)
+TARGETS = (
+    ("≥ best single layer + 1 point", "best_single_layer", 1.0),
+    ("≥ scalar mix", "scalar_mix", 0.0),
+    ("within 2 points of full fine-tuning", "finetune", -2.0),
+)
+
+
+def _target(mixer: float | None, other: float | None, need: float) -> str:
+    if mixer is None or other is None:
+        return "not run"
+    gap = round(mixer - other, 1)
+    verdict = "met" if gap >= need else f"missed by {need - gap:.1f}"
+    return f"{mixer:.1f} vs {other:.1f}: {gap:+.1f}, **{verdict}**".replace("-", "−")
+
+
+def targets_table() -> str:
+    """Each column's mixer (the config's, then the one chosen on validation by ``--mixer-grid``)
+    against the targets: ≥ best single layer + 1, ≥ scalar mix, ≥ fine-tuning − 2."""
+    cells = _cells()
+    columns, _ = _columns(cells)
+    lines = [
+        "| target | " + " | ".join(c[1] for c in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
+    for mixer, name in (("mixer", "mixer"), ("mixer_chosen", "mixer (α chosen on validation)")):
+        for label, other, need in TARGETS:
+            values = []
+            for key, _ in columns:
+                cell = cells.get(key, {})
+                values.append(_target(_test(cell.get(mixer)), _test(cell.get(other)), need))
+            lines.append(f"| {name} {label} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
@@ -273,7 +322,11 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="the baseline comparison table")
     parser.add_argument("--variants", action="store_true", help="the hyper-parameter variants")
     parser.add_argument("--seeds", action="store_true", help="the comparison over seeds")
+    parser.add_argument("--targets", action="store_true", help="the mixer against the targets")
     args = parser.parse_args()
+    if args.targets:
+        print(targets_table())
+        return
     if args.seeds:
         print(seeds_table())
         return

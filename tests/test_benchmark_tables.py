@@ -107,3 +107,26 @@ def test_a_mixer_grid_fills_its_own_row_and_leaves_the_column(tables, tmp_path):
     assert "task.mixer.alpha=1 (grid, chosen)" in variants
     assert "task.mixer.alpha=128 (grid)" in variants
     assert "| uniform |" not in variants
+
+
+def test_targets_compare_the_mixers_with_the_rows_they_must_beat(tables, tmp_path):
+    rows = full()
+    rows["finetune"] = row("finetune", 0.82, 0.801)
+    write(tmp_path, "a", rows)
+    grid = {
+        "mixer": row("mixer", 0.80, 0.78, settings={"alpha": 128.0}),
+        "mixer_alpha1": row("mixer_grid", 0.83, 0.752, settings={"alpha": 1.0}),
+    }
+    write(tmp_path, "a-grid", grid, grid=["alpha=1"], chosen="mixer_alpha1")
+    lines = {x.split(" | ")[0]: x for x in tables.targets_table().splitlines()[2:]}
+    assert len(lines) == 6
+    # mixer 78.0; best single layer (validation) 74.0; scalar mix 76.0; fine-tuning 80.1
+    assert "78.0 vs 74.0: +4.0, **met**" in lines["| mixer ≥ best single layer + 1 point"]
+    assert "78.0 vs 76.0: +2.0, **met**" in lines["| mixer ≥ scalar mix"]
+    assert (
+        "78.0 vs 80.1: −2.1, **missed by 0.1**"
+        in lines["| mixer within 2 points of full fine-tuning"]
+    )
+    chosen = "| mixer (α chosen on validation) "
+    assert "75.2 vs 74.0: +1.2, **met**" in lines[chosen + "≥ best single layer + 1 point"]
+    assert "75.2 vs 76.0: −0.8, **missed by 0.8**" in lines[chosen + "≥ scalar mix"]
