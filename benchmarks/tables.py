@@ -104,12 +104,21 @@ def _seed(result: dict) -> int | None:
 MIXER_ONLY = ("task.mixer.alpha", "task.mixer.cutoff", "task.mixer.entropy_weight")
 
 
+# the kinds of row a comparison's summary gives one test figure for
+SUMMARY_KINDS = ("mixer", "best_single_layer", "last", "uniform", "scalar_mix")
+
+
+def _storage(item: str) -> bool:
+    """Whether an override only says where or how the feature cache lives (not a setting)."""
+    return item.startswith(("train.cache=", "cache."))
+
+
 def _changes(result: dict, *, mixer: bool) -> tuple[str, ...]:
     """What a result changed from its config, bar the seed and where the cache lives."""
     out = []
     for item in result.get("overrides") or []:
         key = item.partition("=")[0]
-        if key == "train.seed" or key == "train.cache" or key.startswith("cache."):
+        if key == "train.seed" or _storage(item):
             continue
         if not mixer and key in MIXER_ONLY:
             continue
@@ -132,7 +141,7 @@ def seeds_table() -> str:
             continue  # its mixer rows are grid points, not repeats
         comparison, summary = result["comparison"], result["summary"]
         seed = _seed(result) or 0
-        for kind in ("mixer", "best_single_layer", "last", "uniform", "scalar_mix"):
+        for kind in SUMMARY_KINDS:
             value = summary.get(kind)
             if isinstance(value, dict):
                 value = value.get("test")
@@ -159,7 +168,7 @@ def seeds_table() -> str:
             (config, task, base, tuple(c for c in changes if c.partition("=")[0] not in MIXER_ONLY))
         )
         values = []
-        for kind in ("mixer", "best_single_layer", "last", "uniform", "scalar_mix"):
+        for kind in SUMMARY_KINDS:
             by_seed = (cell if kind == "mixer" else others or {}).get(kind, {})
             xs = [100 * by_seed[s] for s in sorted(mixer) if s in by_seed]
             each = ", ".join(f"{x:.1f}" for x in xs)
@@ -301,7 +310,7 @@ def variants_table() -> str:
             continue
         comparison = result["comparison"]
         metric = comparison["metric"]
-        changes = [s for s in result["overrides"] if not s.startswith(("train.cache", "cache."))]
+        changes = [s for s in result["overrides"] if not _storage(s)]
         for name, row in comparison["rows"].items():
             if not result.get("variant") and "settings" not in row:
                 continue  # a grid's other rows are in the main table

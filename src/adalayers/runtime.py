@@ -189,7 +189,7 @@ def _as_tasks(tasks: Any) -> dict[str, Task]:
 
 
 # transformers < 5.24 names the KV cache argument ``past_key_values``; 5.24 renamed it ``cache``
-_CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
+_CACHE_ARGS = ("cache", "past_key_values")
 
 
 def _continues_a_sequence(arguments: Mapping[str, Any]) -> bool:
