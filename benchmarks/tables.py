@@ -3,12 +3,16 @@
 python benchmarks/tables.py             # the task table (task_*.json)
 python benchmarks/tables.py --compare   # the baseline comparison (compare_*.json)
 python benchmarks/tables.py --targets   # the comparison against issue 6's targets
+python benchmarks/tables.py --variants  # the hyper-parameter variants, one line per run
+python benchmarks/tables.py --seeds     # the comparison over seeds
+python benchmarks/tables.py --grid-seeds  # mixer grids repeated over seeds: means
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import yaml
@@ -131,8 +135,6 @@ def seeds_table() -> str:
     gives (0) first, then the ``train.seed`` repeats. A setting is the config plus what the runs
     changed; the other rows than the mixer ignore the mixer's own knobs (:data:`MIXER_ONLY`), so
     e.g. a mixer at another α is set beside the baselines run at the config's α."""
-    import statistics
-
     # (config, task, base, changes) -> kind -> seed -> test metric
     runs: dict[tuple, dict[str, dict[int, float]]] = {}
     for path in sorted(RESULTS.glob("compare_*.json")):
@@ -171,18 +173,67 @@ def seeds_table() -> str:
         for kind in SUMMARY_KINDS:
             by_seed = (cell if kind == "mixer" else others or {}).get(kind, {})
             xs = [100 * by_seed[s] for s in sorted(mixer) if s in by_seed]
-            each = ", ".join(f"{x:.1f}" for x in xs)
-            values.append(
-                f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f} ({each})"
-                if len(xs) > 1
-                else "–"
-            )
+            values.append(_spread(xs) if len(xs) > 1 else "–")
         seeds = ", ".join(str(s) for s in sorted(mixer))
         lines.append(
             f"| {task} × {base} | {', '.join(changes) or '–'} | {seeds} | "
             + " | ".join(values)
             + " |"
         )
+    return "\n".join(lines)
+
+
+def _spread(xs: list[float]) -> str:
+    """``mean ± sd (each)`` of points already in percent."""
+    each = ", ".join(f"{x:.1f}" for x in xs)
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f} ({each})"
+
+
+def grid_seeds_table() -> str:
+    """Mixer grids (``--mixer-grid``) run with two seeds or more, one line per setting (what
+    the runs changed plus the grid point): validation and test mean ± sd over the seeds. Of the
+    settings of one task, base and column (e.g. BIO decoding), the best mean validation score is
+    marked: the one a user would pick."""
+    # (config, task, base, column) -> (changes, grid point) -> seed -> (validation, test)
+    groups: dict[tuple, dict[tuple, dict[int, tuple[float, float]]]] = {}
+    for path in sorted(RESULTS.glob("compare_*.json")):
+        result = json.loads(path.read_text())
+        if not result.get("mixer_grid"):
+            continue
+        comparison = result["comparison"]
+        metric = comparison["metric"]
+        changes = _changes(result, mixer=True)
+        column = tuple(c for c in changes if c.partition("=")[0] in SETTING)
+        key = (Path(result["config"]).stem, comparison["task"], comparison["base"], column)
+        for row in comparison["rows"].values():
+            if row["baseline"] not in ("mixer", "mixer_grid") or not row.get("settings"):
+                continue
+            grid = tuple(f"{GREEK.get(k, k)} = {v:g}" for k, v in sorted(row["settings"].items()))
+            setting = tuple(c for c in changes if c not in column) + grid
+            scores = tuple((row.get(split) or {}).get(metric) for split in ("validation", "test"))
+            if None not in scores:
+                by_seed = groups.setdefault(key, {}).setdefault(setting, {})
+                by_seed.setdefault(_seed(result) or 0, scores)
+    lines = [
+        "| task × base | setting | seeds | validation | test |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for (_, task, base, column), settings in groups.items():
+        settings = {k: runs for k, runs in settings.items() if len(runs) > 1}
+        if not settings:
+            continue
+        validation = {k: statistics.mean(v for v, _ in r.values()) for k, r in settings.items()}
+        best = max(validation, key=validation.__getitem__)
+        name = f"{task} × {base}" + (f" ({', '.join(column)})" if column else "")
+        for setting in sorted(settings):
+            runs = settings[setting]
+            seeds = sorted(runs)
+            text = ", ".join(setting) + (" (best on validation)" if setting == best else "")
+            lines.append(
+                f"| {name} | {text} | {', '.join(map(str, seeds))} "
+                f"| {_spread([100 * runs[s][0] for s in seeds])} "
+                f"| {_spread([100 * runs[s][1] for s in seeds])} |"
+            )
     return "\n".join(lines)
 
 
@@ -332,7 +383,13 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="the hyper-parameter variants")
     parser.add_argument("--seeds", action="store_true", help="the comparison over seeds")
     parser.add_argument("--targets", action="store_true", help="the mixer against the targets")
+    parser.add_argument(
+        "--grid-seeds", action="store_true", help="mixer grids repeated over seeds: means"
+    )
     args = parser.parse_args()
+    if args.grid_seeds:
+        print(grid_seeds_table())
+        return
     if args.targets:
         print(targets_table())
         return

@@ -130,3 +130,31 @@ def test_targets_compare_the_mixers_with_the_rows_they_must_beat(tables, tmp_pat
     chosen = "| mixer (α chosen on validation) "
     assert "75.2 vs 74.0: +1.2, **met**" in lines[chosen + "≥ best single layer + 1 point"]
     assert "75.2 vs 76.0: −0.8, **missed by 0.8**" in lines[chosen + "≥ scalar mix"]
+
+
+def test_grid_seeds_average_each_setting_and_mark_the_best_validation_mean(tables, tmp_path):
+    def grid(val1, test1, val128, test128):
+        return {
+            "mixer": row("mixer", val128, test128, settings={"alpha": 128.0}),
+            "mixer_alpha1": row("mixer_grid", val1, test1, settings={"alpha": 1.0}),
+        }
+
+    lr = "train.lr=0.0003"
+    write(tmp_path, "g", grid(0.80, 0.70, 0.82, 0.72), [lr], "g", ["alpha=1"], "mixer")
+    write(tmp_path, "g1", grid(0.84, 0.74, 0.80, 0.76), [lr, "train.seed=1"], "g1", ["alpha=1"])
+    # one seed only: left out
+    write(tmp_path, "h", grid(0.90, 0.60, 0.50, 0.50), ["train.lr=0.1"], "h", ["alpha=1"])
+    bio = ["task.head.decoding=bio", "train.seed=1"]
+    write(tmp_path, "b", grid(0.95, 0.9, 0.5, 0.5), ["task.head.decoding=bio"], "b", ["alpha=1"])
+    write(tmp_path, "b1", grid(0.95, 0.9, 0.5, 0.5), bio, "b1", ["alpha=1"])
+    lines = tables.grid_seeds_table().splitlines()[2:]
+    assert len(lines) == 4  # two settings in each of two columns; the one-seed grid is left out
+    plain = [x for x in lines if "bio" not in x]
+    assert plain == [
+        "| conll2003 × all-MiniLM-L6-v2 | train.lr=0.0003, α = 1 (best on validation) | 0, 1 "
+        "| 82.0 ± 2.8 (80.0, 84.0) | 72.0 ± 2.8 (70.0, 74.0) |",
+        "| conll2003 × all-MiniLM-L6-v2 | train.lr=0.0003, α = 128 | 0, 1 "
+        "| 81.0 ± 1.4 (82.0, 80.0) | 74.0 ± 2.8 (72.0, 76.0) |",
+    ]
+    # BIO decoding is a column of its own: its settings are not ranked against the others
+    assert "(task.head.decoding=bio) | α = 1 (best on validation)" in lines[0] + lines[1]
