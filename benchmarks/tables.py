@@ -208,8 +208,10 @@ def grid_seeds_table() -> str:
         for row in comparison["rows"].values():
             if row["baseline"] not in ("mixer", "mixer_grid") or not row.get("settings"):
                 continue
-            grid = tuple(f"{GREEK.get(k, k)} = {v:g}" for k, v in sorted(row["settings"].items()))
-            setting = tuple(c for c in changes if c not in column) + grid
+            setting = (
+                tuple(c for c in changes if c not in column),
+                tuple(sorted(row["settings"].items())),
+            )
             scores = tuple((row.get(split) or {}).get(metric) for split in ("validation", "test"))
             if None not in scores:
                 by_seed = groups.setdefault(key, {}).setdefault(setting, {})
@@ -228,7 +230,9 @@ def grid_seeds_table() -> str:
         for setting in sorted(settings):
             runs = settings[setting]
             seeds = sorted(runs)
-            text = ", ".join(setting) + (" (best on validation)" if setting == best else "")
+            others, grid = setting
+            text = ", ".join([*others, *(f"{GREEK.get(k, k)} = {v:g}" for k, v in grid)])
+            text += " (best on validation)" if setting == best else ""
             lines.append(
                 f"| {name} | {text} | {', '.join(map(str, seeds))} "
                 f"| {_spread([100 * runs[s][0] for s in seeds])} "
