@@ -45,13 +45,16 @@ def machine() -> dict:
 
 
 def git_commit() -> str | None:
-    """The checked-out commit, with ``+changes`` when tracked files differ from it."""
+    """The checked-out commit, with ``+changes`` when the tracked code (``src``, ``benchmarks``
+    bar the results files other runs write meanwhile) differs from it."""
     try:
         git = ["git", "-C", str(Path(__file__).resolve().parents[1])]
         head = subprocess.run(
             [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
-        changed = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "src", "benchmarks"])
+        changed = subprocess.run(
+            [*git, "diff", "--quiet", "HEAD", "--", "src", "benchmarks", ":!benchmarks/results"]
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+changes" if changed.returncode else "")
