@@ -59,6 +59,12 @@ BASES = (("all-MiniLM-L6-v2", "MiniLM"), ("SmolLM2-135M-Instruct", "SmolLM2"))
 GREEK = {"alpha": "α", "entropy_weight": "λ"}
 
 
+def _setting(result: dict) -> str:
+    """What makes a result's column other than its config's, e.g. "BIO decoding"."""
+    overrides = [item.partition("=") for item in result.get("overrides") or []]
+    return ", ".join(SETTING[key](value) for key, _, value in overrides if key in SETTING)
+
+
 def _cells() -> dict[tuple[str, str, str], dict[str, dict]]:
     """(task, base, setting) -> row kind -> the run's row, from every compare_*.json."""
     cells: dict[tuple[str, str, str], dict[str, dict]] = {}
@@ -68,8 +74,7 @@ def _cells() -> dict[tuple[str, str, str], dict[str, dict]]:
             continue
         comparison = result["comparison"]
         overrides = [item.partition("=") for item in result.get("overrides") or []]
-        setting = ", ".join(SETTING[key](value) for key, _, value in overrides if key in SETTING)
-        cell = cells.setdefault((comparison["task"], comparison["base"], setting), {})
+        cell = cells.setdefault((comparison["task"], comparison["base"], _setting(result)), {})
         budget = [  # a budget other than the config's
             BUDGET[key](value) for key, _, value in overrides if key in BUDGET
         ]
@@ -130,12 +135,9 @@ def _changes(result: dict, *, mixer: bool) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-def seeds_table() -> str:
-    """Test metric per seed for every setting run with two seeds or more: the seed the config
-    gives (0) first, then the ``train.seed`` repeats. A setting is the config plus what the runs
-    changed; the other rows than the mixer ignore the mixer's own knobs (:data:`MIXER_ONLY`), so
-    e.g. a mixer at another α is set beside the baselines run at the config's α."""
-    # (config, task, base, changes) -> kind -> seed -> test metric
+def _seed_runs() -> dict[tuple, dict[str, dict[int, float]]]:
+    """(config, task, base, changes) -> row kind -> seed -> test metric, from every comparison
+    but the grids; ``changes`` as :func:`_changes` gives them for that kind of row."""
     runs: dict[tuple, dict[str, dict[int, float]]] = {}
     for path in sorted(RESULTS.glob("compare_*.json")):
         result = json.loads(path.read_text())
@@ -156,6 +158,15 @@ def seeds_table() -> str:
                 _changes(result, mixer=kind == "mixer"),
             )
             runs.setdefault(key, {}).setdefault(kind, {}).setdefault(seed, value)
+    return runs
+
+
+def seeds_table() -> str:
+    """Test metric per seed for every setting run with two seeds or more: the seed the config
+    gives (0) first, then the ``train.seed`` repeats. A setting is the config plus what the runs
+    changed; the other rows than the mixer ignore the mixer's own knobs (:data:`MIXER_ONLY`), so
+    e.g. a mixer at another α is set beside the baselines run at the config's α."""
+    runs = _seed_runs()
     lines = [
         "| task × base | settings changed | seeds | "
         + " | ".join(label for kind, label in ROWS[:6] if kind != "mixer_chosen")
@@ -336,7 +347,9 @@ def _target(mixer: float | None, other: float | None, need: float) -> str:
 
 def targets_table() -> str:
     """Each column's mixer (the config's, then the one chosen on validation by ``--mixer-grid``)
-    against the targets: ≥ best single layer + 1, ≥ scalar mix, ≥ fine-tuning − 2."""
+    against the targets: ≥ best single layer + 1, ≥ scalar mix, ≥ fine-tuning − 2. Where a
+    column was repeated with other seeds (``train.seed`` and nothing else changed), the same
+    targets on the means over its seeds follow."""
     cells = _cells()
     columns, _ = _columns(cells)
     lines = [
@@ -350,7 +363,49 @@ def targets_table() -> str:
                 cell = cells.get(key, {})
                 values.append(_target(_test(cell.get(mixer)), _test(cell.get(other)), need))
             lines.append(f"| {name} {label} | " + " | ".join(values) + " |")
+    seeds = _column_seeds()
+    if any(len(by_kind.get("mixer", {})) > 1 for by_kind in seeds.values()):
+        name = "mixer, mean over the column's seeds (fine-tuning: seed 0)"
+        for label, other, need in TARGETS:
+            values = []
+            for key, _ in columns:
+                by_kind = seeds.get(key, {})
+                mixer = by_kind.get("mixer", {})
+                if len(mixer) < 2:
+                    values.append("one seed")
+                    continue
+                if other == "finetune":  # run once
+                    against = _test(cells[key].get(other))
+                else:
+                    against = _mean(by_kind.get(other), mixer)
+                values.append(_target(_mean(mixer, mixer), against, need))
+            lines.append(f"| {name} {label} | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def _mean(by_seed: dict[int, float] | None, seeds: dict[int, float]) -> float | None:
+    """Mean test metric in points over ``seeds``, rounded as printed; ``None`` if one is missing."""
+    if not by_seed or any(s not in by_seed for s in seeds):
+        return None
+    return round(statistics.mean(100 * by_seed[s] for s in seeds), 1)
+
+
+def _column_seeds() -> dict[tuple[str, str, str], dict[str, dict[int, float]]]:
+    """(task, base, setting) of a column of the main table -> row kind -> seed -> test metric:
+    the column's own run (seed 0) and its repeats with other seeds and nothing else changed."""
+    runs = _seed_runs()
+    out: dict[tuple[str, str, str], dict[str, dict[int, float]]] = {}
+    for path in sorted(RESULTS.glob("compare_*.json")):
+        result = json.loads(path.read_text())
+        if result.get("variant") or result.get("mixer_grid") or _seed(result) is not None:
+            continue
+        comparison = result["comparison"]
+        task, base = comparison["task"], comparison["base"]
+        by_kind = out.setdefault((task, base, _setting(result)), {})
+        for kind in SUMMARY_KINDS:
+            key = (Path(result["config"]).stem, task, base, _changes(result, mixer=kind == "mixer"))
+            by_kind.update({kind: runs[key][kind]} if kind in runs.get(key, {}) else {})
+    return out
 
 
 def variants_table() -> str:

@@ -158,3 +158,21 @@ def test_grid_seeds_average_each_setting_and_mark_the_best_validation_mean(table
     ]
     # BIO decoding is a column of its own: its settings are not ranked against the others
     assert "(task.head.decoding=bio) | α = 1 (best on validation)" in lines[0] + lines[1]
+
+
+def test_targets_on_seed_means_where_the_column_was_repeated(tables, tmp_path):
+    rows = full()
+    rows["finetune"] = row("finetune", 0.82, 0.80)
+    write(tmp_path, "a", rows)  # seed 0: mixer 78.0, best single 74.0, scalar 76.0
+    write(tmp_path, "a-seed1", full(-0.04), overrides=["train.seed=1"])  # 74.0, 70.0, 72.0
+    # another setting's repeat is not a repeat of this column
+    write(tmp_path, "a-x-seed2", full(0.2), overrides=["train.lr=0.1", "train.seed=2"])
+    lines = {x.split(" | ")[0]: x for x in tables.targets_table().splitlines()[2:]}
+    assert len(lines) == 9
+    name = "| mixer, mean over the column's seeds (fine-tuning: seed 0) "
+    assert "76.0 vs 72.0: +4.0, **met**" in lines[name + "≥ best single layer + 1 point"]
+    assert "76.0 vs 74.0: +2.0, **met**" in lines[name + "≥ scalar mix"]
+    assert (
+        "76.0 vs 80.0: −4.0, **missed by 2.0**"
+        in lines[name + "within 2 points of full fine-tuning"]
+    )
