@@ -114,7 +114,7 @@ MIXER_ONLY = ("task.mixer.alpha", "task.mixer.cutoff", "task.mixer.entropy_weigh
 
 
 # the kinds of row a comparison's summary gives one test figure for
-SUMMARY_KINDS = ("mixer", "best_single_layer", "last", "uniform", "scalar_mix")
+SUMMARY_KINDS = ("mixer", "best_single_layer", "last", "uniform", "scalar_mix", "finetune")
 
 
 def _storage(item: str) -> bool:
@@ -169,9 +169,9 @@ def seeds_table() -> str:
     runs = _seed_runs()
     lines = [
         "| task × base | settings changed | seeds | "
-        + " | ".join(label for kind, label in ROWS[:6] if kind != "mixer_chosen")
+        + " | ".join(label for kind, label in ROWS if kind in SUMMARY_KINDS)
         + " |",
-        "| --- | --- | --- |" + " --- |" * 5,
+        "| --- | --- | --- |" + " --- |" * len(SUMMARY_KINDS),
     ]
     for (config, task, base, changes), cell in runs.items():
         mixer = cell.get("mixer", {})
@@ -365,7 +365,7 @@ def targets_table() -> str:
             lines.append(f"| {name} {label} | " + " | ".join(values) + " |")
     seeds = _column_seeds()
     if any(len(by_kind.get("mixer", {})) > 1 for by_kind in seeds.values()):
-        name = "mixer, mean over the column's seeds (fine-tuning: seed 0)"
+        name = "mixer, mean over the column's seeds,"
         for label, other, need in TARGETS:
             values = []
             for key, _ in columns:
@@ -374,11 +374,11 @@ def targets_table() -> str:
                 if len(mixer) < 2:
                     values.append("one seed")
                     continue
-                if other == "finetune":  # run once
+                against, note = _mean(by_kind.get(other), mixer), ""
+                if against is None and other == "finetune":  # not repeated: its one run
                     against = _test(cells[key].get(other))
-                else:
-                    against = _mean(by_kind.get(other), mixer)
-                values.append(_target(_mean(mixer, mixer), against, need))
+                    note = " (fine-tuning: seed 0 only)" if against is not None else ""
+                values.append(_target(_mean(mixer, mixer), against, need) + note)
             lines.append(f"| {name} {label} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
