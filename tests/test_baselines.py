@@ -133,6 +133,30 @@ def test_scalar_mix_streaming_equals_stacked_and_trains(bert):
         assert param.grad is not None and param.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["adalayers", "scalar_mix"])
+def test_layer_dropout_streaming_equals_stacked_in_training(bert, mode):
+    torch.manual_seed(0)
+    mixer = {"dim": 8, "mode": mode, "layer_dropout": 0.5}
+    task = Task(TaskConfig("sequence_classification", COLA, mixer=mixer), bert.info())
+    runtime = AdaLayers(bert, {"t": task}).train()
+    inputs = _inputs(bert)
+    outputs, grads = [], []
+    for stream in (True, False):
+        torch.manual_seed(11)  # the same layer mask for both forms
+        task.zero_grad()
+        logits = runtime(inputs, stream=stream).logits["t"]
+        logits.sum().backward()
+        outputs.append(logits.detach())
+        grads.append([p.grad.clone() for p in task.parameters() if p.grad is not None])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(11)
+    dropped = task.mixer.mixing_weights()
+    assert (dropped == 0).any() and (dropped > 0).any()  # this seed drops some, not all
+    assert len(grads[0]) == len(grads[1]) > 0
+
+
 def test_scalar_mix_saves_and_loads(bert, tmp_path):
     task = _tasks(bert)["scalar"].eval()
     folder = task.save_pretrained(tmp_path / "task")

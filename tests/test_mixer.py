@@ -117,6 +117,39 @@ def test_single_layer_and_frozen_distribution():
     assert all(w == pytest.approx(0.2) for w in frozen.layer_weights().values())
 
 
+def test_layer_dropout_drops_whole_layers_and_renormalises():
+    mixer, states = make(alpha=4.0, layer_dropout=0.3)
+    dist = mixer.distribution().detach()
+    assert torch.equal(mixer.mixing_weights(), mixer.distribution())  # eval: p~ itself
+    mixer.train()
+    torch.manual_seed(3)
+    dropped = torch.zeros(len(dist))
+    draws = 2000
+    for _ in range(draws):
+        w = mixer.mixing_weights().detach()
+        kept = w > 0
+        dropped += ~kept
+        assert w.sum().item() == pytest.approx(1.0)
+        torch.testing.assert_close(w[kept], dist[kept] / dist[kept].sum())
+    # each layer dropped with probability 0.3, less the draws that would drop all five
+    assert torch.allclose(dropped / draws, torch.full_like(dist, 0.3 * (1 - 0.3**4)), atol=0.04)
+    # the mixture is the same sum over the kept layers
+    torch.manual_seed(5)
+    got = mixer(states)
+    torch.manual_seed(5)
+    w = mixer.mixing_weights()
+    want = sum(w[i] * mixer.project(i, z) for i, z in enumerate(states))
+    torch.testing.assert_close(got, want)
+    assert (w == 0).any()  # this seed drops at least one layer
+
+
+def test_layer_dropout_of_one_layer_draws_nothing():
+    single = LayerMixer(MixerConfig(dim=4, single_layer=2, layer_dropout=0.5), 5, 8).train()
+    state = torch.get_rng_state()
+    assert single.mixing_weights().tolist() == [1.0]
+    assert torch.equal(torch.get_rng_state(), state)  # sweeps are unchanged by the setting
+
+
 def test_positional_embeddings():
     table = sinusoidal_positions(10, 6)
     assert table[3, 0].item() == pytest.approx(math.sin(3.0))
@@ -148,6 +181,7 @@ def test_bad_layer_indices(kw, match):
         ({"positional": "rotary"}, "mixer.positional"),
         ({"layers": [1], "single_layer": 1}, "contradict"),
         ({"layers": [1, 1]}, "distinct"),
+        ({"layer_dropout": 1.0}, "mixer.layer_dropout"),
     ],
 )
 def test_bad_config(kw, match):

@@ -60,6 +60,11 @@ class MixerConfig:
         layers: indices of the hidden states to use (``None``: all ``L + 1``).
         single_layer: use only this state (p fixed to one-hot): the single-layer baseline.
         freeze_distribution: keep ``p`` fixed at its initial (uniform) value.
+        layer_dropout: in training, each layer's weight is dropped with this probability at
+            every step and the kept weights renormalised (all are kept when every one was
+            drawn for dropping), as in the scalar mix of Kondratyuk & Straka (2019, "75
+            Languages, 1 Model"); 0 disables. Evaluation always mixes with ``p~``. A mixer of
+            one layer draws nothing.
         mode: ``"adalayers"`` (project every layer, then mix) or ``"scalar_mix"`` (the ELMo
             baseline: mix the raw states with ``gamma * softmax(w)``, then one projection;
             ``alpha`` is not used, ``cutoff`` and ``entropy_weight`` must be 0).
@@ -75,6 +80,7 @@ class MixerConfig:
     layers: list[int] | None = field(default=None)
     single_layer: int | None = None
     freeze_distribution: bool = False
+    layer_dropout: float = 0.0
     mode: Literal["adalayers", "scalar_mix"] = "adalayers"
 
     def __post_init__(self) -> None:
@@ -88,6 +94,8 @@ class MixerConfig:
             raise ValueError(f"mixer.entropy_weight must be >= 0, got {self.entropy_weight}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"mixer.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.layer_dropout < 1.0:
+            raise ValueError(f"mixer.layer_dropout must be in [0, 1), got {self.layer_dropout}")
         if self.positional not in ("none", "learned", "sinusoidal"):
             raise ValueError(
                 f"mixer.positional must be none, learned or sinusoidal, got {self.positional!r}"
@@ -199,6 +207,24 @@ class LayerMixer(nn.Module):
             # this way the cut layers get exactly zero gradient
             weights = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=0)
         return weights
+
+    def mixing_weights(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights one forward mixes with, shape (n,): :meth:`distribution` (or
+        ``weights``, its value), and in training with ``layer_dropout`` each non-zero weight
+        dropped with that probability and the rest renormalised. Call it once per forward:
+        every call in training draws a new mask."""
+        weights = self.distribution() if weights is None else weights  # (n,)
+        rate = self.config.layer_dropout
+        if not self.training or rate == 0:
+            return weights
+        live = weights > 0  # (n,)
+        if int(live.sum()) < 2:
+            return weights
+        keep = live & (torch.rand(weights.shape, device=weights.device) >= rate)  # (n,)
+        if not bool(keep.any()):
+            return weights
+        kept = weights * keep  # (n,)
+        return kept / kept.sum()
 
     def entropy(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         """``H(p~) = -sum p~ log p~`` (zero weights contribute 0, with a zero gradient)."""
@@ -333,7 +359,10 @@ class LayerMixer(nn.Module):
             raise ValueError(
                 f"the mixer was built for {self.num_states} hidden states, got {len(hidden_states)}"
             )
-        active = self.active_layers()
+        distribution = self.distribution()  # (n,)
+        weights = self.mixing_weights(distribution)  # (n,): layers dropped this step weigh 0
+        live = (distribution > 0).tolist()
+        active = [(layer, weights[i]) for i, layer in enumerate(self.layer_indices) if live[i]]
         if self.config.mode == "scalar_mix" or len(active) == 1:
             mixed = None
             for layer, weight in active:
@@ -349,5 +378,5 @@ class LayerMixer(nn.Module):
         n, b, t, d = z.shape
         h = torch.bmm(F.gelu(z.to(w.dtype)).reshape(n, b * t, d), w.transpose(1, 2))  # (n, BT, k)
         f = F.layer_norm(h, (h.shape[-1],)).reshape(n, b, t, -1)  # (n, B, T, k)
-        weights = torch.stack([weight for _, weight in active])  # (n,)
-        return torch.einsum("n,nbtk->btk", weights, f)  # (B, T, k)
+        mixing = torch.stack([weight for _, weight in active])  # (n,)
+        return torch.einsum("n,nbtk->btk", mixing, f)  # (B, T, k)

@@ -419,7 +419,7 @@ def _run_section(record: RunRecord, anchor: str) -> str:
         ["baseline", record.label],
     ]
     if record.baseline != "finetune" and mixer:
-        keys = ("mode", "dim", "alpha", "cutoff", "entropy_weight", "positional")
+        keys = ("mode", "dim", "alpha", "cutoff", "entropy_weight", "layer_dropout", "positional")
         facts.append(["mixer", ", ".join(f"{k}={mixer.get(k)}" for k in keys if k in mixer)])
     for key in ("parameters_added", "percent_of_base", "best_epoch", "epochs_run"):
         facts.append([key.replace("_", " "), m.get(key)])

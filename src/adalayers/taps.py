@@ -52,7 +52,7 @@ def stream_taps(
     shared: dict[int, list[Reader]] = {}
     taps: dict[int, list[Callable[[int, torch.Tensor], None]]] = {}
     for name, mixer in mixers.items():
-        weights = mixer.distribution()  # (n,)
+        weights = mixer.mixing_weights()  # (n,): p~, minus the layers dropped this step
         nonzero = (weights > 0).tolist()
         for local, layer in enumerate(mixer.layer_indices):
             if not nonzero[local]:
