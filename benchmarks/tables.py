@@ -409,7 +409,8 @@ def _column_seeds() -> dict[tuple[str, str, str], dict[str, dict[int, float]]]:
 
 
 def variants_table() -> str:
-    """Every run marked ``--variant``: what it changed, validation and test."""
+    """Every run marked ``--variant``: what it changed, validation and test. A run's sweep is
+    one line, its single state with the best validation score (``best single layer``)."""
     lines = [
         "| task × base | baselines | settings changed | validation | test |",
         "| --- | --- | --- | --- | --- |",
@@ -421,7 +422,15 @@ def variants_table() -> str:
         comparison = result["comparison"]
         metric = comparison["metric"]
         changes = [s for s in result["overrides"] if not _storage(s)]
-        for name, row in comparison["rows"].items():
+        rows = dict(comparison["rows"])
+        sweep = {n: r for n, r in rows.items() if r.get("baseline") == "single_layer"}
+        scored = [n for n, r in sweep.items() if metric in (r.get("validation") or {})]
+        if len(sweep) > 1 and scored:
+            best = max(scored, key=lambda n: sweep[n]["validation"][metric])
+            rows = {n: r for n, r in rows.items() if n not in sweep}
+            label = f"best single layer ({sweep[best].get('layer')}; {len(sweep)} swept)"
+            rows[label] = sweep[best]
+        for name, row in rows.items():
             if not result.get("variant") and "settings" not in row:
                 continue  # a grid's other rows are in the main table
             grid = [f"task.mixer.{k}={v:g}" for k, v in (row.get("settings") or {}).items()]

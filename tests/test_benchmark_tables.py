@@ -107,6 +107,11 @@ def test_a_mixer_grid_fills_its_own_row_and_leaves_the_column(tables, tmp_path):
     assert "task.mixer.alpha=1 (grid, chosen)" in variants
     assert "task.mixer.alpha=128 (grid)" in variants
     assert "| uniform |" not in variants
+    write(tmp_path, "a-seed1", full(0.01), overrides=["train.seed=1"], variant="seed1")
+    variants = tables.variants_table()
+    assert "layer_0" not in variants and "layer_1" not in variants  # the sweep is one line
+    line = next(x for x in variants.splitlines() if "best single layer" in x)
+    assert "| best single layer (1; 2 swept) | train.seed=1 | f1 75.0 | f1 75.0 |" in line
 
 
 def test_targets_compare_the_mixers_with_the_rows_they_must_beat(tables, tmp_path):
