@@ -54,6 +54,7 @@ from adalayers.train import (
     _seed_everything,
     _write_json,
     evaluate_split,
+    evaluate_splits,
     tokenize,
 )
 
@@ -322,21 +323,20 @@ def finetune(
         "epochs_run": epochs_run,
         "lr": lr,
     }
-    for split in ("validation", "test"):
-        if split not in data.splits or len(data.splits[split]) == 0:
-            continue
-        ds = tokenized.get(split) or tokenize(data, split, tokenizer, space, max_length)
-        results[split] = evaluate_split(
+    results.update(
+        evaluate_splits(
             accelerator,
             wrapped,
             space,
             data,
-            ds,
-            split,
+            tokenized,
+            tokenizer,
+            max_length,
             train_cfg.eval_batch_size,
             pad_id,
             progress,
         )
+    )
     results.update(
         {
             "parameters_added": total,  # a second, fine-tuned copy of the whole base

@@ -427,6 +427,42 @@ class _State:
     tokens: int = 0
 
 
+def evaluate_splits(
+    accelerator: Any,
+    model: nn.Module,
+    task: Task,
+    data: TaskData,
+    tokenized: dict[str, Any],
+    tokenizer: Any,
+    max_length: int,
+    batch_size: int,
+    pad_id: int,
+    progress: bool = False,
+    stores: dict[str, FeatureStore] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate_split` on each evaluation split the data has (validation, test), the
+    final scores of a run. A split already in ``tokenized`` is not tokenised again; one in
+    ``stores`` is read from the feature cache."""
+    results: dict[str, dict[str, Any]] = {}
+    for split in ("validation", "test"):
+        if split not in data.splits or len(data.splits[split]) == 0:
+            continue
+        ds = tokenized.get(split) or tokenize(data, split, tokenizer, task, max_length)
+        results[split] = evaluate_split(
+            accelerator,
+            model,
+            task,
+            data,
+            ds,
+            split,
+            batch_size,
+            pad_id,
+            progress,
+            store=(stores or {}).get(split),
+        )
+    return results
+
+
 def _save_checkpoint(
     run: Path,
     task: Task,
@@ -767,22 +803,21 @@ def fit(
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
     }
-    for split in ("validation", "test"):
-        if split not in data.splits or len(data.splits[split]) == 0:
-            continue
-        ds = tokenized.get(split) or tokenize(data, split, tokenizer, task, max_length)
-        results[split] = evaluate_split(
+    results.update(
+        evaluate_splits(
             accelerator,
             model,
             task,
             data,
-            ds,
-            split,
+            tokenized,
+            tokenizer,
+            max_length,
             config.train.eval_batch_size,
             pad_id,
             progress,
-            store=stores.get(split),
+            stores=stores,
         )
+    )
     results.update(
         {
             "parameters_added": task.num_parameters(),
