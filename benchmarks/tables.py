@@ -200,12 +200,10 @@ def _spread(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f} ({each})"
 
 
-def grid_seeds_table() -> str:
-    """Mixer grids (``--mixer-grid``) run with two seeds or more, one line per setting (what
-    the runs changed plus the grid point): validation and test mean ± sd over the seeds. Of the
-    settings of one task, base and column (e.g. BIO decoding), the best mean validation score is
-    marked: the one a user would pick."""
-    # (config, task, base, column) -> (changes, grid point) -> seed -> (validation, test)
+def _grid_groups() -> dict[tuple, dict[tuple, dict[int, tuple[float, float]]]]:
+    """(config, task, base, column) -> (changes, grid point) -> seed -> (validation, test),
+    from every ``--mixer-grid`` run; ``column`` holds the changes that make a column of the main
+    table (e.g. BIO decoding), ``changes`` the others."""
     groups: dict[tuple, dict[tuple, dict[int, tuple[float, float]]]] = {}
     for path in sorted(RESULTS.glob("compare_*.json")):
         result = json.loads(path.read_text())
@@ -227,6 +225,15 @@ def grid_seeds_table() -> str:
             if None not in scores:
                 by_seed = groups.setdefault(key, {}).setdefault(setting, {})
                 by_seed.setdefault(_seed(result) or 0, scores)
+    return groups
+
+
+def grid_seeds_table() -> str:
+    """Mixer grids (``--mixer-grid``) run with two seeds or more, one line per setting (what
+    the runs changed plus the grid point): validation and test mean ± sd over the seeds. Of the
+    settings of one task, base and column (e.g. BIO decoding), the best mean validation score is
+    marked: the one a user would pick."""
+    groups = _grid_groups()
     lines = [
         "| task × base | setting | seeds | validation | test |",
         "| --- | --- | --- | --- | --- |",
@@ -380,7 +387,52 @@ def targets_table() -> str:
                     note = " (fine-tuning: seed 0 only)" if against is not None else ""
                 values.append(_target(_mean(mixer, mixer), against, need) + note)
             lines.append(f"| {name} {label} | " + " | ".join(values) + " |")
+    chosen = _chosen_over_seeds()
+    if chosen:
+        name = "mixer (α chosen on validation), mean over the grid's seeds,"
+        for label, other, need in TARGETS:
+            values = []
+            for key, _ in columns:
+                if key not in chosen:
+                    values.append("one seed")
+                    continue
+                mixer, note = chosen[key], ""
+                against = _mean(seeds.get(key, {}).get(other), mixer)
+                if against is None and other == "finetune":  # not repeated: its one run
+                    against = _test(cells[key].get(other))
+                    note = " (fine-tuning: seed 0 only)" if against is not None else ""
+                values.append(_target(_mean(mixer, mixer), against, need) + note)
+            lines.append(f"| {name} {label} | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def _chosen_over_seeds() -> dict[tuple[str, str, str], dict[int, float]]:
+    """(task, base, setting) of a column -> seed -> test metric of the mixer grid point with the
+    best validation mean, where the column's own settings were run as a grid with two seeds or
+    more (:func:`grid_seeds_table`)."""
+    own: dict[tuple, tuple[str, ...]] = {}  # the column's changes, from its mixer's run
+    for path in sorted(RESULTS.glob("compare_*.json")):
+        result = json.loads(path.read_text())
+        if result.get("variant") or result.get("mixer_grid") or _seed(result) is not None:
+            continue
+        if "mixer" in result["comparison"]["rows"]:
+            comparison = result["comparison"]
+            changes = _changes(result, mixer=True)
+            column = tuple(c for c in changes if c.partition("=")[0] in SETTING)
+            key = (Path(result["config"]).stem, comparison["task"], comparison["base"], column)
+            own[key] = tuple(c for c in changes if c not in column)
+    out: dict[tuple[str, str, str], dict[int, float]] = {}
+    for key, settings in _grid_groups().items():
+        if key not in own:
+            continue
+        runs = {k: r for k, r in settings.items() if k[0] == own[key] and len(r) > 1}
+        if not runs:
+            continue
+        best = max(runs, key=lambda k: statistics.mean(v for v, _ in runs[k].values()))
+        _, task, base, column = key
+        setting = ", ".join(SETTING[k](v) for k, _, v in (item.partition("=") for item in column))
+        out[(task, base, setting)] = {seed: test for seed, (_, test) in runs[best].items()}
+    return out
 
 
 def _mean(by_seed: dict[int, float] | None, seeds: dict[int, float]) -> float | None:

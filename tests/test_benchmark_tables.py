@@ -187,3 +187,30 @@ def test_targets_on_seed_means_where_the_column_was_repeated(tables, tmp_path):
     seeds = tables.seeds_table().splitlines()
     assert seeds[0].endswith("| scalar mix (ELMo) | full fine-tuning |")
     assert seeds[2].endswith("| 74.0 ± 2.8 (76.0, 72.0) | 78.0 ± 2.8 (80.0, 76.0) |")
+
+
+def test_targets_for_the_alpha_chosen_on_validation_means_over_the_grids_seeds(tables, tmp_path):
+    write(tmp_path, "a", full())  # seed 0: best single 74.0, scalar mix 76.0
+    write(tmp_path, "a-seed1", full(-0.04), overrides=["train.seed=1"])  # 70.0, 72.0
+
+    def grid(val1, test1, val128, test128):
+        return {
+            "mixer": row("mixer", val128, test128, settings={"alpha": 128.0}),
+            "mixer_alpha1": row("mixer_grid", val1, test1, settings={"alpha": 1.0}),
+        }
+
+    name = "| mixer (α chosen on validation), mean over the grid's seeds, "
+    write(tmp_path, "a-grid", grid(0.85, 0.75, 0.80, 0.90), grid=["alpha=1"], chosen="mixer")
+    lines = {x.split(" | ")[0]: x for x in tables.targets_table().splitlines()[2:]}
+    assert name + "≥ scalar mix" not in lines  # one seed of the grid: no such row
+    s1 = ["train.seed=1"]
+    write(tmp_path, "a-grid1", grid(0.83, 0.71, 0.84, 0.60), s1, "v", ["alpha=1"])
+    # a grid that changed something else is not this column's
+    other = ["train.lr=0.1", "train.seed=1"]
+    write(tmp_path, "a-grid-lr", grid(0.99, 0.99, 0.99, 0.99), other, "v", ["alpha=1"])
+    lines = {x.split(" | ")[0]: x for x in tables.targets_table().splitlines()[2:]}
+    # α = 1 has the better validation mean (84.0 against 82.0): test 75.0 and 71.0, mean 73.0,
+    # though α = 128 has the better test mean (75.0); baselines over seeds 0, 1: 72.0, 74.0
+    assert "73.0 vs 72.0: +1.0, **met**" in lines[name + "≥ best single layer + 1 point"]
+    assert "73.0 vs 74.0: −1.0, **missed by 1.0**" in lines[name + "≥ scalar mix"]
+    assert "not run" in lines[name + "within 2 points of full fine-tuning"]
