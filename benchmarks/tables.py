@@ -356,7 +356,8 @@ def targets_table() -> str:
     """Each column's mixer (the config's, then the one chosen on validation by ``--mixer-grid``)
     against the targets: ≥ best single layer + 1, ≥ scalar mix, ≥ fine-tuning − 2. Where a
     column was repeated with other seeds (``train.seed`` and nothing else changed), the same
-    targets on the means over its seeds follow."""
+    targets on the means over its seeds follow; then, where its α grid was repeated, the same
+    for the grid point with the best mean validation score (:func:`_chosen_over_seeds`)."""
     cells = _cells()
     columns, _ = _columns(cells)
     lines = [
@@ -371,39 +372,53 @@ def targets_table() -> str:
                 values.append(_target(_test(cell.get(mixer)), _test(cell.get(other)), need))
             lines.append(f"| {name} {label} | " + " | ".join(values) + " |")
     seeds = _column_seeds()
-    if any(len(by_kind.get("mixer", {})) > 1 for by_kind in seeds.values()):
-        name = "mixer, mean over the column's seeds,"
-        for label, other, need in TARGETS:
-            values = []
-            for key, _ in columns:
-                by_kind = seeds.get(key, {})
-                mixer = by_kind.get("mixer", {})
-                if len(mixer) < 2:
-                    values.append("one seed")
-                    continue
-                against, note = _mean(by_kind.get(other), mixer), ""
-                if against is None and other == "finetune":  # not repeated: its one run
-                    against = _test(cells[key].get(other))
-                    note = " (fine-tuning: seed 0 only)" if against is not None else ""
-                values.append(_target(_mean(mixer, mixer), against, need) + note)
-            lines.append(f"| {name} {label} | " + " | ".join(values) + " |")
-    chosen = _chosen_over_seeds()
-    if chosen:
-        name = "mixer (α chosen on validation), mean over the grid's seeds,"
-        for label, other, need in TARGETS:
-            values = []
-            for key, _ in columns:
-                if key not in chosen:
-                    values.append("one seed")
-                    continue
-                mixer, note = chosen[key], ""
-                against = _mean(seeds.get(key, {}).get(other), mixer)
-                if against is None and other == "finetune":  # not repeated: its one run
-                    against = _test(cells[key].get(other))
-                    note = " (fine-tuning: seed 0 only)" if against is not None else ""
-                values.append(_target(_mean(mixer, mixer), against, need) + note)
-            lines.append(f"| {name} {label} | " + " | ".join(values) + " |")
+    repeated = {
+        k: by_kind["mixer"] for k, by_kind in seeds.items() if len(by_kind.get("mixer", {})) > 1
+    }
+    for name, mixers in (
+        ("mixer, mean over the column's seeds,", repeated),
+        ("mixer (α chosen on validation), mean over the grid's seeds,", _chosen_over_seeds()),
+    ):
+        if mixers:
+            lines.extend(_seed_target_rows(name, mixers, seeds, cells, columns))
     return "\n".join(lines)
+
+
+def _seed_target_rows(
+    name: str,
+    mixers: dict[tuple[str, str, str], dict[int, float]],
+    seeds: dict[tuple[str, str, str], dict[str, dict[int, float]]],
+    cells: dict[tuple[str, str, str], dict[str, dict]],
+    columns: list,
+) -> list[str]:
+    """One line per target: each column's mixer (seed -> test metric) against the means of the
+    column's other rows over the same seeds (:func:`_column_seeds`); fine-tuning, where it ran
+    once, its one run."""
+    lines = []
+    for label, other, need in TARGETS:
+        values = []
+        for key, _ in columns:
+            if key not in mixers:
+                values.append("one seed")
+                continue
+            mixer, note = mixers[key], ""
+            against = _mean(seeds.get(key, {}).get(other), mixer)
+            if against is None and other == "finetune":  # not repeated: its one run
+                against = _test(cells[key].get(other))
+                note = " (fine-tuning: seed 0 only)" if against is not None else ""
+            values.append(_target(_mean(mixer, mixer), against, need) + note)
+        lines.append(f"| {name} {label} | " + " | ".join(values) + " |")
+    return lines
+
+
+def _column_runs() -> list[dict]:
+    """The results that are a column's own run: not a variant, a grid or a seed repeat."""
+    out = []
+    for path in sorted(RESULTS.glob("compare_*.json")):
+        result = json.loads(path.read_text())
+        if not (result.get("variant") or result.get("mixer_grid") or _seed(result) is not None):
+            out.append(result)
+    return out
 
 
 def _chosen_over_seeds() -> dict[tuple[str, str, str], dict[int, float]]:
@@ -411,10 +426,7 @@ def _chosen_over_seeds() -> dict[tuple[str, str, str], dict[int, float]]:
     best validation mean, where the column's own settings were run as a grid with two seeds or
     more (:func:`grid_seeds_table`)."""
     own: dict[tuple, tuple[str, ...]] = {}  # the column's changes, from its mixer's run
-    for path in sorted(RESULTS.glob("compare_*.json")):
-        result = json.loads(path.read_text())
-        if result.get("variant") or result.get("mixer_grid") or _seed(result) is not None:
-            continue
+    for result in _column_runs():
         if "mixer" in result["comparison"]["rows"]:
             comparison = result["comparison"]
             changes = _changes(result, mixer=True)
@@ -447,10 +459,7 @@ def _column_seeds() -> dict[tuple[str, str, str], dict[str, dict[int, float]]]:
     the column's own run (seed 0) and its repeats with other seeds and nothing else changed."""
     runs = _seed_runs()
     out: dict[tuple[str, str, str], dict[str, dict[int, float]]] = {}
-    for path in sorted(RESULTS.glob("compare_*.json")):
-        result = json.loads(path.read_text())
-        if result.get("variant") or result.get("mixer_grid") or _seed(result) is not None:
-            continue
+    for result in _column_runs():
         comparison = result["comparison"]
         task, base = comparison["task"], comparison["base"]
         by_kind = out.setdefault((task, base, _setting(result)), {})

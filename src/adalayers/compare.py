@@ -8,10 +8,10 @@ Every baseline but ``finetune`` is the task of the config with one mixer setting
                 its last row: the same run, not trained twice)
     uniform     fixed equal weights:          task.mixer.freeze_distribution = true (p stays 0)
     scalar_mix  ELMo's scalar mix:            task.mixer.mode = scalar_mix
+    finetune    the whole base fine-tuned under a standard head (:mod:`adalayers.finetune`)
 
 The config's ``task.mixer.layer_dropout`` applies to every row that mixes several states
 (mixer, uniform, scalar_mix) and is a no-op for the single states.
-    finetune    the whole base fine-tuned under a standard head (:mod:`adalayers.finetune`)
 
 A mixer grid (``mixer_grid={"alpha": [1, 4, 16]}``, ``--mixer-grid alpha=1,4,16``) adds one
 ``mixer`` row per other setting of the mixer's own knobs (``alpha``, ``cutoff``,
