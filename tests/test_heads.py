@@ -79,6 +79,44 @@ def test_token_head_loads_weights_saved_by_the_module():
     assert "encoder.layers.0.linear1.weight" in keys
 
 
+@pytest.mark.parametrize("sequence_layers", [1, 2])
+def test_sequence_head_encoder_equals_transformer_encoder(sequence_layers):
+    """``sequence_layers`` runs nn.TransformerEncoder's function before the attention pooling;
+    padded positions do not change the output."""
+    torch.manual_seed(0)
+    config = HeadConfig(num_heads=4, sequence_layers=sequence_layers, ff_dim=24)
+    head = SequenceHead(16, 3, config).eval()
+    assert len(head.encoder.layers) == sequence_layers
+    features = torch.randn(3, 7, 16)
+    m = _mask()
+    encoded = head.encoder(features, src_key_padding_mask=m == 0)
+    encoded = torch.where(m.bool().unsqueeze(-1), encoded, 0.0)  # padding: masked out below
+    pooled, _ = head.attention(
+        encoded, encoded, encoded, key_padding_mask=m == 0, need_weights=False
+    )
+    w = m.unsqueeze(-1).float()
+    reference = head.out((pooled * w).sum(1) / w.sum(1))
+    torch.testing.assert_close(head(features, m), reference, atol=1e-5, rtol=1e-5)
+    changed = features.clone()
+    changed[~m.bool()] = 100.0
+    torch.testing.assert_close(head(changed, m), reference, atol=1e-5, rtol=1e-5)
+    head.train()
+    head(features, m).sum().backward()
+    for name, p in head.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert "encoder.layers.0.linear1.weight" in head.state_dict()
+
+
+def test_sequence_head_default_has_no_encoder():
+    """The default (``sequence_layers=0``) is the attention pooling alone, so heads saved before
+    the option existed load unchanged; a negative depth is refused by name."""
+    head = SequenceHead(16, 3, HeadConfig(num_heads=4))
+    assert head.encoder is None
+    assert not any(k.startswith("encoder.") for k in head.state_dict())
+    with pytest.raises(ValueError, match="sequence_layers"):
+        HeadConfig(sequence_layers=-1)
+
+
 @pytest.mark.parametrize("p", [0.03, 0.1, 0.5])
 def test_dropout_rate_and_mean(p):
     torch.manual_seed(0)

@@ -19,8 +19,11 @@ class HeadConfig:
     Attributes:
         num_heads: attention heads (must divide the mixer's ``dim``).
         num_layers: token tasks: pre-LayerNorm transformer encoder layers before the per-token
-            linear layer (0: linear only). Sequence tasks always use one attention layer.
-        ff_dim: feed-forward width of those encoder layers.
+            linear layer (0: linear only).
+        sequence_layers: sequence tasks: pre-LayerNorm transformer encoder layers before the
+            attention pooling (0, the default: the attention pooling alone, which is linear in
+            the features apart from its softmax).
+        ff_dim: feed-forward width of the encoder layers.
         dropout: dropout inside the head.
         decoding: token tasks: how scores become tags. ``argmax`` (each word's best tag) or
             ``bio`` (the best valid IOB2 sequence, see :mod:`adalayers.decoding`). Used in
@@ -29,15 +32,21 @@ class HeadConfig:
 
     num_heads: int = 8
     num_layers: int = 1
+    sequence_layers: int = 0
     ff_dim: int = 2048
     dropout: float = 0.0
     decoding: Literal["argmax", "bio"] = "argmax"
 
     def __post_init__(self) -> None:
-        if self.num_heads <= 0 or self.num_layers < 0 or self.ff_dim <= 0:
+        if (
+            self.num_heads <= 0
+            or self.num_layers < 0
+            or self.sequence_layers < 0
+            or self.ff_dim <= 0
+        ):
             raise ValueError(
                 f"head.num_heads and head.ff_dim must be positive and "
-                f"head.num_layers >= 0, got {self}"
+                f"head.num_layers and head.sequence_layers >= 0, got {self}"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"head.dropout must be in [0, 1), got {self.dropout}")
@@ -87,8 +96,42 @@ def attention(
     return module.out_proj(h.transpose(1, 2).reshape(b, t, k))  # (B, T, k)
 
 
+def encoder(dim: int, num_layers: int, config: HeadConfig) -> nn.TransformerEncoder:
+    """``num_layers`` pre-LayerNorm ``nn.TransformerEncoderLayer`` modules (run by
+    :func:`encode`)."""
+    layer = nn.TransformerEncoderLayer(
+        dim,
+        config.num_heads,
+        config.ff_dim,
+        config.dropout,
+        activation="gelu",
+        batch_first=True,
+        norm_first=True,
+    )
+    return nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+
+def encode(
+    module: nn.TransformerEncoder, x: torch.Tensor, keep: torch.Tensor, training: bool
+) -> torch.Tensor:
+    """``module(x, src_key_padding_mask=~keep)`` for pre-LN layers, with the same weights and
+    result, through :func:`attention` and :func:`~adalayers.dropout.dropout`. Per layer:
+
+        x = x + drop(attention(LN1(x)))
+        x = x + drop(W2 drop(GELU(W1 LN2(x))))
+    """
+    for layer in module.layers:
+        h = attention(layer.self_attn, layer.norm1(x), keep, training)  # (B, T, k)
+        x = x + dropout(h, layer.dropout1.p, training)  # (B, T, k)
+        h = F.gelu(layer.linear1(layer.norm2(x)))  # (B, T, ff)
+        h = layer.linear2(dropout(h, layer.dropout.p, training))  # (B, T, k)
+        x = x + dropout(h, layer.dropout2.p, training)  # (B, T, k)
+    return x
+
+
 class SequenceHead(nn.Module):
-    """Self-attention over ``F`` with the padding mask, masked mean pooling, then a linear layer.
+    """``sequence_layers`` encoder layers (:func:`encode`, none by default), self-attention
+    over ``F`` with the padding mask, masked mean pooling, then a linear layer.
 
     Used for classification (``num_outputs`` = classes) and regression (``num_outputs`` = 1).
     """
@@ -96,6 +139,9 @@ class SequenceHead(nn.Module):
     def __init__(self, dim: int, num_outputs: int, config: HeadConfig) -> None:
         super().__init__()
         _check_heads(dim, config.num_heads)
+        self.encoder = None
+        if config.sequence_layers > 0:
+            self.encoder = encoder(dim, config.sequence_layers, config)
         self.attention = nn.MultiheadAttention(
             dim, config.num_heads, dropout=config.dropout, batch_first=True
         )
@@ -104,58 +150,30 @@ class SequenceHead(nn.Module):
 
     def forward(self, features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, k), (B, T) -> (B, num_outputs)."""
-        h = attention(self.attention, features, attention_mask != 0, self.training)  # (B, T, k)
+        keep = attention_mask != 0  # (B, T)
+        if self.encoder is not None:
+            features = encode(self.encoder, features, keep, self.training)  # (B, T, k)
+        h = attention(self.attention, features, keep, self.training)  # (B, T, k)
         mask = attention_mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
         pooled = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, k)
         return self.out(self.dropout(pooled))  # (B, num_outputs)
 
 
 class TokenHead(nn.Module):
-    """``num_layers`` pre-LayerNorm transformer encoder layers, then a linear layer per token.
-
-    The layers are ``nn.TransformerEncoderLayer`` modules (their weights and saved names), run
-    by :meth:`_layer`: for each layer,
-
-        x = x + drop(attention(LN1(x)))
-        x = x + drop(W2 drop(GELU(W1 LN2(x))))
-    """
+    """``num_layers`` encoder layers (:func:`encode`), then a linear layer per token."""
 
     def __init__(self, dim: int, num_outputs: int, config: HeadConfig) -> None:
         super().__init__()
         _check_heads(dim, config.num_heads)
         self.encoder = None
         if config.num_layers > 0:
-            layer = nn.TransformerEncoderLayer(
-                dim,
-                config.num_heads,
-                config.ff_dim,
-                config.dropout,
-                activation="gelu",
-                batch_first=True,
-                norm_first=True,
-            )
-            self.encoder = nn.TransformerEncoder(
-                layer, config.num_layers, enable_nested_tensor=False
-            )
+            self.encoder = encoder(dim, config.num_layers, config)
         self.dropout = Dropout(config.dropout)
         self.out = nn.Linear(dim, num_outputs)
-
-    def _layer(
-        self, layer: nn.TransformerEncoderLayer, x: torch.Tensor, keep: torch.Tensor
-    ) -> torch.Tensor:
-        """One pre-LN encoder layer, as ``layer(x, src_key_padding_mask=~keep)`` computes it."""
-        train = self.training
-        h = attention(layer.self_attn, layer.norm1(x), keep, train)  # (B, T, k)
-        x = x + dropout(h, layer.dropout1.p, train)  # (B, T, k)
-        h = F.gelu(layer.linear1(layer.norm2(x)))  # (B, T, ff)
-        h = layer.linear2(dropout(h, layer.dropout.p, train))  # (B, T, k)
-        return x + dropout(h, layer.dropout2.p, train)  # (B, T, k)
 
     def forward(self, features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, k), (B, T) -> (B, T, num_outputs)."""
         h = features
         if self.encoder is not None:
-            keep = attention_mask != 0  # (B, T)
-            for layer in self.encoder.layers:
-                h = self._layer(layer, h, keep)  # (B, T, k)
+            h = encode(self.encoder, features, attention_mask != 0, self.training)  # (B, T, k)
         return self.out(self.dropout(h))  # (B, T, num_outputs)
