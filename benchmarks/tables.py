@@ -37,32 +37,37 @@ ROWS = (
 TASKS = (("imdb", "IMDB"), ("cola", "CoLA"), ("conll2003", "CoNLL-2003"))
 
 
-# overrides that give a comparison a smaller budget than its config: the rows say so, or the
-# column header when every row of the column shares it
 def _sample(value: str) -> str:
-    """``data.sample``'s override (a number or ``{split: number}``) as a budget note."""
+    """``data.sample``'s override (a number or ``{split: number}``) as a column note."""
     sizes = yaml.safe_load(value)
     if isinstance(sizes, int):
         return f"random {sizes:,} of every split"
     return "random " + " / ".join(f"{n:,} {split}" for split, n in sizes.items())
 
 
-BUDGET = {
+# overrides that give a comparison a smaller budget than its config: the rows say so, or the
+# column header when every row of the column shares it
+BUDGET = {"train.epochs": "{} epochs".format}
+# overrides that change the data or how every row of a comparison is read: such a comparison
+# gets a column of its own beside the config's (in this order in its title)
+SETTING = {
     "data.max_length": "first {} tokens".format,
-    "train.epochs": "{} epochs".format,
     "data.sample": _sample,
+    "task.head.decoding": lambda value: f"{value.upper()} decoding",
 }
-# overrides that change how every row of a comparison is read: such a comparison gets a column
-# of its own beside the config's
-SETTING = {"task.head.decoding": lambda value: f"{value.upper()} decoding"}
 BASES = (("all-MiniLM-L6-v2", "MiniLM"), ("SmolLM2-135M-Instruct", "SmolLM2"))
 GREEK = {"alpha": "α", "entropy_weight": "λ"}
 
 
+def _setting_text(items: list[str] | tuple[str, ...]) -> str:
+    """The :data:`SETTING` overrides among ``items`` (``key=value``), as the column's note."""
+    given = dict(item.partition("=")[::2] for item in items)
+    return ", ".join(note(given[key]) for key, note in SETTING.items() if key in given)
+
+
 def _setting(result: dict) -> str:
     """What makes a result's column other than its config's, e.g. "BIO decoding"."""
-    overrides = [item.partition("=") for item in result.get("overrides") or []]
-    return ", ".join(SETTING[key](value) for key, _, value in overrides if key in SETTING)
+    return _setting_text(result.get("overrides") or [])
 
 
 def _cells() -> dict[tuple[str, str, str], dict[str, dict]]:
@@ -442,8 +447,8 @@ def _chosen_over_seeds() -> dict[tuple[str, str, str], dict[int, float]]:
             continue
         best = max(runs, key=lambda k: statistics.mean(v for v, _ in runs[k].values()))
         _, task, base, column = key
-        setting = ", ".join(SETTING[k](v) for k, _, v in (item.partition("=") for item in column))
-        out[(task, base, setting)] = {seed: test for seed, (_, test) in runs[best].items()}
+        by_seed = {seed: test for seed, (_, test) in runs[best].items()}
+        out[(task, base, _setting_text(column))] = by_seed
     return out
 
 

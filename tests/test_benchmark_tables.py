@@ -114,6 +114,21 @@ def test_a_mixer_grid_fills_its_own_row_and_leaves_the_column(tables, tmp_path):
     assert "| best single layer (1; 2 swept) | train.seed=1 | f1 75.0 | f1 75.0 |" in line
 
 
+def test_other_data_makes_a_column_of_its_own(tables, tmp_path):
+    """Comparisons of one task and base on other data (length, sample) are separate columns,
+    titled in one order whatever the order of the overrides; a budget shared by a column's rows
+    goes into its title."""
+    write(tmp_path, "a", full(), overrides=["data.max_length=128"])
+    sample = ["data.sample={train: 30, test: 20}", "data.max_length=64", "train.epochs=3"]
+    write(tmp_path, "b", full(0.05), overrides=sample)
+    lines = tables.compare_table().splitlines()
+    titles = lines[0].split(" | ")
+    a = titles.index("CoNLL-2003 × MiniLM (first 128 tokens)")
+    b = titles.index("CoNLL-2003 × MiniLM (3 epochs, first 64 tokens, random 30 train / 20 test)")
+    mixer = next(x for x in lines if x.startswith("| AdaLayers mixer |")).split(" | ")
+    assert mixer[a].startswith("f1 78.0") and mixer[b].startswith("f1 83.0")
+
+
 def test_targets_compare_the_mixers_with_the_rows_they_must_beat(tables, tmp_path):
     rows = full()
     rows["finetune"] = row("finetune", 0.82, 0.801)
