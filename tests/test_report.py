@@ -70,6 +70,9 @@ def test_report_shows_every_part(runs, tmp_path):
     assert "Confusion matrix (test)" in text and "<td>unacceptable</td>" in text
     conll_metrics = json.loads((runs["conll"] / "metrics.json").read_text())
     assert f"<td>{conll_metrics['parameters_added']:,}</td>" in text
+    # the head's settings: its depth for the kind of task, the width only where layers use it
+    assert "<td>num_heads=2, sequence_layers=0, dropout=0.1</td>" in text  # CoLA
+    assert "<td>num_heads=2, num_layers=1, ff_dim=16, dropout=0.1, decoding=argmax</td>" in text
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', text)
     alts = [alt for alt, _ in images]
     # CoLA: distribution, history, confusion; CoNLL: distribution, history

@@ -421,6 +421,13 @@ def _run_section(record: RunRecord, anchor: str) -> str:
     if record.baseline != "finetune" and mixer:
         keys = ("mode", "dim", "alpha", "cutoff", "entropy_weight", "layer_dropout", "positional")
         facts.append(["mixer", ", ".join(f"{k}={mixer.get(k)}" for k in keys if k in mixer)])
+    head = (config.get("task") or {}).get("head") or {}
+    if record.baseline != "finetune" and head:
+        token = m.get("task_type") == "token_classification"
+        depth = "num_layers" if token else "sequence_layers"
+        keys = ("num_heads", depth, *(("ff_dim",) if head.get(depth) else ()), "dropout")
+        keys += ("decoding",) if token else ()
+        facts.append(["head", ", ".join(f"{k}={head[k]}" for k in keys if k in head)])
     for key in ("parameters_added", "percent_of_base", "best_epoch", "epochs_run"):
         facts.append([key.replace("_", " "), m.get(key)])
     facts.append(["train seconds", m.get("train_seconds")])
