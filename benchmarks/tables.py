@@ -205,6 +205,16 @@ def _spread(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f} ({each})"
 
 
+def _grid_key(result: dict) -> tuple[tuple, tuple[str, ...]]:
+    """A result's (config, task, base, column) and its other changes: its mixer's changes
+    (:func:`_changes`) split into those that make its column (:data:`SETTING`) and the rest."""
+    comparison = result["comparison"]
+    changes = _changes(result, mixer=True)
+    column = tuple(c for c in changes if c.partition("=")[0] in SETTING)
+    key = (Path(result["config"]).stem, comparison["task"], comparison["base"], column)
+    return key, tuple(c for c in changes if c not in column)
+
+
 def _grid_groups() -> dict[tuple, dict[tuple, dict[int, tuple[float, float]]]]:
     """(config, task, base, column) -> (changes, grid point) -> seed -> (validation, test),
     from every ``--mixer-grid`` run; ``column`` holds the changes that make a column of the main
@@ -216,16 +226,11 @@ def _grid_groups() -> dict[tuple, dict[tuple, dict[int, tuple[float, float]]]]:
             continue
         comparison = result["comparison"]
         metric = comparison["metric"]
-        changes = _changes(result, mixer=True)
-        column = tuple(c for c in changes if c.partition("=")[0] in SETTING)
-        key = (Path(result["config"]).stem, comparison["task"], comparison["base"], column)
+        key, others = _grid_key(result)
         for row in comparison["rows"].values():
             if row["baseline"] not in ("mixer", "mixer_grid") or not row.get("settings"):
                 continue
-            setting = (
-                tuple(c for c in changes if c not in column),
-                tuple(sorted(row["settings"].items())),
-            )
+            setting = (others, tuple(sorted(row["settings"].items())))
             scores = tuple((row.get(split) or {}).get(metric) for split in ("validation", "test"))
             if None not in scores:
                 by_seed = groups.setdefault(key, {}).setdefault(setting, {})
@@ -433,11 +438,8 @@ def _chosen_over_seeds() -> dict[tuple[str, str, str], dict[int, float]]:
     own: dict[tuple, tuple[str, ...]] = {}  # the column's changes, from its mixer's run
     for result in _column_runs():
         if "mixer" in result["comparison"]["rows"]:
-            comparison = result["comparison"]
-            changes = _changes(result, mixer=True)
-            column = tuple(c for c in changes if c.partition("=")[0] in SETTING)
-            key = (Path(result["config"]).stem, comparison["task"], comparison["base"], column)
-            own[key] = tuple(c for c in changes if c not in column)
+            key, others = _grid_key(result)
+            own[key] = others
     out: dict[tuple[str, str, str], dict[int, float]] = {}
     for key, settings in _grid_groups().items():
         if key not in own:
