@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_train import write_cola, write_config, write_conll
+from test_train import check_token_predictions, write_cola, write_config, write_conll
 
 from adalayers import cache as cache_module
 from adalayers import compare as compare_module
@@ -242,6 +242,7 @@ def test_finetune_token_task_writes_a_run(tmp_path, tiny_model_dir):
     assert [h["epoch"] for h in history] == [1, 2]
     assert results["validation"]["f1"] == pytest.approx(max(h["score"] for h in history))
     assert load_config(run / "config.yaml").train.lr == pytest.approx(1e-3)
+    check_token_predictions(run, results["test"])
     with pytest.raises(FileExistsError):
         finetune(load_config(path, data_dir=str(data)), run, quiet=True)
 

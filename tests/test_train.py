@@ -111,6 +111,8 @@ def test_train_writes_a_complete_run(cola, tmp_path, capsys):
         "checkpoint",
         "history.jsonl",
         "metrics.json",
+        "predictions_validation.jsonl",
+        "predictions_test.jsonl",
         "layer_weights.png",
     } <= names
     assert not [n for n in names if n.startswith(".")], "temporary files left behind"
@@ -125,9 +127,31 @@ def test_train_writes_a_complete_run(cola, tmp_path, capsys):
     best = max(h["score"] for h in history)
     assert metrics["validation"]["mcc"] == pytest.approx(best, abs=1e-9)
 
+    # the predictions: every test example once, in the file's order, scoring as metrics.json
+    records = read_jsonl(run / "predictions_test.jsonl")
+    assert [r["index"] for r in records] == list(range(30))
+    gold = [line.split("\t")[1] for line in (data / "glue/CoLA/dev.tsv").read_text().splitlines()]
+    names = ["unacceptable", "acceptable"]
+    assert [r["label"] for r in records] == [names[int(g)] for g in gold]
+    assert {r["prediction"] for r in records} <= set(names)
+    from adalayers.metrics import compute_metrics
+
+    again = compute_metrics(
+        "sequence_classification",
+        [r["label"] for r in records],
+        [r["prediction"] for r in records],
+    )
+    assert again["mcc"] == pytest.approx(metrics["test"]["mcc"], abs=1e-12)
+    assert again["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-12)
+    assert len(read_jsonl(run / "predictions_validation.jsonl")) == 8
+
+    written = tmp_path / "evaluated.jsonl"
     assert main(["evaluate", str(run), "--split", "test", "--quiet"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert main(["evaluate", str(run), "--quiet", "--predictions", str(written)]) == 0
+    capsys.readouterr()
+    assert read_jsonl(written) == records
 
     assert main(["predict", str(run), "--text", "the movie was good .", "--text", "bad"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -201,6 +225,27 @@ def test_interrupt_then_resume_loses_nothing(cola, tmp_path, monkeypatch):
     assert [json.loads(h)["epoch"] for h in history] == [1, 2, 3]
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_token_predictions(run: Path, test: dict) -> None:
+    """The run's test predictions: one record a sentence with its gold tags (those of
+    ``write_conll``), a predicted tag a word, and the run's test F1."""
+    from adalayers.metrics import compute_metrics
+
+    records = read_jsonl(run / "predictions_test.jsonl")
+    sents = [["B-PER", "O", "O", "O"], ["B-PER", "O", "O", "B-LOC"], ["B-ORG", "I-ORG", "O"]]
+    assert [r["tags"] for r in records] == [sents[i % 3] for i in range(9)]
+    assert [len(r["predicted_tags"]) for r in records] == [len(r["tags"]) for r in records]
+    again = compute_metrics(
+        "token_classification",
+        [r["tags"] for r in records],
+        [r["predicted_tags"] for r in records],
+    )
+    assert again["f1"] == pytest.approx(test["f1"], abs=1e-12)
+
+
 def test_token_task_end_to_end(tmp_path, tiny_model_dir):
     data = write_conll(tmp_path / "data")
     config = write_config(
@@ -214,6 +259,7 @@ def test_token_task_end_to_end(tmp_path, tiny_model_dir):
     assert results["metric"] == "f1"
     assert set(results["test"]["per_type"]) <= {"PER", "LOC", "ORG"}
     assert results["test"]["examples"] == 9
+    check_token_predictions(tmp_path / "run", results["test"])
 
 
 def test_token_task_with_bio_decoding_predicts_valid_tags(tmp_path, tiny_model_dir):

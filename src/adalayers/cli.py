@@ -92,6 +92,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             decoding=args.decoding,
             quiet=args.quiet,
+            predictions=args.predictions,
         )
     )
     return 0
@@ -317,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--decoding",
         choices=["argmax", "bio"],
         help="token tasks: read the scores this way instead of the run's head.decoding",
+    )
+    p.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="also write every example's gold and predicted label here (JSON lines)",
     )
     common(p)
     p.set_defaults(func=cmd_evaluate)

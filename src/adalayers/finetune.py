@@ -9,6 +9,8 @@ data pipeline, epochs, early stopping and model selection on validation are thos
     history.jsonl   one line per epoch: loss, validation metrics, learning rate
     metrics.json    final validation and test metrics, parameters, timings; ``"baseline":
                     "finetune"``
+    predictions_validation.jsonl, predictions_test.jsonl
+                    the best epoch's prediction for every example of the split
     model/          the best fine-tuned model, only with ``save_model=True`` (a full copy of
                     the base: ``parameters_added`` counts all of it)
 
@@ -55,7 +57,9 @@ from adalayers.train import (
     _write_json,
     evaluate_split,
     evaluate_splits,
+    predictions_file,
     tokenize,
+    write_predictions,
 )
 
 logger = logging.getLogger(__name__)
@@ -335,6 +339,7 @@ def finetune(
             train_cfg.eval_batch_size,
             pad_id,
             progress,
+            predictions=(predictions := {}),
         )
     )
     results.update(
@@ -350,6 +355,8 @@ def finetune(
         }
     )
     if main:
+        for split, records in predictions.items():  # before metrics.json, which marks the end
+            write_predictions(run / predictions_file(split), records)
         _write_json(run / METRICS, results)
         if save_model:
             model.save_pretrained(run / MODEL_DIR)

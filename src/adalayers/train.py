@@ -7,6 +7,9 @@ A run folder holds::
     checkpoint/        the latest resumable state (task, optimiser, scheduler, RNG, counters)
     history.jsonl      one line per epoch: loss, metrics, learning rate, layer distribution
     metrics.json       final validation and test metrics, parameters added, timings
+    predictions_validation.jsonl, predictions_test.jsonl
+                       the best task's prediction for every example of the split, in its
+                       order (:func:`prediction_records`)
     layer_weights.png  the learned layer distribution
 
 ``accelerate launch`` / ``torchrun`` run :func:`fit` data-parallel; every process holds the frozen
@@ -341,10 +344,13 @@ def evaluate_split(
     pad_id: int,
     progress: bool = False,
     store: FeatureStore | None = None,
+    predictions: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``task`` on one tokenised split; every example is counted exactly once.
 
-    With a feature ``store`` the states come from the cache and the base does not run.
+    With a feature ``store`` the states come from the cache and the base does not run. A
+    ``predictions`` list is filled with one record per example, in the split's order
+    (:func:`prediction_records`).
     """
     model.eval()
     loader = _loader(
@@ -397,7 +403,10 @@ def evaluate_split(
                 out.append(words + ["O"] * (len(gold) - len(words)))
             return out
 
-        metrics = compute_metrics(task.task_type, true_tags, tags(preds))
+        pred_tags = tags(preds)
+        metrics = compute_metrics(task.task_type, true_tags, pred_tags)
+        if predictions is not None:
+            predictions.extend(prediction_records(task.task_type, true_tags, pred_tags))
         if decoded:
             per_word = compute_metrics(task.task_type, true_tags, tags(argmax))
             metrics["argmax"] = {k: per_word[k] for k in ("precision", "recall", "f1")}
@@ -405,6 +414,12 @@ def evaluate_split(
         y_pred = [preds[p] for p in order]
         y_true = [golds[p] for p in order]
         metrics = compute_metrics(task.task_type, y_true, y_pred)
+        if predictions is not None:
+            if task.task_type == "sequence_classification":
+                named = [task.labels[i] for i in y_true], [task.labels[i] for i in y_pred]
+            else:
+                named = y_true, y_pred
+            predictions.extend(prediction_records(task.task_type, *named))
         if task.task_type == "sequence_classification":
             metrics["confusion_matrix"] = {
                 "labels": list(task.labels),  # rows: gold label, columns: predicted label
@@ -412,6 +427,36 @@ def evaluate_split(
             }
     metrics["examples"] = len(ds)
     return metrics
+
+
+def prediction_records(
+    task_type: str, gold: Sequence[Any], predicted: Sequence[Any]
+) -> list[dict[str, Any]]:
+    """One JSON-ready record per example, ``index`` its position in the evaluated split (after
+    ``data.sample`` / ``data.limit``): ``label`` and ``prediction`` (label names; numbers for
+    regression), or for token tasks ``tags`` and ``predicted_tags`` (one per word)."""
+    if task_type == "token_classification":
+        keys = ("tags", "predicted_tags")
+    else:
+        keys = ("label", "prediction")
+    return [{"index": i, keys[0]: g, keys[1]: p} for i, (g, p) in enumerate(zip(gold, predicted))]
+
+
+def write_predictions(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``records`` as JSON lines to ``path`` (through a temporary file: a crash leaves
+    the old file or none, never half of one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as fh:
+        for record in records:
+            fh.write(json.dumps(record) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def predictions_file(split: str) -> str:
+    """The name of a run folder's predictions file for ``split``."""
+    return f"predictions_{split}.jsonl"
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -439,15 +484,18 @@ def evaluate_splits(
     pad_id: int,
     progress: bool = False,
     stores: dict[str, FeatureStore] | None = None,
+    predictions: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_split` on each evaluation split the data has (validation, test), the
     final scores of a run. A split already in ``tokenized`` is not tokenised again; one in
-    ``stores`` is read from the feature cache."""
+    ``stores`` is read from the feature cache. A ``predictions`` dict receives each split's
+    records under the split's name."""
     results: dict[str, dict[str, Any]] = {}
     for split in ("validation", "test"):
         if split not in data.splits or len(data.splits[split]) == 0:
             continue
         ds = tokenized.get(split) or tokenize(data, split, tokenizer, task, max_length)
+        records = None if predictions is None else predictions.setdefault(split, [])
         results[split] = evaluate_split(
             accelerator,
             model,
@@ -459,6 +507,7 @@ def evaluate_splits(
             pad_id,
             progress,
             store=(stores or {}).get(split),
+            predictions=records,
         )
     return results
 
@@ -816,6 +865,7 @@ def fit(
             pad_id,
             progress,
             stores=stores,
+            predictions=(predictions := {}),
         )
     )
     results.update(
@@ -835,6 +885,8 @@ def fit(
         }
     )
     if main:
+        for split, records in predictions.items():  # before metrics.json, which marks the end
+            write_predictions(run / predictions_file(split), records)
         _write_json(run / METRICS, results)
         from adalayers.report import plot_layer_weights
 
@@ -990,12 +1042,15 @@ def evaluate_run(
     data_dir: str | None = None,
     decoding: str | None = None,
     quiet: bool = False,
+    predictions: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run's best task on one split of its data.
 
     Args:
         decoding: token tasks: ``argmax`` or ``bio`` instead of the saved ``head.decoding``
             (the same trained weights, read another way).
+        predictions: also write every example's prediction here as JSON lines
+            (:func:`prediction_records`).
     """
     config, backbone, task = load_run(run_dir)
     if data_dir is not None:
@@ -1014,7 +1069,8 @@ def evaluate_run(
     ds = tokenize(data, split, backbone.tokenizer, task, _max_length(config, backbone))
     model = accelerator.prepare(TaskModel(backbone, task))
     progress = not quiet and sys.stderr.isatty()
-    return evaluate_split(
+    records: list[dict[str, Any]] | None = None if predictions is None else []
+    metrics = evaluate_split(
         accelerator,
         model,
         task,
@@ -1024,7 +1080,11 @@ def evaluate_run(
         config.train.eval_batch_size,
         backbone.tokenizer.pad_token_id,
         progress,
+        predictions=records,
     )
+    if records is not None and accelerator.is_main_process:
+        write_predictions(predictions, records)
+    return metrics
 
 
 def read_metrics(run_dir: str | os.PathLike) -> Mapping[str, Any]:
