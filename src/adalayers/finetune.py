@@ -57,9 +57,8 @@ from adalayers.train import (
     _write_json,
     evaluate_split,
     evaluate_splits,
-    predictions_file,
+    save_predictions,
     tokenize,
-    write_predictions,
 )
 
 logger = logging.getLogger(__name__)
@@ -355,8 +354,7 @@ def finetune(
         }
     )
     if main:
-        for split, records in predictions.items():  # before metrics.json, which marks the end
-            write_predictions(run / predictions_file(split), records)
+        save_predictions(run, predictions)  # before metrics.json, which marks the end
         _write_json(run / METRICS, results)
         if save_model:
             model.save_pretrained(run / MODEL_DIR)

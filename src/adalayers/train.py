@@ -446,17 +446,19 @@ def write_predictions(path: str | os.PathLike, records: Sequence[Mapping[str, An
     """Write ``records`` as JSON lines to ``path`` (through a temporary file: a crash leaves
     the old file or none, never half of one)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as fh:
-        for record in records:
-            fh.write(json.dumps(record) + "\n")
-    tmp.replace(path)
+    _write_text(path, "".join(json.dumps(record) + "\n" for record in records))
     return path
 
 
 def predictions_file(split: str) -> str:
     """The name of a run folder's predictions file for ``split``."""
     return f"predictions_{split}.jsonl"
+
+
+def save_predictions(run: Path, by_split: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    """Write each split's records to the run folder's :func:`predictions_file`."""
+    for split, records in by_split.items():
+        write_predictions(run / predictions_file(split), records)
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -618,10 +620,15 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def _write_json(path: Path, payload: Any) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` through a temporary file beside it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    _write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def fit(
@@ -885,8 +892,7 @@ def fit(
         }
     )
     if main:
-        for split, records in predictions.items():  # before metrics.json, which marks the end
-            write_predictions(run / predictions_file(split), records)
+        save_predictions(run, predictions)  # before metrics.json, which marks the end
         _write_json(run / METRICS, results)
         from adalayers.report import plot_layer_weights
 
