@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
+import time
 from collections import namedtuple
 
 import numpy as np
@@ -95,15 +97,41 @@ def test_interrupted_build_resumes_where_it_stopped(setup, monkeypatch):
     torch.testing.assert_close(store.example(5, 3), states[3][0], rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_damaged_store_is_detected_and_rebuilt(setup, caplog, damage):
+def _age_past_the_racy_window() -> None:
+    time.sleep(cache_module.RACY_SECONDS + 0.2)
+
+
+def _count_checksum_reads(monkeypatch) -> list:
+    calls = []
+    real = cache_module._crc
+
+    def counting(*args):
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(cache_module, "_crc", counting)
+    return calls
+
+
+@pytest.mark.parametrize("verified_before", [False, True], ids=["fresh", "verified"])
+@pytest.mark.parametrize("damage", ["flip", "flip-keep-mtime", "truncate"])
+def test_damaged_store_is_detected_and_rebuilt(setup, caplog, damage, verified_before):
     backbone, ds, root = setup
     store = cache_module.open_or_build(backbone, ds, "train", [2], root=root, chunk_examples=40)
-    path = next(store.folder.rglob("layer-2.bin"))
+    shard = next(store.folder.glob("shard-*"))
+    if verified_before:  # its checksums passed and were noted: opens skip reading them
+        _age_past_the_racy_window()
+        cache_module.open_or_build(backbone, ds, "train", [2], root=root)
+        assert (shard / cache_module.VERIFIED).is_file()
+    path = shard / "layer-2.bin"
+    before = path.stat()
     raw = bytearray(path.read_bytes())
-    if damage == "flip":
+    if damage.startswith("flip"):
         raw[len(raw) // 2] ^= 0xFF
         path.write_bytes(bytes(raw))
+        if damage == "flip-keep-mtime":  # as `touch -r` or a restore would leave it
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+            assert path.stat().st_mtime_ns == before.st_mtime_ns
     else:
         path.write_bytes(bytes(raw[: len(raw) // 2]))
     with caplog.at_level(logging.WARNING, logger="adalayers"):
@@ -113,6 +141,41 @@ def test_damaged_store_is_detected_and_rebuilt(setup, caplog, damage):
     torch.testing.assert_close(
         again.example(middle, 2), fresh_states(backbone, ds, middle)[2][0], rtol=1e-3, atol=1e-3
     )
+
+
+def test_a_store_unchanged_since_its_checksums_passed_is_not_read_again(setup, monkeypatch):
+    backbone, ds, root = setup
+    built = cache_module.open_or_build(backbone, ds, "train", [1, 2], root=root, chunk_examples=40)
+    shard = next(built.folder.glob("shard-*"))
+    middle = len(ds) // 2
+    expected = built.example(middle, 2)
+    _age_past_the_racy_window()
+    reads = _count_checksum_reads(monkeypatch)
+    cache_module.open_or_build(backbone, ds, "train", [1, 2], root=root)
+    assert reads, "the first open after the build reads every checksum"
+    assert (shard / cache_module.VERIFIED).is_file()
+    reads.clear()
+    again = cache_module.open_or_build(backbone, ds, "train", [1, 2], root=root)
+    assert reads == []
+    torch.testing.assert_close(again.example(middle, 2), expected, rtol=0, atol=0)
+    cache_module.open_or_build(backbone, ds, "train", [1, 2], root=root, verify=True)
+    assert {p.name for p in reads} == {"layer-1.bin", "layer-2.bin"}  # verify=True reads all
+
+
+def test_a_file_changed_just_before_the_check_is_checked_again(setup, monkeypatch):
+    """File times are coarse: a file touched within RACY_SECONDS of a passing check is not
+    noted as verified, so a write in the same clock tick cannot go unseen."""
+    backbone, ds, root = setup
+    built = cache_module.open_or_build(backbone, ds, "train", [2], root=root, chunk_examples=40)
+    shard = next(built.folder.glob("shard-*"))
+    _age_past_the_racy_window()
+    os.utime(shard / "layer-2.bin")  # changed now
+    reads = _count_checksum_reads(monkeypatch)
+    cache_module.open_or_build(backbone, ds, "train", [2], root=root)
+    assert reads and not (shard / cache_module.VERIFIED).exists()
+    reads.clear()
+    cache_module.open_or_build(backbone, ds, "train", [2], root=root)
+    assert reads  # still not trusted: read again
 
 
 def test_a_different_split_or_base_never_reuses_a_store(setup, tiny_model_dir):

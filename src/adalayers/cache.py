@@ -9,12 +9,17 @@ and writes the per-token states of the chosen layers (no padding) into memory-ma
         scale-<i>.bin        (rows,) float32 per-row scales (int8 storage only)
         progress.json        chunks written so far, with a CRC-32 of every file range
         COMPLETE             written last
+        verified.json        size, inode and times of each file when its checksums last passed
 
 ``key`` is a hash of the base's fingerprint, the layers, the storage dtype and the token ids
 and labels of the split (which covers the tokenizer, the max length and the data files), so a
 stale store is never used. Interrupted builds resume chunk by chunk; a store whose checksums do
-not match (truncated, corrupted) is detected on open and rebuilt, never silently read. Under
-``accelerate launch`` every process writes its own shard and training reads all shards.
+not match (truncated, corrupted) is detected on open and rebuilt, never silently read. Reading
+every checksum means reading the whole store, so a file whose size, inode and modification and
+change times are those recorded in ``verified.json`` after its checksums last passed is not read
+again; any write, truncation, copy or replacement changes them (``verify=True`` checks
+everything regardless). Under ``accelerate launch`` every process writes its own shard and
+training reads all shards.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 _NP_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "int8": np.int8, "float32": np.float32}
 FORMAT = 1
+VERIFIED = "verified.json"
+RACY_SECONDS = 2.0
+"""A file changed this close to the moment its checksums passed is checked again next time:
+file times are coarse on some file systems (2 s on FAT), so a write within that window may not
+move them."""
 
 
 class CacheCorrupted(RuntimeError):
@@ -166,9 +177,43 @@ class _Shard:
         tmp.write_text(json.dumps(progress))
         tmp.replace(self.folder / "progress.json")
 
-    def verify(self, rows: int) -> None:
-        """Raise :class:`CacheCorrupted` unless every chunk's CRC matches (reads everything)."""
+    def verify(self, rows: int, *, full: bool = False) -> bool:
+        """Raise :class:`CacheCorrupted` unless every chunk's CRC matches.
+
+        Files unchanged since their checksums last passed (:meth:`unchanged`) are not read again
+        unless ``full``. Returns whether any file was read.
+        """
         files = self.files()
+        if not full and self.unchanged(files):
+            return False
+        self._verify_all(rows, files)
+        self.record_verified(files)
+        return True
+
+    def unchanged(self, files: dict[str, tuple[Path, int]]) -> bool:
+        """Every file is as :meth:`record_verified` found it after its checksums passed."""
+        path = self.folder / VERIFIED
+        try:
+            recorded = json.loads(path.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return set(recorded) == set(files) and all(
+            _identity(p) == recorded[name] for name, (p, _) in files.items()
+        )
+
+    def record_verified(self, files: dict[str, tuple[Path, int]]) -> None:
+        """Note each file's identity, unless one changed too recently (:data:`RACY_SECONDS`) for
+        a later write to be sure to show: then nothing is noted and the next open reads all."""
+        cutoff = time.time_ns() - int(RACY_SECONDS * 1e9)
+        identities = {name: _identity(p) for name, (p, _) in files.items()}
+        if any(max(ident[2], ident[3]) >= cutoff for ident in identities.values()):
+            (self.folder / VERIFIED).unlink(missing_ok=True)
+            return
+        tmp = self.folder / f".{VERIFIED}.tmp"
+        tmp.write_text(json.dumps({"files": identities}))
+        tmp.replace(self.folder / VERIFIED)
+
+    def _verify_all(self, rows: int, files: dict[str, tuple[Path, int]]) -> None:
         for path, row_bytes in files.values():
             expected = max(rows, 1) * row_bytes
             if not path.is_file() or path.stat().st_size != expected:
@@ -190,6 +235,12 @@ class _Shard:
                         f"{path}: checksum mismatch in rows "
                         f"{chunk['row_start']}..{chunk['row_end']}"
                     )
+
+
+def _identity(path: Path) -> list[int]:
+    """Size, inode, modification and change time (ns): what any write or copy changes."""
+    st = path.stat()
+    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _crc(path: Path, offset: int, length: int) -> int:
@@ -440,6 +491,7 @@ def open_or_build(
     chunk_examples: int = 1024,
     progress_bar: bool = False,
     barrier: Any = None,
+    verify: bool = False,
 ) -> FeatureStore:
     """Open the store for this split, building (or finishing, or rebuilding) this process's
     shard first.
@@ -457,6 +509,8 @@ def open_or_build(
         progress_bar: show a progress bar.
         barrier: called after this process's shard is complete (e.g.
             ``accelerator.wait_for_everyone``) so every shard exists before reading.
+        verify: read every checksum of a finished shard, even of files unchanged since their
+            checksums last passed (``verified.json``).
 
     Raises:
         OSError: the store would not fit the free disk (the message gives both sizes).
@@ -471,8 +525,12 @@ def open_or_build(
     rows = sum(lengths[i] for i in examples)
     if (shard.folder / "COMPLETE").is_file():
         try:
-            shard.verify(rows)
-            logger.info("cache hit: %s", shard.folder)
+            read = shard.verify(rows, full=verify)
+            logger.info(
+                "cache hit: %s (%s)",
+                shard.folder,
+                "checksums read" if read else "unchanged since its checksums passed",
+            )
         except CacheCorrupted as err:
             logger.warning("cache store is damaged (%s); rebuilding %s", err, shard.folder)
             shutil.rmtree(shard.folder)

@@ -68,7 +68,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from adalayers.train import build_cache
 
     config = load_config(args.config, args.set, args.data_dir)
-    summary = build_cache(config, quiet=args.quiet)
+    summary = build_cache(config, quiet=args.quiet, verify=args.verify)
     if os.environ.get("RANK", "0") == "0":
         _print_json(summary)
     return 0
@@ -267,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (its cache section)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--data-dir")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every checksum of a built store, even of files unchanged since they passed",
+    )
     common(p)
     p.set_defaults(func=cmd_cache)
 

@@ -914,10 +914,12 @@ def _prepare_cache(
     tokenized: dict[str, Any],
     max_length: int,
     progress: bool,
+    verify: bool = False,
 ) -> tuple[Task, dict[str, FeatureStore]]:
     """Choose the layers worth caching (probe), rebuild the task on them, open the stores.
 
-    ``tokenized`` (split -> tokenised dataset) gains the cached splits it lacked.
+    ``tokenized`` (split -> tokenised dataset) gains the cached splits it lacked. ``verify``
+    reads every checksum of a finished store (:func:`adalayers.cache.open_or_build`).
     """
     cache, mixer = config.cache, config.task.mixer
     layers = task.mixer.layer_indices
@@ -963,16 +965,19 @@ def _prepare_cache(
             chunk_examples=cache.chunk_examples,
             progress_bar=progress,
             barrier=accelerator.wait_for_everyone,
+            verify=verify,
         )
         if sorted(layers) != sorted(stored):  # a full store: read only the mixer's states
             stores[split] = stores[split].select(layers)
     return task, stores
 
 
-def build_cache(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+def build_cache(config: RunConfig, *, quiet: bool = False, verify: bool = False) -> dict[str, Any]:
     """Run the base once over the configured splits and store their hidden states.
 
-    Returns a summary: the layers stored, and per split the folder, examples and bytes.
+    ``verify`` reads every checksum of stores already built, even of files unchanged since their
+    checksums last passed. Returns a summary: the layers stored, and per split the folder,
+    examples and bytes.
     """
     accelerator = _accelerator(config)
     data = _load_data(config)
@@ -985,7 +990,7 @@ def build_cache(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
     tokenized = {"train": tokenize(data, "train", backbone.tokenizer, task, max_length)}
     progress = accelerator.is_main_process and not quiet and sys.stderr.isatty()
     task, stores = _prepare_cache(
-        config, accelerator, backbone, data, task, tokenized, max_length, progress
+        config, accelerator, backbone, data, task, tokenized, max_length, progress, verify
     )
     return {
         "layers": task.mixer.layer_indices,
