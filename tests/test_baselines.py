@@ -315,6 +315,37 @@ def test_compare_again_reuses_finished_runs(compared, monkeypatch, capsys):
     assert "another config" in capsys.readouterr().err
 
 
+def test_a_comparison_cut_off_keeps_its_finished_rows(tmp_path, tiny_model_dir):
+    data = write_cola(tmp_path / "data", n_train=40, n_dev=12)
+    config = load_config(
+        write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"), epochs=1), data_dir=str(data)
+    )
+    out = tmp_path / "cmp"
+    trained = []
+    real_fit = compare_module.fit
+
+    def fit_until_uniform(cfg, run, **kw):
+        if run.name == "uniform":
+            raise KeyboardInterrupt  # the session ends mid-row
+        trained.append(run.name)
+        return real_fit(cfg, run, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compare_module, "fit", fit_until_uniform)
+        with pytest.raises(KeyboardInterrupt):
+            compare_module.compare(config, "mixer,last,uniform", out, quiet=True)
+    partial = json.loads((out / "comparison.json").read_text())
+    assert partial["complete"] is False and partial["pending"] == ["uniform"]
+    assert set(partial["rows"]) == {"mixer", "last"} and trained == ["mixer", "last"]
+    assert partial["rows"]["mixer"]["wall_seconds"] > 0
+    done = compare_module.compare(config, "mixer,last,uniform", out, quiet=True)
+    assert done["complete"] is True and "pending" not in done
+    assert set(done["rows"]) == {"mixer", "last", "uniform"}
+    for name in ("mixer", "last"):  # reused, with the wall time of the call that trained them
+        assert done["rows"][name] == partial["rows"][name]
+    assert json.loads((out / "comparison.json").read_text()) == json.loads(json.dumps(done))
+
+
 def test_mixer_grid_parses_and_plans_extra_mixer_rows(tmp_path, tiny_model_dir):
     grid = compare_module.parse_mixer_grid(["alpha=1,4,64", "task.mixer.cutoff=0, 0.05"])
     assert grid == {"alpha": [1, 4, 64], "cutoff": [0, 0.05]}

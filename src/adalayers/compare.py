@@ -23,8 +23,9 @@ with its settings chosen on validation" is one command and one reading, not a ha
 sweep), then ``comparison.json`` (row -> metrics, parameters added, train and wall time) and
 ``report.html`` (:func:`adalayers.report.write_report`). With ``train.cache: true`` the
 mixer-family runs store every hidden state once (``cache.all_layers``) and share that store, so
-the sweep never runs the base again. Finished runs are reused and interrupted ones resumed when
-the command is repeated.
+the sweep never runs the base again. ``comparison.json`` is rewritten after every row
+(``"complete": false`` and the ``pending`` rows until the last), so a call cut off keeps the rows
+it finished; repeating the command reuses finished runs and resumes interrupted ones.
 """
 
 from __future__ import annotations
@@ -295,27 +296,49 @@ def compare(
             )
             results = fit(cfg, run, resume=resume, quiet=quiet, overwrite=not resume)
         rows[name] = _row(name, run, results, time.perf_counter() - start)
+        if len(rows) < len(rows_plan):  # the rows so far, in case the call is cut off
+            _summarize(config, names, rows, rows_plan, mixer_grid, out, complete=False)
+    comparison = _summarize(config, names, rows, rows_plan, mixer_grid, out, complete=True)
+    if comparison.get("mixer_chosen"):
+        logger.info("mixer chosen on validation: %s", comparison["mixer_chosen"])
+    if os.environ.get("RANK", "0") == "0":  # one writer under torchrun / accelerate launch
+        title = f"{config.data.task} on {config.base}"
+        runs = [out / name for name, row in rows.items() if "same_run_as" not in row]
+        write_report(runs, out / REPORT, title=title)
+    return comparison
+
+
+def _summarize(
+    config: RunConfig,
+    names: list[str],
+    rows: dict[str, Any],
+    rows_plan: Mapping[str, RunConfig],
+    mixer_grid: Mapping[str, Sequence[Any]] | None,
+    out: Path,
+    *,
+    complete: bool,
+) -> dict[str, Any]:
+    """The comparison of the rows trained so far, written to ``comparison.json``
+    (``"complete": false`` until every planned row is in)."""
     first = next(iter(rows.values()))
     comparison = {
         "task": config.data.task,
         "base": config.base,
         "metric": first["metric"],
         "baselines": names,
+        "complete": complete,
         "rows": rows,
         "report": REPORT,
     }
+    if not complete:
+        comparison["pending"] = [name for name in rows_plan if name not in rows]
     if mixer_grid:
-        chosen = choose_mixer(rows, first["metric"])
         comparison["mixer_grid"] = {k: list(v) for k, v in mixer_grid.items()}
-        comparison["mixer_chosen"] = chosen
+        comparison["mixer_chosen"] = choose_mixer(rows, first["metric"])
         for name, row in rows.items():
             if row["baseline"] in ("mixer", "mixer_grid"):
                 mixer = rows_plan[name].task.mixer
                 row["settings"] = {k: getattr(mixer, k) for k in mixer_grid}
-        logger.info("mixer chosen on validation: %s", chosen)
     if os.environ.get("RANK", "0") == "0":  # one writer under torchrun / accelerate launch
         _write_json(out / COMPARISON, comparison)
-        title = f"{config.data.task} on {config.base}"
-        runs = [out / name for name, row in rows.items() if "same_run_as" not in row]
-        write_report(runs, out / REPORT, title=title)
     return comparison
