@@ -425,3 +425,31 @@ def test_cached_batches_carry_the_online_batch_mask_and_labels(setup):
         assert torch.equal(a["attention_mask"], b["attention_mask"])
         assert torch.equal(a["labels"], b["labels"])
         assert "input_ids" not in b and b["states"].shape[1] == int(a["attention_mask"].sum())
+
+
+def test_cache_verify_benchmark_times_both_checks(setup, tmp_path, monkeypatch):
+    """benchmarks/cache_verify.py: the full check reads every file, the later one none."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cache_verify.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    spec = importlib.util.spec_from_file_location("bench_cache_verify", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import _common
+
+    monkeypatch.setattr(_common, "RESULTS", tmp_path / "results")
+    backbone, ds, root = setup
+    store = cache_module.open_or_build(
+        backbone, ds, "train", [1, 2], root=root, dtype="int8", chunk_examples=40
+    )
+    _age_past_the_racy_window()
+    monkeypatch.setattr(sys, "argv", ["cache_verify.py", str(store.folder.parent), "--name", "t"])
+    module.main()
+    result = json.loads((tmp_path / "results" / "cache_verify-t.json").read_text())
+    (shard,) = result["shards"]
+    assert shard["shard"] == "train/shard-0-of-1" and shard["examples"] == len(ds)
+    assert shard["full_check_read_files"] is True and shard["later_open_read_files"] is False
+    assert shard["bytes"] == store.size_bytes() and result["dtype"] == "int8"

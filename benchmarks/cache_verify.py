@@ -1,0 +1,89 @@
+"""How long opening a feature store takes: reading every checksum vs the check of unchanged files.
+
+    python benchmarks/cache_verify.py STORE [--name NAME]
+
+``STORE`` is one store folder, ``<cache.dir>/<key>`` (it holds ``meta.json`` and one folder per
+split). For every shard of every split, in one run: first the full check (every checksum read,
+as the first open after a build does, or ``adalayers cache --verify``), then the check that
+``adalayers`` makes on every later open (:meth:`adalayers.cache._Shard.verify`: files unchanged
+since their checksums passed are not read). Writes ``benchmarks/results/cache_verify[-NAME].json``
+with the bytes and seconds of each; a store larger than RAM is read from disk by the full check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from adalayers.cache import _Shard  # noqa: E402
+
+
+def time_shard(shard: _Shard) -> dict:
+    index = np.load(shard.folder / "index.npy")
+    rows = int(index[:, 2].sum()) if len(index) else 0
+    size = sum(path.stat().st_size for path, _ in shard.files().values())
+    start = time.perf_counter()
+    read_full = shard.verify(rows, full=True)
+    full = time.perf_counter() - start
+    start = time.perf_counter()
+    read_again = shard.verify(rows)
+    check = time.perf_counter() - start
+    return {
+        "shard": f"{shard.folder.parent.name}/{shard.folder.name}",
+        "examples": len(index),
+        "tokens": rows,
+        "bytes": size,
+        "full_check_seconds": round(full, 3),
+        "full_check_read_files": read_full,
+        "later_open_seconds": round(check, 6),
+        "later_open_read_files": read_again,
+        "mib_per_second_full": round(size / 2**20 / full, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("store", type=Path, help="<cache.dir>/<key>: holds meta.json")
+    parser.add_argument("--name", default="", help="suffix of the results file")
+    args = parser.parse_args()
+    meta_path = args.store / "meta.json"
+    if not meta_path.is_file():
+        sys.exit(f"{meta_path} not found: give a store folder, <cache.dir>/<key>")
+    meta = json.loads(meta_path.read_text())
+    shards = []
+    for folder in sorted(args.store.glob("*/shard-*")):
+        if not (folder / "COMPLETE").is_file():
+            sys.exit(f"{folder} is not finished (no COMPLETE): build it first")
+        shard = _Shard(folder, meta["layers"], meta["hidden_size"], meta["dtype"])
+        shards.append(time_shard(shard))
+        print(json.dumps(shards[-1]))
+    total = {
+        key: round(sum(s[key] for s in shards), 6)
+        for key in ("bytes", "full_check_seconds", "later_open_seconds")
+    }
+    suffix = f"-{args.name}" if args.name else ""
+    path = write_result(
+        f"cache_verify{suffix}",
+        {
+            "benchmark": "cache_verify",
+            "store": str(args.store),
+            "base": meta["base"],
+            "layers": meta["layers"],
+            "dtype": meta["dtype"],
+            "shards": shards,
+            "total": total,
+        },
+    )
+    print(json.dumps(total), f"-> {path}", sep="\n")
+
+
+if __name__ == "__main__":
+    main()
