@@ -1,13 +1,14 @@
 """How long opening a feature store takes: reading every checksum vs the check of unchanged files.
 
-    python benchmarks/cache_verify.py STORE [--name NAME]
+    python benchmarks/cache_verify.py FOLDER [FOLDER ...] [--name NAME]
 
-``STORE`` is one store folder, ``<cache.dir>/<key>`` (it holds ``meta.json`` and one folder per
-split). For every shard of every split, in one run: first the full check (every checksum read,
-as the first open after a build does, or ``adalayers cache --verify``), then the check that
-``adalayers`` makes on every later open (:meth:`adalayers.cache._Shard.verify`: files unchanged
-since their checksums passed are not read). Writes ``benchmarks/results/cache_verify[-NAME].json``
-with the bytes and seconds of each; a store larger than RAM is read from disk by the full check.
+A ``FOLDER`` is a store, ``<cache.dir>/<key>`` (it holds ``meta.json`` and its split's folder),
+or a whole ``cache.dir``, whose stores are all taken. For every shard, in one run: first the full
+check (every checksum read, as the first open after a build does, or ``adalayers cache
+--verify``), then the check that ``adalayers`` makes on every later open
+(:meth:`adalayers.cache._Shard.verify`: files unchanged since their checksums passed are not
+read). Writes ``benchmarks/results/cache_verify[-NAME].json`` with the bytes and seconds of each;
+a store larger than RAM is read from disk by the full check.
 """
 
 from __future__ import annotations
@@ -51,20 +52,31 @@ def time_shard(shard: _Shard) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("store", type=Path, help="<cache.dir>/<key>: holds meta.json")
+    parser.add_argument(
+        "folders", nargs="+", type=Path, help="<cache.dir>/<key> (holds meta.json) or cache.dir"
+    )
     parser.add_argument("--name", default="", help="suffix of the results file")
     args = parser.parse_args()
-    meta_path = args.store / "meta.json"
-    if not meta_path.is_file():
-        sys.exit(f"{meta_path} not found: give a store folder, <cache.dir>/<key>")
-    meta = json.loads(meta_path.read_text())
+    stores = []
+    for folder in args.folders:
+        found = (
+            [folder]
+            if (folder / "meta.json").is_file()
+            else sorted(p.parent for p in folder.glob("*/meta.json"))
+        )
+        if not found:
+            sys.exit(f"{folder}: no meta.json in it or its subfolders; give a store or cache.dir")
+        stores += found
+    metas = [json.loads((store / "meta.json").read_text()) for store in stores]
     shards = []
-    for folder in sorted(args.store.glob("*/shard-*")):
-        if not (folder / "COMPLETE").is_file():
-            sys.exit(f"{folder} is not finished (no COMPLETE): build it first")
-        shard = _Shard(folder, meta["layers"], meta["hidden_size"], meta["dtype"])
-        shards.append(time_shard(shard))
-        print(json.dumps(shards[-1]))
+    for store, meta in zip(stores, metas):
+        for folder in sorted(store.glob("*/shard-*")):
+            if not (folder / "COMPLETE").is_file():
+                sys.exit(f"{folder} is not finished (no COMPLETE): build it first")
+            shard = _Shard(folder, meta["layers"], meta["hidden_size"], meta["dtype"])
+            shards.append(time_shard(shard))
+            print(json.dumps(shards[-1]))
+    meta = metas[0]
     total = {
         key: round(sum(s[key] for s in shards), 6)
         for key in ("bytes", "full_check_seconds", "later_open_seconds")
@@ -74,7 +86,7 @@ def main() -> None:
         f"cache_verify{suffix}",
         {
             "benchmark": "cache_verify",
-            "store": str(args.store),
+            "stores": [str(store) for store in stores],
             "base": meta["base"],
             "layers": meta["layers"],
             "dtype": meta["dtype"],

@@ -446,7 +446,7 @@ def test_cache_verify_benchmark_times_both_checks(setup, tmp_path, monkeypatch):
         backbone, ds, "train", [1, 2], root=root, dtype="int8", chunk_examples=40
     )
     _age_past_the_racy_window()
-    monkeypatch.setattr(sys, "argv", ["cache_verify.py", str(store.folder.parent), "--name", "t"])
+    monkeypatch.setattr(sys, "argv", ["cache_verify.py", str(root), "--name", "t"])  # cache.dir
     module.main()
     result = json.loads((tmp_path / "results" / "cache_verify-t.json").read_text())
     (shard,) = result["shards"]
