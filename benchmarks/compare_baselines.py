@@ -14,6 +14,11 @@ fine-tuning where it ran. ``python benchmarks/tables.py --compare`` prints the t
 task.mixer.alpha=1``), listed apart. ``--mixer-grid alpha=1,4,16`` (passed on to ``adalayers
 compare``) trains the mixer at those values too; the summary's ``mixer_chosen`` is the mixer row
 best on validation, and tables.py shows it as a row of its own.
+
+``--collect`` runs nothing: it writes the results file from the comparison folder as it stands.
+A comparison cut off before its last row (``"complete": false`` in ``comparison.json``) goes to
+``benchmarks/results/partial-compare_<name>.json`` instead, with its finished rows and the
+pending ones, and no best single layer while a layer is pending; the tables leave it out.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 from _common import run_offline, write_result  # noqa: E402
 
 
@@ -38,7 +44,11 @@ def headline(comparison: dict) -> dict:
 
     out: dict = {"metric": metric}
     singles = {name: row for name, row in rows.items() if row["baseline"] == "single_layer"}
-    if singles:
+    pending = [name for name in comparison.get("pending", []) if name.startswith("layer_")]
+    if pending:  # the best of some layers is not the best single layer
+        out["single_layer_test"] = {row["layer"]: test(row) for row in singles.values()}
+        out["single_layers_pending"] = pending
+    elif singles:
         # chosen as a user would: by validation, then reported on test
         best = max(singles.values(), key=lambda r: (r.get("validation") or {}).get(metric, -1e9))
         out["best_single_layer"] = {"layer": best["layer"], "test": test(best)}
@@ -75,6 +85,11 @@ def main() -> None:
         help="a hyper-parameter variant (e.g. of the mixer, chosen on validation): listed "
         "apart from the main comparison by tables.py",
     )
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: write the results file from the comparison folder as it stands",
+    )
     args = parser.parse_args()
     name = Path(args.config).stem + (f"-{args.tag}" if args.tag else "")
     out = Path(args.runs_dir) / name
@@ -96,12 +111,21 @@ def main() -> None:
         cmd += ["--set", item]
     for item in args.mixer_grid:
         cmd += ["--mixer-grid", item]
-    code, wall = run_offline(cmd)
-    if code != 0:
-        sys.exit(f"{args.config}: adalayers compare failed with exit code {code}")
-    comparison = json.loads((out / "comparison.json").read_text())
+    wall = None
+    if not args.collect:
+        code, wall = run_offline(cmd)
+        if code != 0:
+            sys.exit(f"{args.config}: adalayers compare failed with exit code {code}")
+    source = out / "comparison.json"
+    if not source.is_file():
+        sys.exit(f"{source} not found: run the comparison first (without --collect)")
+    comparison = json.loads(source.read_text())
+    complete = comparison.get("complete", True)  # comparisons from before the flag were whole
+    partial = _common.RESULTS / f"partial-compare_{name}.json"
+    if complete:
+        partial.unlink(missing_ok=True)  # superseded by the whole comparison
     path = write_result(
-        f"compare_{name}",
+        f"compare_{name}" if complete else partial.stem,
         {
             "benchmark": "compare",
             "config": args.config,
@@ -110,7 +134,9 @@ def main() -> None:
             "variant": args.tag if args.variant else None,
             "overrides": args.set,
             "mixer_grid": args.mixer_grid or None,
-            "wall_seconds_this_call": round(wall, 1),
+            "complete": complete,
+            "collected": args.collect,
+            "wall_seconds_this_call": None if wall is None else round(wall, 1),
             "summary": headline(comparison),
             "comparison": comparison,
         },
