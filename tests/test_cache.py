@@ -427,20 +427,11 @@ def test_cached_batches_carry_the_online_batch_mask_and_labels(setup):
         assert "input_ids" not in b and b["states"].shape[1] == int(a["attention_mask"].sum())
 
 
-def test_cache_verify_benchmark_times_both_checks(setup, tmp_path, monkeypatch):
+def test_cache_verify_benchmark_times_both_checks(setup, tmp_path, monkeypatch, benchmark_script):
     """benchmarks/cache_verify.py: the full check reads every file, the later one none."""
-    import importlib.util
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cache_verify.py"
-    monkeypatch.syspath_prepend(str(script.parent))
-    spec = importlib.util.spec_from_file_location("bench_cache_verify", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    import _common
-
-    monkeypatch.setattr(_common, "RESULTS", tmp_path / "results")
+    module = benchmark_script("cache_verify")
     backbone, ds, root = setup
     store = cache_module.open_or_build(
         backbone, ds, "train", [1, 2], root=root, dtype="int8", chunk_examples=40

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,15 +13,8 @@ NAMES = ("unacceptable", "acceptable")
 
 
 @pytest.fixture
-def script(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("bench_cola_domains", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    import _common
-
-    monkeypatch.setattr(_common, "RESULTS", tmp_path / "results")
-    return module
+def script(benchmark_script):
+    return benchmark_script("cola_domains")
 
 
 def write_data(root: Path) -> tuple[Path, list[int]]:

@@ -3,7 +3,6 @@ stands, whole or cut off."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,15 +13,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_baselines
 
 
 @pytest.fixture
-def script(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("bench_compare_baselines", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    import _common
-
-    monkeypatch.setattr(_common, "RESULTS", tmp_path / "results")
-    return module
+def script(benchmark_script):
+    return benchmark_script("compare_baselines")
 
 
 def _row(kind: str, val: float, test: float, layer: int | None = None) -> dict:
