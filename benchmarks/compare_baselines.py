@@ -45,14 +45,14 @@ def headline(comparison: dict) -> dict:
     out: dict = {"metric": metric}
     singles = {name: row for name, row in rows.items() if row["baseline"] == "single_layer"}
     pending = [name for name in comparison.get("pending", []) if name.startswith("layer_")]
-    if pending:  # the best of some layers is not the best single layer
-        out["single_layer_test"] = {row["layer"]: test(row) for row in singles.values()}
-        out["single_layers_pending"] = pending
-    elif singles:
+    if singles and not pending:  # the best of some layers is not the best single layer
         # chosen as a user would: by validation, then reported on test
         best = max(singles.values(), key=lambda r: (r.get("validation") or {}).get(metric, -1e9))
         out["best_single_layer"] = {"layer": best["layer"], "test": test(best)}
+    if singles or pending:
         out["single_layer_test"] = {row["layer"]: test(row) for row in singles.values()}
+    if pending:
+        out["single_layers_pending"] = pending
     for name in ("mixer", "last", "uniform", "scalar_mix", "finetune"):
         if name in rows:
             out[name] = test(rows[name])

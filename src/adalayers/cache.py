@@ -173,9 +173,7 @@ class _Shard:
         return json.loads(path.read_text()) if path.is_file() else {"chunks": []}
 
     def write_progress(self, progress: dict[str, Any]) -> None:
-        tmp = self.folder / ".progress.json.tmp"
-        tmp.write_text(json.dumps(progress))
-        tmp.replace(self.folder / "progress.json")
+        _write_json(self.folder / "progress.json", progress)
 
     def verify(self, rows: int, *, full: bool = False) -> bool:
         """Raise :class:`CacheCorrupted` unless every chunk's CRC matches.
@@ -209,9 +207,7 @@ class _Shard:
         if any(max(ident[2], ident[3]) >= cutoff for ident in identities.values()):
             (self.folder / VERIFIED).unlink(missing_ok=True)
             return
-        tmp = self.folder / f".{VERIFIED}.tmp"
-        tmp.write_text(json.dumps({"files": identities}))
-        tmp.replace(self.folder / VERIFIED)
+        _write_json(self.folder / VERIFIED, {"files": identities})
 
     def _verify_all(self, rows: int, files: dict[str, tuple[Path, int]]) -> None:
         for path, row_bytes in files.values():
@@ -235,6 +231,13 @@ class _Shard:
                         f"{path}: checksum mismatch in rows "
                         f"{chunk['row_start']}..{chunk['row_end']}"
                     )
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    """Replace ``path`` with ``payload`` as JSON through a temporary file beside it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)
 
 
 def _identity(path: Path) -> list[int]:
@@ -566,20 +569,17 @@ def open_or_build(
         )
     meta = folder.parent / "meta.json"
     if rank == 0:
-        tmp = meta.with_name(".meta.json.tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "format": FORMAT,
-                    "base": backbone.name_or_path,
-                    "fingerprint": backbone.fingerprint(),
-                    "layers": layers,
-                    "dtype": dtype,
-                    "hidden_size": backbone.hidden_size,
-                }
-            )
+        _write_json(
+            meta,
+            {
+                "format": FORMAT,
+                "base": backbone.name_or_path,
+                "fingerprint": backbone.fingerprint(),
+                "layers": layers,
+                "dtype": dtype,
+                "hidden_size": backbone.hidden_size,
+            },
         )
-        tmp.replace(meta)
     if barrier is not None:
         barrier()
     store = FeatureStore(folder, layers, backbone.hidden_size, dtype)
