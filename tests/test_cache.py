@@ -188,6 +188,40 @@ def test_a_different_split_or_base_never_reuses_a_store(setup, tiny_model_dir):
     assert key != cache_module.store_key(other, [1], "float16", ds)
 
 
+def test_one_store_opened_by_two_processes_at_once_is_built_once(setup, monkeypatch):
+    """Two openers of one store (two trainings, the rows of ``compare --jobs``): the shard's
+    lock lets one build it while the other waits, then opens the finished store."""
+    import threading
+
+    from filelock import FileLock
+
+    backbone, ds, root = setup
+    folder = root / cache_module.store_key(backbone, [0, 1], "float16", ds) / "train"
+    folder.mkdir(parents=True)
+    builds = []
+    build_shard = cache_module.build_shard
+    monkeypatch.setattr(
+        cache_module, "build_shard", lambda *a, **k: (builds.append(1), build_shard(*a, **k))
+    )
+    stores = []
+
+    def open_store():
+        stores.append(cache_module.open_or_build(backbone, ds, "train", [0, 1], root=root))
+
+    openers = [threading.Thread(target=open_store) for _ in range(2)]
+    with FileLock(folder / ".shard-0-of-1.lock"):  # held by a third process for now
+        for opener in openers:
+            opener.start()
+        time.sleep(1.0)
+        assert all(opener.is_alive() for opener in openers)  # both wait...
+        assert not (folder / "shard-0-of-1").exists()  # ...and write nothing meanwhile
+    for opener in openers:
+        opener.join(timeout=120)
+    assert len(stores) == 2 and len(builds) == 1
+    for index in (0, len(ds) - 1):
+        torch.testing.assert_close(stores[0].example(index, 1), stores[1].example(index, 1))
+
+
 def test_refuses_when_the_disk_is_too_small(setup, monkeypatch):
     backbone, ds, root = setup
     Usage = namedtuple("Usage", "total used free")

@@ -19,7 +19,10 @@ every checksum means reading the whole store, so a file whose size, inode and mo
 change times are those recorded in ``verified.json`` after its checksums last passed is not read
 again; any write, truncation, copy or replacement changes them (``verify=True`` checks
 everything regardless). Under ``accelerate launch`` every process writes its own shard and
-training reads all shards.
+training reads all shards. A shard is checked and built under a lock file beside it
+(``.shard-<rank>-of-<world>.lock``), so processes that open one store at once (two trainings,
+the rows of ``adalayers compare --jobs``) build it once: the others wait, then find it
+complete.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from adalayers.backbone import Backbone
 
@@ -235,7 +239,7 @@ class _Shard:
 
 def _write_json(path: Path, payload: Any) -> None:
     """Replace ``path`` with ``payload`` as JSON through a temporary file beside it."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: no clash
     tmp.write_text(json.dumps(payload))
     tmp.replace(path)
 
@@ -526,47 +530,57 @@ def open_or_build(
     examples = list(range(rank, len(ds), world))
     lengths = ds["length"][:]
     rows = sum(lengths[i] for i in examples)
-    if (shard.folder / "COMPLETE").is_file():
-        try:
-            read = shard.verify(rows, full=verify)
-            logger.info(
-                "cache hit: %s (%s)",
-                shard.folder,
-                "checksums read" if read else "unchanged since its checksums passed",
-            )
-        except CacheCorrupted as err:
-            logger.warning("cache store is damaged (%s); rebuilding %s", err, shard.folder)
-            shutil.rmtree(shard.folder)
-    if not (shard.folder / "COMPLETE").is_file():
-        need = estimate_bytes(rows, len(layers), backbone.hidden_size, dtype)
-        folder.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(folder).free
-        logger.info(
-            "caching %s: %d examples, %d tokens x %d layers -> %.1f MiB (%s) in %s",
-            split,
-            len(examples),
-            rows,
-            len(layers),
-            need / 2**20,
-            dtype,
-            shard.folder,
-        )
-        if need > free:
-            raise OSError(
-                f"the feature cache for {split} needs {need / 2**30:.2f} GiB but only "
-                f"{free / 2**30:.2f} GiB are free under {root}; free space, set "
-                f"cache.dir / ADALAYERS_CACHE_DIR elsewhere, cache fewer layers "
-                f"(cache.layers) or use cache.dtype: int8"
-            )
-        if shard.folder.is_dir() and (shard.folder / "progress.json").is_file():
-            try:  # resume only over chunks that still check out
-                _verify_chunks(shard)
+    folder.mkdir(parents=True, exist_ok=True)
+    # one process at a time checks, finishes or builds this shard (two trainings, or the rows
+    # of `compare --jobs`, may open one store together); the others wait, then find it complete
+    with FileLock(folder / f".{shard.folder.name}.lock"):
+        if (shard.folder / "COMPLETE").is_file():
+            try:
+                read = shard.verify(rows, full=verify)
+                logger.info(
+                    "cache hit: %s (%s)",
+                    shard.folder,
+                    "checksums read" if read else "unchanged since its checksums passed",
+                )
             except CacheCorrupted as err:
-                logger.warning("partial cache damaged (%s); starting %s again", err, shard.folder)
+                logger.warning("cache store is damaged (%s); rebuilding %s", err, shard.folder)
                 shutil.rmtree(shard.folder)
-        build_shard(
-            backbone, ds, shard, examples, chunk_examples=chunk_examples, progress_bar=progress_bar
-        )
+        if not (shard.folder / "COMPLETE").is_file():
+            need = estimate_bytes(rows, len(layers), backbone.hidden_size, dtype)
+            free = shutil.disk_usage(folder).free
+            logger.info(
+                "caching %s: %d examples, %d tokens x %d layers -> %.1f MiB (%s) in %s",
+                split,
+                len(examples),
+                rows,
+                len(layers),
+                need / 2**20,
+                dtype,
+                shard.folder,
+            )
+            if need > free:
+                raise OSError(
+                    f"the feature cache for {split} needs {need / 2**30:.2f} GiB but only "
+                    f"{free / 2**30:.2f} GiB are free under {root}; free space, set "
+                    f"cache.dir / ADALAYERS_CACHE_DIR elsewhere, cache fewer layers "
+                    f"(cache.layers) or use cache.dtype: int8"
+                )
+            if shard.folder.is_dir() and (shard.folder / "progress.json").is_file():
+                try:  # resume only over chunks that still check out
+                    _verify_chunks(shard)
+                except CacheCorrupted as err:
+                    logger.warning(
+                        "partial cache damaged (%s); starting %s again", err, shard.folder
+                    )
+                    shutil.rmtree(shard.folder)
+            build_shard(
+                backbone,
+                ds,
+                shard,
+                examples,
+                chunk_examples=chunk_examples,
+                progress_bar=progress_bar,
+            )
     meta = folder.parent / "meta.json"
     if rank == 0:
         _write_json(
