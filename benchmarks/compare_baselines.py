@@ -13,7 +13,8 @@ fine-tuning where it ran. ``python benchmarks/tables.py --compare`` prints the t
 ``--variant`` marks a run of other hyper-parameters (e.g. ``--baselines mixer --set
 task.mixer.alpha=1``), listed apart. ``--mixer-grid alpha=1,4,16`` (passed on to ``adalayers
 compare``) trains the mixer at those values too; the summary's ``mixer_chosen`` is the mixer row
-best on validation, and tables.py shows it as a row of its own.
+best on validation, and tables.py shows it as a row of its own. ``--jobs N`` (passed on) trains
+N rows at once.
 
 ``--collect`` runs nothing: it writes the results file from the comparison folder as it stands.
 A comparison cut off before its last row (``"complete": false`` in ``comparison.json``) goes to
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--mixer-grid", action="append", default=[], metavar="KEY=V1,V2,...")
     parser.add_argument("--tag", default="", help="suffix of the folder and result names")
+    parser.add_argument("--jobs", type=int, default=1, help="passed on to adalayers compare")
     parser.add_argument(
         "--variant",
         action="store_true",
@@ -111,6 +113,8 @@ def main() -> None:
         cmd += ["--set", item]
     for item in args.mixer_grid:
         cmd += ["--mixer-grid", item]
+    if args.jobs != 1:
+        cmd += ["--jobs", str(args.jobs)]
     wall = None
     if not args.collect:
         code, wall = run_offline(cmd)

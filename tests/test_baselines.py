@@ -4,6 +4,7 @@ and ``adalayers compare`` end to end on a tiny base."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -313,6 +314,86 @@ def test_compare_again_reuses_finished_runs(compared, monkeypatch, capsys):
     changed = [*args, "--set", "train.lr=0.5"]
     assert main(changed) == 2
     assert "another config" in capsys.readouterr().err
+
+
+def test_compare_with_jobs_trains_the_same_rows_in_parallel_processes(
+    compared, tmp_path, capsys, caplog
+):
+    """``--jobs 2`` (two spawned processes, a fresh store that both open at once) gives the
+    rows of the one-process comparison: same runs, same metrics, same layer weights."""
+    out, _, args = compared
+    parallel = tmp_path / "cmp"
+    args = [a.replace(str(out), str(parallel)) for a in args]
+    cache_at = args.index(next(a for a in args if a.startswith("cache.dir=")))
+    args[cache_at] = f"cache.dir={tmp_path / 'cache'}"
+    args.remove("--quiet")  # the log says how the rows ran
+    with caplog.at_level(logging.INFO, logger="adalayers"):
+        assert main([*args, "--jobs", "2"]) == 0
+    assert "training 8 rows, 2 at a time" in caplog.text
+    summary = json.loads(capsys.readouterr().out)
+    one = json.loads((out / "comparison.json").read_text())
+    two = json.loads((parallel / "comparison.json").read_text())
+    assert two["complete"] is True and list(two["rows"]) == list(one["rows"])  # the plan's order
+    assert list(summary["rows"]) == list(one["rows"])
+    for name, row in one["rows"].items():
+        for split in ("validation", "test"):
+            assert two["rows"][name][split] == pytest.approx(row[split], abs=1e-6), name
+        assert two["rows"][name].get("layer_weights") == pytest.approx(
+            row.get("layer_weights"), abs=1e-5
+        )
+    assert two["rows"]["last"]["same_run_as"] == "layer_3" and not (parallel / "last").exists()
+    assert len(list((tmp_path / "cache").glob("*/train"))) == 1  # built once, shared
+
+
+def test_compare_with_jobs_keeps_the_rows_that_finished_when_one_fails(tmp_path, tiny_model_dir):
+    data = write_cola(tmp_path / "data", n_train=40, n_dev=12)
+    config = load_config(
+        write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"), epochs=1), data_dir=str(data)
+    )
+    out = tmp_path / "cmp"
+    broken = out / "uniform" / train_module.CHECKPOINT_DIR
+    broken.mkdir(parents=True)  # a run to resume whose checkpoint cannot be read
+    (broken / "state.pt").write_bytes(b"not a checkpoint")
+    rows_plan = compare_module.plan(config, "uniform,mixer", 4)
+    from adalayers.config import save_config
+
+    save_config(rows_plan["uniform"], out / "uniform" / train_module.CONFIG)
+    with pytest.raises(RuntimeError, match=r"state\.pt cannot be read"):
+        compare_module.compare(config, "uniform,mixer", out, quiet=True, jobs=2)
+    partial = json.loads((out / "comparison.json").read_text())
+    assert partial["complete"] is False and partial["pending"] == ["uniform"]
+    assert set(partial["rows"]) == {"mixer"} and (out / "mixer" / "metrics.json").is_file()
+
+
+def test_compare_jobs_benchmark_times_both_calls(
+    tmp_path, tiny_model_dir, monkeypatch, benchmark_script
+):
+    script = benchmark_script("compare_jobs")
+    data = write_cola(tmp_path / "data", n_train=40, n_dev=12)
+    config = write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"), epochs=1)
+    monkeypatch.chdir(tmp_path)
+    argv = ["compare_jobs.py", str(config), "--data-dir", str(data), "--name", "tiny"]
+    monkeypatch.setattr("sys.argv", [*argv, "--baselines", "mixer,uniform"])
+    script.main()
+    result = json.loads((tmp_path / "results" / "compare_jobs-tiny.json").read_text())
+    assert [c["jobs"] for c in result["calls"]] == [1, 2]
+    assert result["speedup"] == pytest.approx(
+        result["wall_seconds_jobs1"][0] / result["wall_seconds_jobs2"][0], abs=0.01
+    )
+    rows = result["calls"][0]["rows"]
+    assert set(rows) == {"mixer", "uniform"}
+    for diff in result["metric_difference_jobsN_minus_jobs1"].values():
+        assert diff == pytest.approx({"validation": 0.0, "test": 0.0}, abs=1e-6)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".compare_jobs")] == []
+
+
+def test_compare_refuses_jobs_below_one_or_under_a_launcher(tmp_path, tiny_model_dir, monkeypatch):
+    config = load_config(write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert")))
+    with pytest.raises(ValueError, match="at least 1"):
+        compare_module.compare(config, "mixer", tmp_path / "a", jobs=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="leave --jobs at 1"):
+        compare_module.compare(config, "mixer", tmp_path / "b", jobs=2)
 
 
 def test_a_comparison_cut_off_keeps_its_finished_rows(tmp_path, tiny_model_dir):

@@ -26,6 +26,11 @@ mixer-family runs store every hidden state once (``cache.all_layers``) and share
 the sweep never runs the base again. ``comparison.json`` is rewritten after every row
 (``"complete": false`` and the ``pending`` rows until the last), so a call cut off keeps the rows
 it finished; repeating the command reuses finished runs and resumes interrupted ones.
+
+``jobs=N`` (``--jobs N``) trains N rows at once, each in a spawned process with ``1/N`` of the
+torch threads: the small heads here cannot keep every thread of a CPU busy, so on two cores two
+one-thread rows train more rows per hour than one two-thread row. Rows that read one feature
+store build it once (its lock file).
 """
 
 from __future__ import annotations
@@ -232,6 +237,7 @@ def compare(
     mixer_grid: Mapping[str, Sequence[Any]] | None = None,
     quiet: bool = False,
     overwrite: bool = False,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train the chosen baselines of ``config`` and write ``comparison.json`` and ``report.html``.
 
@@ -245,16 +251,26 @@ def compare(
             e.g. ``{"alpha": [1, 4, 16]}``; ``mixer_chosen`` names the best on validation.
         quiet: no progress bars.
         overwrite: train every row again instead of reusing finished runs.
+        jobs: rows trained at once, each in a process of its own with ``1/jobs`` of this
+            process's torch threads (see :func:`_train_rows`). On a CPU whose threads a small
+            head cannot keep busy, ``jobs=2`` trains more rows per hour.
 
     Returns:
         The comparison (also written to ``comparison.json``).
 
     Raises:
         FileExistsError: a finished run in ``output_dir`` was trained with another config.
+        ValueError: ``jobs`` below 1, or above 1 under ``accelerate launch`` / ``torchrun``.
     """
-    from adalayers.finetune import finetune
     from adalayers.report import write_report
 
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "--jobs trains rows in processes of its own; under accelerate launch or torchrun "
+            "the processes already share every row: leave --jobs at 1"
+        )
     out = Path(output_dir)
     names = parse_baselines(baselines)
     states = num_states(config)
@@ -264,11 +280,17 @@ def compare(
     if (out / COMPARISON).is_file() and not overwrite:
         previous = json.loads((out / COMPARISON).read_text()).get("rows", {})
     rows: dict[str, Any] = {}
+    order = list(rows_plan)
     last_layer = f"layer_{states - 1}"
+    # with the sweep before it, "last" is the sweep's last row: the same run, not trained twice
+    same_as_last = (
+        "last" in rows_plan
+        and last_layer in rows_plan
+        and order.index(last_layer) < order.index("last")
+    )
+    todo: list[tuple[str, RunConfig, bool]] = []  # (row, config, resume)
     for name, cfg in rows_plan.items():
-        if name == "last" and last_layer in rows:  # the sweep already trained this exact run
-            rows[name] = {**rows[last_layer], "baseline": "last", "layer": None}
-            rows[name]["same_run_as"] = last_layer
+        if name == "last" and same_as_last:
             continue
         run = out / name
         saved = run / CONFIG
@@ -283,21 +305,32 @@ def compare(
             results = json.loads((run / METRICS).read_text())
             rows[name] = _row(name, run, results, previous.get(name, {}).get("wall_seconds"))
             continue
-        logger.info("%s: training in %s", name, run)
-        start = time.perf_counter()
-        if name == "finetune":
-            results = finetune(cfg, run, lr=finetune_lr, quiet=quiet, overwrite=True)
-        else:
-            resume = (
-                not overwrite
-                and (run / CHECKPOINT_DIR / "state.pt").is_file()
-                and saved.is_file()
-                and load_config(saved) == cfg
-            )
-            results = fit(cfg, run, resume=resume, quiet=quiet, overwrite=not resume)
-        rows[name] = _row(name, run, results, time.perf_counter() - start)
+        resume = (
+            name != "finetune"
+            and not overwrite
+            and (run / CHECKPOINT_DIR / "state.pt").is_file()
+            and saved.is_file()
+            and load_config(saved) == cfg
+        )
+        todo.append((name, cfg, resume))
+
+    def same_run(name: str) -> None:
+        if same_as_last and name == last_layer:
+            rows["last"] = {**rows[last_layer], "baseline": "last", "layer": None}
+            rows["last"]["same_run_as"] = last_layer
+
+    def finished(name: str, results: dict[str, Any], wall: float) -> None:
+        rows[name] = _row(name, out / name, results, wall)
+        same_run(name)
         if len(rows) < len(rows_plan):  # the rows so far, in case the call is cut off
-            _summarize(config, names, rows, rows_plan, mixer_grid, out, complete=False)
+            _summarize(
+                config, names, _ordered(rows, order), rows_plan, mixer_grid, out, complete=False
+            )
+
+    if last_layer in rows:  # reused
+        same_run(last_layer)
+    _train_rows(todo, out, finished, jobs=jobs, finetune_lr=finetune_lr, quiet=quiet)
+    rows = _ordered(rows, order)
     comparison = _summarize(config, names, rows, rows_plan, mixer_grid, out, complete=True)
     if comparison.get("mixer_chosen"):
         logger.info("mixer chosen on validation: %s", comparison["mixer_chosen"])
@@ -306,6 +339,102 @@ def compare(
         runs = [out / name for name, row in rows.items() if "same_run_as" not in row]
         write_report(runs, out / REPORT, title=title)
     return comparison
+
+
+def _ordered(rows: dict[str, Any], order: Sequence[str]) -> dict[str, Any]:
+    """``rows`` in the plan's order (rows finish out of order under ``jobs > 1``)."""
+    return {name: rows[name] for name in order if name in rows}
+
+
+def _train_row(
+    name: str,
+    cfg: RunConfig,
+    run: Path,
+    resume: bool,
+    finetune_lr: float | None,
+    quiet: bool,
+) -> tuple[dict[str, Any], float]:
+    """Train one row in ``run``: its results and wall time."""
+    from adalayers.finetune import finetune
+
+    logger.info("%s: training in %s", name, run)
+    start = time.perf_counter()
+    if name == "finetune":
+        results = finetune(cfg, run, lr=finetune_lr, quiet=quiet, overwrite=True)
+    else:
+        results = fit(cfg, run, resume=resume, quiet=quiet, overwrite=not resume)
+    return results, time.perf_counter() - start
+
+
+def _init_worker(threads: int, level: int) -> None:
+    """A ``compare --jobs`` process: its share of the threads, and the parent's log level."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.WARNING,
+    )
+    logging.getLogger("adalayers").setLevel(level)
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def _train_rows(
+    todo: Sequence[tuple[str, RunConfig, bool]],
+    out: Path,
+    finished: Any,
+    *,
+    jobs: int,
+    finetune_lr: float | None,
+    quiet: bool,
+) -> None:
+    """Train the ``todo`` rows and call ``finished(name, results, wall)`` after each.
+
+    With ``jobs > 1`` up to ``jobs`` rows train at once, each in a fresh (spawned) process with
+    ``torch.get_num_threads() // jobs`` threads and no progress bars. Rows that share a feature
+    store build it once (its lock, :func:`adalayers.cache.open_or_build`). A row that fails
+    stops the rows not yet started; the running ones finish and are kept, then the error is
+    raised. The thread count changes float rounding, so a row can differ from the same row
+    trained with ``jobs=1`` in the last digits.
+    """
+    if jobs == 1 or len(todo) <= 1:
+        for name, cfg, resume in todo:
+            finished(name, *_train_row(name, cfg, out / name, resume, finetune_lr, quiet))
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    level = logging.getLogger("adalayers").getEffectiveLevel()
+    logger.info("training %d rows, %d at a time, %d torch threads each", len(todo), jobs, threads)
+    with ProcessPoolExecutor(
+        max_workers=min(jobs, len(todo)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(threads, level),
+    ) as pool:
+        futures = {
+            pool.submit(_train_row, name, cfg, out / name, resume, finetune_lr, True): name
+            for name, cfg, resume in todo
+        }
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            failed = [f for f in done if f.exception() is not None]
+            for future in done:
+                if future.exception() is None:
+                    finished(futures[future], *future.result())
+            if failed:
+                for future in pending:
+                    future.cancel()  # rows not started; the running ones finish
+                for future in wait(pending).done:
+                    if not future.cancelled() and future.exception() is None:
+                        finished(futures[future], *future.result())
+                raise failed[0].exception()
 
 
 def _summarize(

@@ -551,7 +551,13 @@ def _load_checkpoint(run: Path, task: Task, optimizer: Any, scheduler: Any) -> _
     folder = run / CHECKPOINT_DIR
     if not (folder / "state.pt").is_file():
         raise FileNotFoundError(f"{folder} has no checkpoint to resume from")
-    blob = torch.load(folder / "state.pt", weights_only=False)
+    try:
+        blob = torch.load(folder / "state.pt", weights_only=False)
+    except Exception as err:  # truncated or foreign file: torch raises from deep inside
+        raise RuntimeError(
+            f"{folder / 'state.pt'} cannot be read ({type(err).__name__}: {err}); delete "
+            f"{folder} to train {run} again from the start"
+        ) from err
     task.load_state_dict(blob["task"])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
