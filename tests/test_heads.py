@@ -3,6 +3,8 @@ the cheap CPU dropout has dropout's distribution."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,20 +39,65 @@ def test_attention_equals_multihead_attention():
 
 
 def test_attention_dropout_path_is_the_same_product(monkeypatch):
-    """With attention dropout, the explicit softmax(q k^T) v path (its mask made all-ones)
-    gives the module's numbers."""
+    """With attention dropout, the softmax(q k^T) v path with its mask made all-ones (every
+    weight kept and scaled by 1 / (1 - p) = 2) gives the module's numbers, times 2."""
     torch.manual_seed(0)
     head = SequenceHead(16, 3, HeadConfig(num_heads=4, dropout=0.5))
+    torch.nn.init.normal_(head.attention.out_proj.bias)
+    bias = head.attention.out_proj.bias.detach()
     features = torch.randn(3, 7, 16)
     m = _mask()
-    monkeypatch.setattr(heads_module, "dropout", lambda x, p, training=True: x)
+    monkeypatch.setattr(heads_module, "keep_mask", lambda shape, p, device: torch.ones(shape) > 0)
     got = attention(head.attention, features, m != 0, training=True)
     head.eval()
     reference, _ = head.attention(
         features, features, features, key_padding_mask=m == 0, need_weights=False
     )
     real = m.bool()
-    torch.testing.assert_close(got[real], reference[real], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[real] - bias, 2 * (reference[real] - bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_attention_dropout_equals_the_expression_op_by_op(padded, monkeypatch):
+    """The CPU path with attention dropout (one autograd function) against
+    ``dropout(softmax(q kᵀ/√d + mask)) v`` written op by op: the same mask from the same seed,
+    the same output, and the same gradients within float rounding."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 7, 8, requires_grad=True) for _ in range(3))  # (B, H, T, d)
+    keep = (_mask() != 0)[:, None, None, :] if padded else None
+    calls = []
+    fused = heads_module._DropoutAttention.apply
+    monkeypatch.setattr(
+        heads_module._DropoutAttention, "apply", lambda *a: (calls.append(1), fused(*a))[1]
+    )
+    results = []
+    for fn in (heads_module.dropout_attention_by_ops, heads_module.dropout_attention):
+        torch.manual_seed(1)
+        out = fn(q, k, v, keep, 0.1)
+        (out**2).sum().backward()
+        results.append((out.detach(), [x.grad.clone() for x in (q, k, v)]))
+        q.grad = k.grad = v.grad = None
+    assert calls == [1]  # the fused path ran, once
+    (want, want_grads), (got, got_grads) = results
+    assert torch.equal(got, want) and got.abs().sum() > 0
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    torch.manual_seed(2)  # another seed draws another mask
+    assert not torch.equal(heads_module.dropout_attention(q, k, v, keep, 0.1), got)
+
+
+def test_the_head_uses_the_fused_attention_dropout_on_a_cpu(monkeypatch):
+    calls = []
+    fused = heads_module._DropoutAttention.apply
+    monkeypatch.setattr(
+        heads_module._DropoutAttention, "apply", lambda *a: (calls.append(1), fused(*a))[1]
+    )
+    head = SequenceHead(16, 3, HeadConfig(num_heads=4, dropout=0.1))
+    head(torch.randn(3, 7, 16), _mask()).sum().backward()
+    assert calls == [1] and head.attention.in_proj_weight.grad.abs().sum() > 0
+    head.eval()
+    head(torch.randn(3, 7, 16), _mask())  # evaluation: no dropout, SDPA
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
@@ -160,3 +207,18 @@ def test_dropout_follows_the_seed_and_is_off_in_eval():
     assert module(x) is x
     assert dropout(x, 0.0) is x
     assert torch.equal(dropout(x, 1.0), F.dropout(x, 1.0))  # all dropped
+
+
+def test_head_attention_benchmark_times_the_three_paths(benchmark_script, tmp_path, monkeypatch):
+    script = benchmark_script("head_attention")
+    argv = ["head_attention.py", "--batch", "4", "--lengths", "16", "24", "--repeats", "2"]
+    monkeypatch.setattr("sys.argv", argv)
+    script.main()
+    result = json.loads((tmp_path / "results" / "head_attention.json").read_text())
+    assert set(result["lengths"]) == {"16", "24"}
+    row = result["lengths"]["24"]
+    assert row["shape"] == [4, 8, 24, 8]
+    assert set(row["median_seconds"]) == {"fused", "by_ops", "sdpa_no_dropout"}
+    assert all(len(ts) == 2 for ts in row["all_seconds"].values())
+    med = row["median_seconds"]
+    assert row["fused_speedup_over_by_ops"] == pytest.approx(med["by_ops"] / med["fused"], rel=0.1)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adalayers.dropout import Dropout, dropout
+from adalayers.dropout import _LEVELS, Dropout, dropout, keep_mask
 
 
 @dataclass
@@ -69,6 +69,79 @@ def _check_heads(dim: int, num_heads: int) -> None:
         raise ValueError(f"head.num_heads={num_heads} must divide mixer.dim={dim}")
 
 
+class _DropoutAttention(torch.autograd.Function):
+    """``dropout(softmax(q kᵀ · scale + bias)) v`` over (N, T, d) with one saved product per
+    step (CPU). The mask is :func:`~adalayers.dropout.keep_mask`'s, drawn as
+    :func:`~adalayers.dropout.dropout` draws it, so the output is that of the plain autograd
+    expression with the same seed; the gradients equal its own within float rounding.
+
+    What autograd would do op by op takes about eight passes over the (N, T, T) weights
+    forward and seven backward (the scale, the mask fill, the mask's conversion and scaling
+    are each one); here the scale and the padding mask go into the first product
+    (``baddbmm``) and its gradients (``alpha``), and the dropout mask is made once, in the
+    weights' dtype, and kept for the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale, p):  # noqa: ANN001, ANN205 (autograd's signature)
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)  # (N, T, T)
+        weights = torch.softmax(scores, dim=-1)  # (N, T, T)
+        del scores
+        kept = torch.tensor(_LEVELS / (_LEVELS - round(p * _LEVELS)), dtype=weights.dtype)
+        mask = torch.where(keep_mask(weights.shape, p, weights.device), kept, weights.new_zeros(()))
+        dropped = weights * mask  # (N, T, T)
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, weights, mask, dropped)
+        return torch.bmm(dropped, v)  # (N, T, d)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        q, k, v, weights, mask, dropped = ctx.saved_tensors
+        grad_v = torch.bmm(dropped.transpose(1, 2), grad)  # (N, T, d)
+        grad_weights = torch.bmm(grad, v.transpose(1, 2)).mul_(mask)  # (N, T, T)
+        grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+        del grad_weights
+        grad_q = torch.bmm(grad_scores, k).mul_(ctx.scale)  # (N, T, d)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), q).mul_(ctx.scale)  # (N, T, d)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def dropout_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, p: float
+) -> torch.Tensor:
+    """``dropout(softmax(q kᵀ / √d), p) v`` over (B, H, T, d), keys masked where ``keep``
+    (B, 1, 1, T) is ``False``, with :func:`~adalayers.dropout.dropout`'s mask.
+
+    On a CPU (and ``p`` not below 2⁻¹⁷) this is :class:`_DropoutAttention`; elsewhere, and as
+    the reference it is tested against, :func:`dropout_attention_by_ops`.
+    """
+    b, h, t, d = q.shape
+    if q.device.type != "cpu" or not 0 < round(p * _LEVELS) < _LEVELS:
+        return dropout_attention_by_ops(q, k, v, keep, p)
+    bias = torch.zeros(b, 1, 1, t, dtype=q.dtype)  # 0, or -inf on padding keys
+    if keep is not None:
+        bias.masked_fill_(~keep, float("-inf"))
+    n = b * h
+    return _DropoutAttention.apply(
+        q.reshape(n, t, d),
+        k.reshape(n, t, d),
+        v.reshape(n, t, d),
+        bias.expand(b, h, 1, t).reshape(n, 1, t),
+        d**-0.5,
+        p,
+    ).view(b, h, t, d)
+
+
+def dropout_attention_by_ops(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, p: float
+) -> torch.Tensor:
+    """:func:`dropout_attention` written op by op (autograd keeps every intermediate)."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, T)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return dropout(torch.softmax(scores, dim=-1), p) @ v  # (B, H, T, d)
+
+
 def attention(
     module: nn.MultiheadAttention, features: torch.Tensor, keep: torch.Tensor, training: bool
 ) -> torch.Tensor:
@@ -76,9 +149,8 @@ def attention(
     and result, keys masked where ``keep`` (B, T) is ``False``.
 
     Without attention dropout this is ``scaled_dot_product_attention`` (``nn.MultiheadAttention``
-    with a key padding mask takes a masked-softmax path about 3x slower on a CPU); with it, the
-    explicit ``softmax(q k^T / sqrt(k/H)) v`` with :func:`~adalayers.dropout.dropout` on the
-    weights.
+    with a key padding mask takes a masked-softmax path about 3x slower on a CPU); with it,
+    :func:`dropout_attention`.
     """
     b, t, k = features.shape
     heads = module.num_heads
@@ -86,11 +158,7 @@ def attention(
     q, key, v = qkv.view(b, t, 3, heads, k // heads).permute(2, 0, 3, 1, 4)  # (B, H, T, k/H)
     mask = None if bool(keep.all()) else keep[:, None, None, :]  # (B, 1, 1, T)
     if training and module.dropout > 0:
-        scores = (q @ key.transpose(-2, -1)) * (k // heads) ** -0.5  # (B, H, T, T)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        weights = dropout(torch.softmax(scores, dim=-1), module.dropout)  # (B, H, T, T)
-        h = weights @ v  # (B, H, T, k/H)
+        h = dropout_attention(q, key, v, mask, module.dropout)  # (B, H, T, k/H)
     else:
         h = F.scaled_dot_product_attention(q, key, v, attn_mask=mask)  # (B, H, T, k/H)
     return module.out_proj(h.transpose(1, 2).reshape(b, t, k))  # (B, T, k)
