@@ -365,17 +365,17 @@ def test_compare_with_jobs_keeps_the_rows_that_finished_when_one_fails(tmp_path,
     assert set(partial["rows"]) == {"mixer"} and (out / "mixer" / "metrics.json").is_file()
 
 
-def test_compare_jobs_benchmark_times_both_calls(
+def test_parallel_rows_benchmark_times_both_calls(
     tmp_path, tiny_model_dir, monkeypatch, benchmark_script
 ):
-    script = benchmark_script("compare_jobs")
+    script = benchmark_script("parallel_rows")
     data = write_cola(tmp_path / "data", n_train=40, n_dev=12)
     config = write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"), epochs=1)
     monkeypatch.chdir(tmp_path)
-    argv = ["compare_jobs.py", str(config), "--data-dir", str(data), "--name", "tiny"]
+    argv = ["parallel_rows.py", str(config), "--data-dir", str(data), "--name", "tiny"]
     monkeypatch.setattr("sys.argv", [*argv, "--baselines", "mixer,uniform"])
     script.main()
-    result = json.loads((tmp_path / "results" / "compare_jobs-tiny.json").read_text())
+    result = json.loads((tmp_path / "results" / "parallel_rows-tiny.json").read_text())
     assert [c["jobs"] for c in result["calls"]] == [1, 2]
     assert result["speedup"] == pytest.approx(
         result["wall_seconds_jobs1"][0] / result["wall_seconds_jobs2"][0], abs=0.01
@@ -384,7 +384,7 @@ def test_compare_jobs_benchmark_times_both_calls(
     assert set(rows) == {"mixer", "uniform"}
     for diff in result["metric_difference_jobsN_minus_jobs1"].values():
         assert diff == pytest.approx({"validation": 0.0, "test": 0.0}, abs=1e-6)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".compare_jobs")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".parallel_rows")] == []
 
 
 def test_compare_refuses_jobs_below_one_or_under_a_launcher(tmp_path, tiny_model_dir, monkeypatch):

@@ -1,6 +1,6 @@
 """Wall time of one comparison trained one row at a time against ``--jobs N``, in one run.
 
-    python benchmarks/compare_jobs.py [configs/minilm-cola.yaml] [--jobs 2] \
+    python benchmarks/parallel_rows.py [configs/minilm-cola.yaml] [--jobs 2] \
         [--baselines mixer,sweep,last,uniform,scalar_mix] [--data-dir ../shared/datasets] \
         [--name cola] [--set key=value ...]
 
@@ -8,7 +8,7 @@ Builds the config's feature store of every hidden state first (``adalayers cache
 then runs ``adalayers compare`` on it twice into fresh folders: ``--jobs 1`` (one process with
 every torch thread) and ``--jobs N``, alternating which goes first when ``--repeats`` is above
 1. Both read the same store, so the times are training and evaluation only. Writes
-``benchmarks/results/compare_jobs-<name>.json``: each call's wall time, their ratio, and each
+``benchmarks/results/parallel_rows-<name>.json``: each call's wall time, their ratio, and each
 row's metrics in both calls (the thread count changes float rounding, so they may differ in the
 last digits).
 """
@@ -43,7 +43,7 @@ def main() -> None:
     if args.jobs < 2:
         sys.exit("--jobs must be at least 2 (it is compared against --jobs 1)")
     name = args.name or Path(args.config).stem
-    with tempfile.TemporaryDirectory(dir=".", prefix=".compare_jobs-") as tmp:
+    with tempfile.TemporaryDirectory(dir=".", prefix=".parallel_rows-") as tmp:
         cache_dir = args.cache_dir or str(Path(tmp) / "cache")
         common = ["--config", args.config, "--data-dir", args.data_dir]
         common += [x for item in args.set for x in ("--set", item)]
@@ -92,9 +92,9 @@ def main() -> None:
         for row, values in first[1].items()
     }
     path = write_result(
-        f"compare_jobs-{name}",
+        f"parallel_rows-{name}",
         {
-            "benchmark": "compare_jobs",
+            "benchmark": "parallel_rows",
             "config": args.config,
             "baselines": args.baselines,
             "overrides": args.set,
