@@ -339,7 +339,7 @@ def test_two_processes_write_their_own_shards(tmp_path, tiny_model_dir):
         ],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=_env(cpu_world=True),
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -449,7 +449,7 @@ def test_cached_batches_carry_the_online_batch_mask_and_labels(setup):
     examples = train_module.CachedExamples(ds)
     assert len(examples) == len(ds)
     assert examples["length"] == ds["length"][:]
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # as training makes it
     kwargs = {"shuffle": True, "seed": 5}
     online = list(train_module._loader(accelerator, ds, 7, 0, **kwargs))
     cached = list(train_module._loader(accelerator, examples, 7, 0, store=store, **kwargs))

@@ -108,7 +108,7 @@ def decode_words(
     if decoding == "bio":
         start, allowed = _transitions(tuple(labels))
         tags = viterbi(probs.clamp_min(1e-30).log(), start, allowed)
-        index = torch.tensor(tags, dtype=torch.long)
+        index = torch.tensor(tags, dtype=torch.long, device=probs.device)
         return tags, probs.gather(-1, index[:, None]).squeeze(-1).tolist()
     if decoding != "argmax":
         raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")

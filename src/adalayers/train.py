@@ -532,6 +532,8 @@ def _save_checkpoint(
             "scheduler": scheduler.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
+                # dropout on a GPU draws from its own generator
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
             },
@@ -562,6 +564,9 @@ def _load_checkpoint(run: Path, task: Task, optimizer: Any, scheduler: Any) -> _
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"]["torch"])
+    cuda = blob["rng"].get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     random.setstate(blob["rng"]["python"])
     np.random.set_state(blob["rng"]["numpy"])
     return _State(**json.loads((folder / "trainer_state.json").read_text()))
