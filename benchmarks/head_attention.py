@@ -7,7 +7,8 @@ autograd function), of :func:`adalayers.heads.dropout_attention_by_ops` (the sam
 by op, what the head ran before) and of ``scaled_dot_product_attention`` without dropout (what
 evaluation runs), on (batch, 8 heads, T, 8) as in the IMDB config (mixer dim 64, 8 heads),
 a quarter of the batch padded to 3/4 of T. The three are interleaved and each figure is the
-median of ``--repeats``. Writes ``benchmarks/results/head_attention.json``.
+median of ``--repeats``. Writes ``benchmarks/results/<--name>.json`` (default head_attention).
+``--device cuda`` times the same on a GPU, where the fused path is SDPA's own dropout.
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ def step(fn, q, k, v, keep) -> float:
     """Seconds for one forward and backward."""
     for x in (q, k, v):
         x.grad = None
+    if q.is_cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn(q, k, v, keep).square().sum().backward()
+    if q.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -45,6 +50,7 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.03)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--name", default="head_attention")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the fused path is SDPA's)")
     args = parser.parse_args()
     p = args.dropout
     paths = {
@@ -58,8 +64,8 @@ def main() -> None:
     torch.manual_seed(0)
     for t in args.lengths:
         shape = (args.batch, args.heads, t, args.head_dim)
-        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-        keep = torch.ones(args.batch, 1, 1, t, dtype=torch.bool)
+        q, k, v = (torch.randn(shape, device=args.device, requires_grad=True) for _ in range(3))
+        keep = torch.ones(args.batch, 1, 1, t, dtype=torch.bool, device=args.device)
         keep[: args.batch // 4, ..., (3 * t) // 4 :] = False
         times: dict[str, list[float]] = {name: [] for name in paths}
         for fn in paths.values():  # warm-up
@@ -80,6 +86,7 @@ def main() -> None:
         args.name,
         {
             "benchmark": "head_attention",
+            "device": args.device,
             "dropout": p,
             "repeats": args.repeats,
             "torch_threads": torch.get_num_threads(),

@@ -320,6 +320,7 @@ def test_two_processes_write_their_own_shards(tmp_path, tiny_model_dir):
     out = subprocess.run(
         [
             "torchrun",
+            "--standalone",  # a free port: runs beside other tests
             "--nproc_per_node",
             "2",
             "-m",

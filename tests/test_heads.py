@@ -86,6 +86,24 @@ def test_fused_attention_dropout_equals_the_expression_op_by_op(padded, monkeypa
     assert not torch.equal(heads_module.dropout_attention(q, k, v, keep, 0.1), got)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_attention_dropout_on_cuda_keeps_the_mean_and_drops_at_the_rate():
+    """CUDA takes SDPA's own dropout: averaged over many draws it is attention without
+    dropout, and gradients reach the inputs; same check for the op-by-op reference."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 8, device="cuda", requires_grad=True) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 16, dtype=torch.bool, device="cuda")
+    keep[1, ..., 10:] = False
+    plain = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    for fn in (heads_module.dropout_attention, heads_module.dropout_attention_by_ops):
+        draws = torch.stack([fn(q, k, v, keep, 0.3) for _ in range(4000)]).detach()
+        assert not torch.equal(draws[0], draws[1])  # a fresh mask per call
+        error = (draws.mean(0) - plain.detach()).abs()
+        assert (error <= 5 * draws.std(0) / 4000**0.5 + 1e-4).all()  # within 5 standard errors
+    fn(q, k, v, keep, 0.3).sum().backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in (q, k, v))
+
+
 def test_the_head_uses_the_fused_attention_dropout_on_a_cpu(monkeypatch):
     calls = []
     fused = heads_module._DropoutAttention.apply

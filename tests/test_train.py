@@ -365,6 +365,7 @@ def test_two_processes_count_every_example_once(cola, tmp_path):
     out = subprocess.run(
         [
             "torchrun",
+            "--standalone",  # a free port: runs beside other tests
             "--nproc_per_node",
             "2",
             "-m",

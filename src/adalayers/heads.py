@@ -112,10 +112,14 @@ def dropout_attention(
     """``dropout(softmax(q kᵀ / √d), p) v`` over (B, H, T, d), keys masked where ``keep``
     (B, 1, 1, T) is ``False``, with :func:`~adalayers.dropout.dropout`'s mask.
 
-    On a CPU (and ``p`` not below 2⁻¹⁷) this is :class:`_DropoutAttention`; elsewhere, and as
-    the reference it is tested against, :func:`dropout_attention_by_ops`.
+    On a CPU (and ``p`` not below 2⁻¹⁷) this is :class:`_DropoutAttention`, tested against
+    :func:`dropout_attention_by_ops`. On CUDA it is ``scaled_dot_product_attention`` with
+    ``dropout_p`` (fused kernels that draw their own mask from the CUDA generator, as
+    ``F.dropout`` does there); elsewhere, :func:`dropout_attention_by_ops`.
     """
     b, h, t, d = q.shape
+    if q.device.type == "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
     if q.device.type != "cpu" or not 0 < round(p * _LEVELS) < _LEVELS:
         return dropout_attention_by_ops(q, k, v, keep, p)
     bias = torch.zeros(b, 1, 1, t, dtype=q.dtype)  # 0, or -inf on padding keys
