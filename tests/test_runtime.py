@@ -292,3 +292,30 @@ def test_continuing_sequence_is_found_under_either_cache_name():
         assert _continues_a_sequence({name: held})
     assert _continues_a_sequence({"past_key_values": ((torch.zeros(1), torch.zeros(1)),)})
     assert not _continues_a_sequence({"input_ids": torch.zeros(1, 3)})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_and_attached_tasks_on_cuda_match_the_cpu(tiny_model_dir, tmp_path):
+    """Serving on a GPU: runs loaded with ``device="cuda"``, and tasks attached to a model on
+    the GPU during generate(), give the CPU's logits and the same generated tokens."""
+    folder = tiny_model_dir("gpt2")
+    backbone = load_backbone(folder)
+    tasks = make_tasks(backbone)
+    for name, task in tasks.items():
+        task.save_pretrained(tmp_path / name)
+    inputs = encode(backbone.tokenizer, PROMPTS, side="left")
+    cpu = load_runs({n: tmp_path / n for n in tasks}, base=folder)(inputs).logits
+    gpu_runtime = load_runs({n: tmp_path / n for n in tasks}, base=folder, device="cuda")
+    gpu = gpu_runtime({k: v.cuda() for k, v in inputs.items()}).logits
+    for name in tasks:
+        torch.testing.assert_close(gpu[name].cpu(), cpu[name], atol=1e-4, rtol=1e-4)
+    lm = T.AutoModelForCausalLM.from_pretrained(folder).eval()
+    bare = lm.generate(**inputs, **GENERATE)
+    lm.cuda()
+    with attach(lm, tasks, tokenizer=backbone.tokenizer) as side:
+        tapped = lm.generate(**{k: v.cuda() for k, v in inputs.items()}, **GENERATE)
+        predictions = side.predictions()
+    assert torch.equal(tapped.cpu(), bare)
+    assert [p["sentiment"]["label"] for p in predictions] == [
+        ["neg", "pos"][int(i)] for i in cpu["sentiment"].argmax(-1)
+    ]

@@ -205,3 +205,20 @@ def test_limits_are_checked(runtime):
         create_app(runtime, max_queue=0)
     with pytest.raises(ValueError, match="no tasks"):
         create_app(AdaLayers(runtime.backbone))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_server_on_cuda_answers_as_the_cpu_runtime(runtime):
+    """The same runtime moved to the GPU serves the CPU's predictions."""
+    import copy
+
+    expected = runtime.predict(TEXTS)
+    on_gpu = copy.deepcopy(runtime).cuda()
+    app = create_app(on_gpu, max_batch_size=8, max_wait_ms=10)
+    with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        response = client.post("/predict", json={"texts": TEXTS})
+    assert response.status_code == 200, response.text
+    for g, e in zip(response.json()["predictions"], expected):
+        assert g["sentiment"]["label"] == e["sentiment"]["label"]
+        assert g["sentiment"]["score"] == pytest.approx(e["sentiment"]["score"], abs=1e-4)
+        assert g["ner"]["labels"] == e["ner"]["labels"]
