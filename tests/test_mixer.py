@@ -143,6 +143,31 @@ def test_layer_dropout_drops_whole_layers_and_renormalises():
     assert (w == 0).any()  # this seed drops at least one layer
 
 
+def test_dropped_layers_are_not_projected_and_the_mix_is_unchanged(monkeypatch):
+    """In training with layer dropout, the stacked form projects only the layers kept this
+    step (as the streaming taps read only those); the result is the mix over every live layer
+    with the dropped ones weighing 0."""
+    from adalayers.cache import StackedStates
+
+    mixer, states = make(alpha=4.0, layer_dropout=0.5)
+    mixer.train()
+    for seed in range(100):  # a seed whose mask drops some layers, not all
+        torch.manual_seed(seed)
+        weights = mixer.mixing_weights()
+        kept = [i for i, w in enumerate(weights.tolist()) if w > 0]
+        if 1 < len(kept) < len(weights):
+            break
+    projected = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: (projected.append(a.shape[0]), bmm(a, b))[1])
+    for form in (states, StackedStates(list(range(len(states))), torch.stack(states))):
+        torch.manual_seed(seed)
+        got = mixer.mix(form)
+        assert projected.pop() == len(kept)
+        full = sum(weights[i] * mixer.project(i, states[i]) for i in range(len(states)))
+        torch.testing.assert_close(got, full, atol=1e-6, rtol=1e-5)
+
+
 def test_layer_dropout_of_one_layer_draws_nothing():
     single = LayerMixer(MixerConfig(dim=4, single_layer=2, layer_dropout=0.5), 5, 8).train()
     state = torch.get_rng_state()

@@ -359,9 +359,8 @@ class LayerMixer(nn.Module):
             raise ValueError(
                 f"the mixer was built for {self.num_states} hidden states, got {len(hidden_states)}"
             )
-        distribution = self.distribution()  # (n,)
-        weights = self.mixing_weights(distribution)  # (n,): layers dropped this step weigh 0
-        live = (distribution > 0).tolist()
+        weights = self.mixing_weights()  # (n,): layers cut or dropped this step weigh 0
+        live = (weights > 0).tolist()  # the streaming taps skip the same layers
         active = [(layer, weights[i]) for i, layer in enumerate(self.layer_indices) if live[i]]
         if self.config.mode == "scalar_mix" or len(active) == 1:
             mixed = None
@@ -370,8 +369,11 @@ class LayerMixer(nn.Module):
             return self._complete(mixed)
         # all states at hand: one batched projection instead of one per layer
         wanted = [layer for layer, _ in active]
-        if getattr(hidden_states, "layers", None) == wanted:  # already stacked (feature cache)
+        stacked = getattr(hidden_states, "layers", None)  # already stacked (feature cache)
+        if stacked == wanted:
             z = hidden_states.stacked  # (n, B, T, d)
+        elif stacked is not None:  # some stored states are cut or dropped this step
+            z = hidden_states.stacked[[stacked.index(layer) for layer in wanted]]  # (n, B, T, d)
         else:
             z = torch.stack([hidden_states[layer] for layer in wanted])  # (n, B, T, d)
         w = self.weight[[self._local[layer] for layer, _ in active]]  # (n, k, d)
