@@ -421,20 +421,20 @@ def _train_rows(
             pool.submit(_train_row, name, cfg, out / name, resume, finetune_lr, True): name
             for name, cfg, resume in todo
         }
-        pending = set(futures)
+        pending, error = set(futures), None
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            failed = [f for f in done if f.exception() is not None]
             for future in done:
+                if future.cancelled():
+                    continue
                 if future.exception() is None:
                     finished(futures[future], *future.result())
-            if failed:
-                for future in pending:
-                    future.cancel()  # rows not started; the running ones finish
-                for future in wait(pending).done:
-                    if not future.cancelled() and future.exception() is None:
-                        finished(futures[future], *future.result())
-                raise failed[0].exception()
+                elif error is None:
+                    error = future.exception()
+                    for other in pending:
+                        other.cancel()  # rows not started; the running ones finish
+        if error is not None:
+            raise error
 
 
 def _summarize(

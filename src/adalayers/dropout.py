@@ -33,14 +33,20 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     return r >= round(p * _LEVELS) - _LEVELS // 2
 
 
+def keep_scale(p: float) -> float | None:
+    """``1 / P(keep)`` of :func:`keep_mask`'s mask for ``p``, or ``None`` where ``p`` rounds to
+    0 or 1 in 16 bits and :func:`dropout` falls back to ``torch.nn.functional.dropout``."""
+    threshold = round(p * _LEVELS)
+    return None if threshold in (0, _LEVELS) else _LEVELS / (_LEVELS - threshold)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Zero each element of ``x`` with probability ``p`` and scale the rest to keep the mean."""
     if not training or p == 0.0:
         return x
-    threshold = round(p * _LEVELS)
-    if x.device.type != "cpu" or threshold in (0, _LEVELS):
+    scale = keep_scale(p)
+    if x.device.type != "cpu" or scale is None:
         return F.dropout(x, p, training=True)
-    scale = _LEVELS / (_LEVELS - threshold)  # 1 / P(keep)
     keep = keep_mask(x.shape, p, x.device)
     return x * (keep.to(x.dtype) * scale)
 

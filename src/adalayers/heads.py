@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adalayers.dropout import _LEVELS, Dropout, dropout, keep_mask
+from adalayers.dropout import Dropout, dropout, keep_mask, keep_scale
 
 
 @dataclass
@@ -83,11 +83,11 @@ class _DropoutAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale, p):  # noqa: ANN001, ANN205 (autograd's signature)
+    def forward(ctx, q, k, v, bias, scale, p, p_scale):  # noqa: ANN001, ANN205 (autograd's)
         scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)  # (N, T, T)
         weights = torch.softmax(scores, dim=-1)  # (N, T, T)
         del scores
-        kept = torch.tensor(_LEVELS / (_LEVELS - round(p * _LEVELS)), dtype=weights.dtype)
+        kept = torch.tensor(p_scale, dtype=weights.dtype)  # 1 / P(keep)
         mask = torch.where(keep_mask(weights.shape, p, weights.device), kept, weights.new_zeros(()))
         dropped = weights * mask  # (N, T, T)
         ctx.scale = scale
@@ -103,7 +103,7 @@ class _DropoutAttention(torch.autograd.Function):
         del grad_weights
         grad_q = torch.bmm(grad_scores, k).mul_(ctx.scale)  # (N, T, d)
         grad_k = torch.bmm(grad_scores.transpose(1, 2), q).mul_(ctx.scale)  # (N, T, d)
-        return grad_q, grad_k, grad_v, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None
 
 
 def dropout_attention(
@@ -120,7 +120,8 @@ def dropout_attention(
     b, h, t, d = q.shape
     if q.device.type == "cuda":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
-    if q.device.type != "cpu" or not 0 < round(p * _LEVELS) < _LEVELS:
+    p_scale = keep_scale(p)
+    if q.device.type != "cpu" or p_scale is None:
         return dropout_attention_by_ops(q, k, v, keep, p)
     bias = torch.zeros(b, 1, 1, t, dtype=q.dtype)  # 0, or -inf on padding keys
     if keep is not None:
@@ -133,6 +134,7 @@ def dropout_attention(
         bias.expand(b, h, 1, t).reshape(n, 1, t),
         d**-0.5,
         p,
+        p_scale,
     ).view(b, h, t, d)
 
 
