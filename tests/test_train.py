@@ -220,9 +220,15 @@ def test_interrupt_then_resume_loses_nothing(cola, tmp_path, monkeypatch):
     a = Task.from_pretrained(tmp_path / "straight" / "model").state_dict()
     b = Task.from_pretrained(tmp_path / "cut" / "model").state_dict()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    history = (tmp_path / "cut" / "history.jsonl").read_text().splitlines()
-    assert [json.loads(h)["epoch"] for h in history] == [1, 2, 3]
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # every epoch, the ones after the cut included, is the straight run's: the same dropout
+    # masks give the same losses, scores and layer weights (the best epoch may come early, so
+    # comparing the kept head alone would not see a shifted random stream)
+    straight, cut = (read_jsonl(tmp_path / r / "history.jsonl") for r in ("straight", "cut"))
+    assert [h["epoch"] for h in cut] == [1, 2, 3]
+    for h in straight + cut:
+        h.pop("seconds")
+    assert cut == straight
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from adalayers._schema import build
+from adalayers.checkpoint import has_checkpoint
 from adalayers.config import RunConfig, load_config, parse_override
 from adalayers.train import _NESTED, CHECKPOINT_DIR, CONFIG, METRICS, _write_json, fit
 
@@ -308,7 +309,7 @@ def compare(
         resume = (
             name != "finetune"
             and not overwrite
-            and (run / CHECKPOINT_DIR / "state.pt").is_file()
+            and has_checkpoint(run / CHECKPOINT_DIR)
             and saved.is_file()
             and load_config(saved) == cfg
         )

@@ -5,6 +5,7 @@ A run folder holds::
     config.yaml        the resolved configuration
     model/             the best-on-validation task (config.json, labels.json, model.safetensors)
     checkpoint/        the latest resumable state (task, optimiser, scheduler, RNG, counters)
+                       as safetensors plus JSON: resuming never unpickles (:mod:`.checkpoint`)
     history.jsonl      one line per epoch: loss, metrics, learning rate, layer distribution
     metrics.json       final validation and test metrics, parameters added, timings
     predictions_validation.jsonl, predictions_test.jsonl
@@ -40,6 +41,7 @@ from torch import nn
 
 from adalayers.backbone import Backbone, load_backbone
 from adalayers.cache import FeatureStore, open_or_build, probe_layers
+from adalayers.checkpoint import CheckpointError, load_state, rng_state, save_state, set_rng_state
 from adalayers.config import RunConfig, load_config, save_config
 from adalayers.data import TaskData, load_task_data
 from adalayers.decoding import decode_words
@@ -262,8 +264,14 @@ def _loader(
         ds = CachedExamples(ds)
     batches = length_batches(ds["length"][:], batch_size, shuffle=shuffle, seed=seed)
     layers = None if task is None else (lambda: _active_layers(task))
+    # the loader's own generator: iterating it then draws nothing from the global one, so a
+    # run resumed mid-epoch (a new iterator after the RNG is restored) sees the same dropout
+    # masks as the run that was not cut
     loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=batches, collate_fn=lambda f: collate(f, pad_id, store, layers)
+        ds,
+        batch_sampler=batches,
+        collate_fn=lambda f: collate(f, pad_id, store, layers),
+        generator=torch.Generator().manual_seed(seed),
     )
     return accelerator.prepare_data_loader(loader)
 
@@ -472,6 +480,8 @@ class _State:
     global_step: int = 0
     train_seconds: float = 0.0
     tokens: int = 0
+    loss_sum: float = 0.0  # over the current epoch's steps, so a resumed epoch reports its mean
+    loss_steps: int = 0
 
 
 def evaluate_splits(
@@ -521,55 +531,46 @@ def _save_checkpoint(
     scheduler: Any,
     state: _State,
 ) -> None:
-    target = run / CHECKPOINT_DIR
-    tmp = run / f".{CHECKPOINT_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(
+    save_state(
+        run / CHECKPOINT_DIR,
         {
             "task": task.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                # dropout on a GPU draws from its own generator
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-            },
+            "rng": rng_state(),
         },
-        tmp / "state.pt",
+        state.__dict__,
     )
-    (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2))
-    old = run / f".{CHECKPOINT_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_checkpoint(run: Path, task: Task, optimizer: Any, scheduler: Any) -> _State:
+    """Restore a checkpoint written by :func:`_save_checkpoint` (tensors and JSON, no pickle)."""
     folder = run / CHECKPOINT_DIR
-    if not (folder / "state.pt").is_file():
-        raise FileNotFoundError(f"{folder} has no checkpoint to resume from")
+    blob, counters = load_state(folder)
     try:
-        blob = torch.load(folder / "state.pt", weights_only=False)
-    except Exception as err:  # truncated or foreign file: torch raises from deep inside
-        raise RuntimeError(
-            f"{folder / 'state.pt'} cannot be read ({type(err).__name__}: {err}); delete "
-            f"{folder} to train {run} again from the start"
+        task.load_state_dict(blob["task"])
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        set_rng_state(blob["rng"])
+        state = _State(**counters)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{folder} does not match this run's task and optimiser ({type(err).__name__}: "
+            f"{str(err)[:300]}); delete {folder} to train {run} again from the start"
         ) from err
-    task.load_state_dict(blob["task"])
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["rng"]["torch"])
-    cuda = blob["rng"].get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    random.setstate(blob["rng"]["python"])
-    np.random.set_state(blob["rng"]["numpy"])
-    return _State(**json.loads((folder / "trainer_state.json").read_text()))
+    return state
+
+
+def _truncate_history(path: Path, epochs: int) -> None:
+    """Keep the first ``epochs`` records of ``history.jsonl``: a run that stopped after
+    writing an epoch's record but before its checkpoint trains that epoch again on resume."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().split("\n") if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epochs]
+    if len(kept) != len(lines):
+        logger.info("history: dropping %d record(s) after epoch %d", len(lines) - len(kept), epochs)
+        _write_text(path, "".join(line + "\n" for line in kept))
 
 
 @contextmanager
@@ -727,6 +728,8 @@ def fit(
     state = _State()
     if resume:
         state = _load_checkpoint(run, task, optimizer, scheduler)
+        if main:
+            _truncate_history(run / HISTORY, state.epoch)
         logger.info("resuming %s at epoch %d, step %d", run, state.epoch, state.step_in_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped: TaskModel = accelerator.unwrap_model(model)
@@ -778,6 +781,8 @@ def fit(
                     optimizer.step()
                     optimizer.zero_grad()
                 losses.append(loss.item())
+                state.loss_sum += losses[-1]
+                state.loss_steps += 1
                 state.step_in_epoch += 1
                 state.global_step += 1
                 state.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
@@ -829,12 +834,14 @@ def fit(
                 state.bad_epochs += 1
             state.epoch += 1
             state.step_in_epoch = 0
+            train_loss = state.loss_sum / state.loss_steps if state.loss_steps else None
+            state.loss_sum, state.loss_steps = 0.0, 0
             if main:
                 _append_jsonl(
                     history,
                     {
                         "epoch": epoch + 1,
-                        "train_loss": float(np.mean(losses)) if losses else None,
+                        "train_loss": train_loss,
                         "validation": {k: v for k, v in val.items() if k not in _NESTED},
                         "metric": metric,
                         "score": score,
@@ -850,7 +857,7 @@ def fit(
             logger.info(
                 "epoch %d: loss %.4f, validation %s %.4f%s",
                 epoch + 1,
-                np.mean(losses) if losses else float("nan"),
+                float("nan") if train_loss is None else train_loss,
                 metric,
                 score,
                 " (best)" if improved else "",
