@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from adalayers.errors import CheckpointError
+
 logger = logging.getLogger("adalayers")
 
 
@@ -383,7 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as err:
         print(f"adalayers: {err}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError) as err:
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        FileExistsError,
+        OSError,
+        CheckpointError,
+    ) as err:
         if os.environ.get("ADALAYERS_DEBUG"):
             raise
         print(f"adalayers {args.command}: error: {err}", file=sys.stderr)
