@@ -159,7 +159,7 @@ def test_a_store_unchanged_since_its_checksums_passed_is_not_read_again(setup, m
     assert reads == []
     torch.testing.assert_close(again.example(middle, 2), expected, rtol=0, atol=0)
     cache_module.open_or_build(backbone, ds, "train", [1, 2], root=root, verify=True)
-    assert {p.name for p in reads} == {"layer-1.bin", "layer-2.bin"}  # verify=True reads all
+    assert {p.name for p in reads} == {"index.npy", "layer-1.bin", "layer-2.bin"}  # all
 
 
 def test_a_file_changed_just_before_the_check_is_checked_again(setup, monkeypatch):
@@ -226,8 +226,9 @@ def test_refuses_when_the_disk_is_too_small(setup, monkeypatch):
     backbone, ds, root = setup
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda p: Usage(10, 10, 100))
-    with pytest.raises(OSError, match=r"needs .* GiB but only .* GiB are free"):
+    with pytest.raises(cache_module.CacheNoSpace, match=r"^no space left on .* MiB free on "):
         cache_module.open_or_build(backbone, ds, "train", [0, 1], root=root)
+    assert not any(root.rglob("*.bin"))
 
 
 def test_cached_and_online_training_agree(tmp_path, tiny_model_dir):
@@ -479,3 +480,250 @@ def test_cache_verify_benchmark_times_both_checks(setup, tmp_path, monkeypatch, 
     assert shard["shard"] == "train/shard-0-of-1" and shard["examples"] == len(ds)
     assert shard["full_check_read_files"] is True and shard["later_open_read_files"] is False
     assert shard["bytes"] == store.size_bytes() and result["dtype"] == "int8"
+
+
+# -- integrity of every file of a store (issue 20, defect 5) -----------------------------------
+def _shard_of(store):
+    return next(store.folder.glob("shard-*"))
+
+
+def _assert_rebuilt(caplog, name, store, backbone, ds, examples=(0, 1)):
+    """A warning named the damaged file, and the store reads the base's states again."""
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(name in w and ("rebuilding" in w or "starting" in w) for w in warnings), warnings
+    for index in examples:
+        torch.testing.assert_close(
+            store.example(index, 2), fresh_states(backbone, ds, index)[2][0], rtol=1e-3, atol=1e-3
+        )
+
+
+@pytest.mark.parametrize("verified_before", [False, True], ids=["verify", "verified-open"])
+def test_swapped_index_offsets_are_detected(setup, caplog, verified_before):
+    """Swapping two rows' offsets in index.npy made example 0 read example 1's states, and
+    passed ``--verify``; also an open that trusts verified.json must see index.npy changed."""
+    backbone, ds, root = setup
+    store = cache_module.open_or_build(backbone, ds, "train", [2], root=root, chunk_examples=40)
+    shard = _shard_of(store)
+    if verified_before:
+        _age_past_the_racy_window()
+        cache_module.open_or_build(backbone, ds, "train", [2], root=root)
+        assert (shard / cache_module.VERIFIED).is_file()
+    index = np.load(shard / "index.npy")
+    index[[0, 1], 1] = index[[1, 0], 1]
+    np.save(shard / "index.npy", index)
+    with caplog.at_level(logging.WARNING, logger="adalayers"):
+        again = cache_module.open_or_build(
+            backbone, ds, "train", [2], root=root, verify=not verified_before
+        )
+    _assert_rebuilt(caplog, "index.npy", again, backbone, ds)
+
+
+def _interrupted_build(backbone, ds, root, monkeypatch):
+    """A build stopped after its first chunk (of three)."""
+    real_run = backbone.run
+    calls = []
+
+    def stop_in_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(backbone, "run", stop_in_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        cache_module.open_or_build(backbone, ds, "train", [2], root=root, chunk_examples=40)
+    monkeypatch.setattr(backbone, "run", real_run)
+    return next(root.rglob("shard-0-of-1"))
+
+
+@pytest.mark.parametrize(
+    ("name", "state"),
+    [
+        ("index.npy", "complete"),
+        ("progress.json", "complete"),
+        ("COMPLETE", "complete"),
+        ("index.npy", "partial"),
+        ("progress.json", "partial"),
+    ],
+)
+def test_a_truncated_small_file_is_named_and_rebuilt(setup, caplog, monkeypatch, name, state):
+    """A truncated index.npy or progress.json raised a bare numpy / JSON error (no file name,
+    no rebuild), in a finished store and in one an interrupted build left to resume."""
+    backbone, ds, root = setup
+    if state == "complete":
+        shard = _shard_of(
+            cache_module.open_or_build(backbone, ds, "train", [2], root=root, chunk_examples=40)
+        )
+    else:
+        shard = _interrupted_build(backbone, ds, root, monkeypatch)
+    path = shard / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="adalayers"):
+        again = cache_module.open_or_build(backbone, ds, "train", [2], root=root)
+    _assert_rebuilt(caplog, name, again, backbone, ds)
+    assert (shard / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize("damage", ["chunk-dropped", "crc-rewritten"])
+def test_a_damaged_progress_file_cannot_hide_a_flipped_byte(setup, caplog, damage):
+    """progress.json holds the data checksums: dropping the chunk of a flipped data byte, or
+    writing the damaged bytes' CRC into it, passed ``--verify``."""
+    backbone, ds, root = setup
+    store = cache_module.open_or_build(backbone, ds, "train", [2], root=root, chunk_examples=40)
+    shard = _shard_of(store)
+    data = shard / "layer-2.bin"
+    row_bytes = backbone.hidden_size * 2
+    raw = bytearray(data.read_bytes())
+    raw[row_bytes // 2] ^= 0xFF  # a byte of example 0's first token
+    data.write_bytes(bytes(raw))
+    progress_path = shard / "progress.json"
+    progress = json.loads(progress_path.read_text())
+    first = progress["chunks"][0]
+    if damage == "chunk-dropped":
+        progress["chunks"] = progress["chunks"][1:]
+    else:
+        first["crc"]["layer-2.bin"] = cache_module._crc(
+            data,
+            first["row_start"] * row_bytes,
+            (first["row_end"] - first["row_start"]) * row_bytes,
+        )
+    progress_path.write_text(json.dumps(progress))
+    with caplog.at_level(logging.WARNING, logger="adalayers"):
+        again = cache_module.open_or_build(backbone, ds, "train", [2], root=root, verify=True)
+    _assert_rebuilt(caplog, "progress.json", again, backbone, ds)
+
+
+def test_a_damaged_verified_record_means_reading_every_checksum(setup, caplog, monkeypatch):
+    """verified.json only lets an open skip reading: damaged, it is named and every checksum is
+    read again (a flipped byte behind it is still found)."""
+    backbone, ds, root = setup
+    store = cache_module.open_or_build(backbone, ds, "train", [2], root=root, chunk_examples=40)
+    shard = _shard_of(store)
+    verified = shard / cache_module.VERIFIED
+    _age_past_the_racy_window()
+    cache_module.open_or_build(backbone, ds, "train", [2], root=root)
+    good = verified.read_text()
+    reads = _count_checksum_reads(monkeypatch)
+    for damaged in (good[: len(good) // 2], '{"files": ["layer-2.bin"]}', "[1, 2]"):
+        verified.write_text(damaged)
+        reads.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="adalayers"):
+            cache_module.open_or_build(backbone, ds, "train", [2], root=root)
+        assert "layer-2.bin" in {p.name for p in reads}, damaged
+        assert str(verified) in caplog.text, damaged
+
+
+def test_a_damaged_meta_file_is_named_and_written_again(setup, caplog):
+    backbone, ds, root = setup
+    store = cache_module.open_or_build(backbone, ds, "train", [2], root=root)
+    meta = store.folder.parent / "meta.json"
+    good = json.loads(meta.read_text())
+    meta.write_text(meta.read_text()[:10])
+    with caplog.at_level(logging.WARNING, logger="adalayers"):
+        cache_module.open_or_build(backbone, ds, "train", [2], root=root)
+    assert str(meta) in caplog.text
+    assert json.loads(meta.read_text()) == good
+
+
+# -- a full disk (issue 20, defect 4) ---------------------------------------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs (needs root and mount rights), unmounted afterwards."""
+    mount = shutil.which("mount")
+    if os.geteuid() != 0 or mount is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    point = tmp_path / "tmpfs"
+    point.mkdir()
+    done = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def _in_a_child(work, *args, **kwargs) -> tuple[int, str]:
+    """Run ``work(*args, **kwargs)`` in a forked process (a SIGBUS kills only it, and leaves
+    no core): its exit code (negative: the signal) and the message of an ``OSError`` it raised."""
+    import multiprocessing
+    import resource
+
+    def child(conn):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        torch.set_num_threads(1)  # the parent's thread pool does not survive a fork
+        try:
+            work(*args, **kwargs)
+        except OSError as err:
+            conn.send(str(err))
+            os._exit(1)
+        os._exit(0)
+
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=child, args=(send,))
+    process.start()
+    process.join(timeout=120)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    return process.exitcode, receive.recv() if receive.poll() else ""
+
+
+def test_a_full_disk_fails_with_a_message_and_leaves_nothing(setup, small_tmpfs, monkeypatch):
+    """The data fits the free space but index.npy and the files' last blocks do not: the old
+    check let the build start, and the sparse memory maps died with SIGBUS (exit 135, no
+    message). Now the check counts every block; and when the disk fills after the check (another
+    writer), allocating the files fails before any state is computed."""
+    import re
+
+    backbone, ds, _ = setup
+    layers = [0, 1, 2, 3]
+    data = cache_module.estimate_bytes(sum(ds["length"][:]), 4, backbone.hidden_size, "float16")
+    page = os.statvfs(small_tmpfs).f_frsize
+    filler = small_tmpfs / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_tmpfs).free - -(-data // page) * page))
+    assert data <= shutil.disk_usage(small_tmpfs).free < data + page
+    root = small_tmpfs / "cache"
+
+    def left():
+        return [p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+
+    code, message = _in_a_child(
+        cache_module.open_or_build, backbone, ds, "train", layers, root=root
+    )
+    assert code == 1, f"exit code {code}"
+    assert message.startswith(f"no space left on tmpfs ({root}"), message
+    need, free = map(
+        float, re.search(r"needed ([.\d]+) MiB .*, ([.\d]+) MiB free", message).groups()
+    )
+    assert need > free
+    assert left() == []
+
+    real, seen = shutil.disk_usage, []
+
+    def empty_at_the_check(path):  # another writer fills the disk after the check
+        seen.append(path)
+        usage = real(path)
+        return usage._replace(free=usage.total) if len(seen) == 1 else usage
+
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", empty_at_the_check)
+    code, message = _in_a_child(
+        cache_module.open_or_build, backbone, ds, "train", layers, root=root
+    )
+    monkeypatch.undo()
+    assert code == 1, f"exit code {code}"
+    assert message.startswith(f"no space left on tmpfs ({root}"), message
+    assert "nothing of it was kept" in message
+    assert left() == []  # nothing half-written
+
+    filler.unlink()
+    store = cache_module.open_or_build(backbone, ds, "train", layers, root=root)
+    torch.testing.assert_close(
+        store.example(0, 3), fresh_states(backbone, ds, 0)[3][0], rtol=1e-3, atol=1e-3
+    )
+    del store  # its memory maps, before the file system is unmounted

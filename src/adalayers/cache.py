@@ -3,35 +3,47 @@
 The base is frozen: its states for a training set never change. :func:`build_cache` runs it once
 and writes the per-token states of the chosen layers (no padding) into memory-mapped files:
 
+    <dir>/<key>/meta.json    base, layers, dtype and width of the store (a description)
     <dir>/<key>/<split>/shard-<rank>-of-<world>/
         index.npy            (n, 3) int64: example index, first row, number of tokens
         layer-<i>.bin        (rows, d) states of hidden state i, in the storage dtype
         scale-<i>.bin        (rows,) float32 per-row scales (int8 storage only)
-        progress.json        chunks written so far, with a CRC-32 of every file range
-        COMPLETE             written last
-        verified.json        size, inode and times of each file when its checksums last passed
+        progress.json        rows, examples, the CRC-32 of index.npy and of every chunk of every
+                             data file written so far, and a CRC-32 of itself
+        COMPLETE             the number of rows, written last
+        verified.json        size, inode and times of each file above when its checks last passed
 
 ``key`` is a hash of the base's fingerprint, the layers, the storage dtype and the token ids
 and labels of the split (which covers the tokenizer, the max length and the data files), so a
-stale store is never used. Interrupted builds resume chunk by chunk; a store whose checksums do
-not match (truncated, corrupted) is detected on open and rebuilt, never silently read. Reading
-every checksum means reading the whole store, so a file whose size, inode and modification and
-change times are those recorded in ``verified.json`` after its checksums last passed is not read
-again; any write, truncation, copy or replacement changes them (``verify=True`` checks
-everything regardless). Under ``accelerate launch`` every process writes its own shard and
-training reads all shards. A shard is checked and built under a lock file beside it
-(``.shard-<rank>-of-<world>.lock``), so processes that open one store at once (two trainings,
-the rows of ``adalayers compare --jobs``) build it once: the others wait, then find it
-complete.
+stale store is never used. Every file of a shard is checked: progress.json against its own
+checksum, index.npy against the checksum in it and against the split, the chunks for covering
+every row, every data file against its chunks' checksums, COMPLETE against the row count. A
+shard that fails (truncated, corrupted, edited) is rebuilt with a warning naming the file, never
+silently read; an interrupted build resumes over the chunks that still check out. Reading every
+checksum means reading the whole store, so a shard whose files all have the size, inode and
+modification and change times recorded in ``verified.json`` after its checks last passed is not
+read again; any write, truncation, copy or replacement changes them (``verify=True`` checks
+everything regardless). A damaged verified.json only means reading everything; a damaged
+meta.json is written again.
+
+The data files are allocated in full (``posix_fallocate``) before they are memory-mapped: a
+write through a map into a sparse file on a full disk kills the process with SIGBUS, so a disk
+too small fails before any state is computed, with a message, leaving nothing behind. Under
+``accelerate launch`` every process writes its own shard and training reads the shards of its
+world. A shard is checked and built under a lock file beside it (``.shard-<rank>-of-<world>.lock``,
+which holds no data), so processes that open one store at once (two trainings, the rows of
+``adalayers compare --jobs``) build it once: the others wait, then find it complete.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import zlib
@@ -45,20 +57,38 @@ import torch
 from filelock import FileLock
 
 from adalayers.backbone import Backbone
+from adalayers.progress import ProgressLog
 
 logger = logging.getLogger(__name__)
 
 _NP_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "int8": np.int8, "float32": np.float32}
 FORMAT = 1
 VERIFIED = "verified.json"
+PROGRESS = "progress.json"
+INDEX = "index.npy"
+COMPLETE = "COMPLETE"
 RACY_SECONDS = 2.0
 """A file changed this close to the moment its checksums passed is checked again next time:
 file times are coarse on some file systems (2 s on FAT), so a write within that window may not
 move them."""
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class CacheCorrupted(RuntimeError):
-    """A store's files do not match their checksums."""
+class CacheCorrupted(OSError):
+    """A file of a store is damaged: it does not match its checksum, or cannot be read.
+
+    The message starts with the file's path. An ``OSError``, so the CLI reports it as a message.
+    """
+
+
+class CacheNoSpace(OSError):
+    """The file system holding the cache is too full for a store (``errno.ENOSPC``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def default_cache_dir() -> Path:
@@ -99,6 +129,15 @@ def store_key(backbone: Backbone, layers: Sequence[int], dtype: str, ds: Any) ->
                 h.update(np.asarray(row, dtype=np.float64).tobytes())
                 h.update(b"|")
     return h.hexdigest()[:20]
+
+
+def shard_index(examples: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
+    """(n, 3) int64 rows of index.npy: example, first row, number of tokens (rows in order)."""
+    if not examples:
+        return np.zeros((0, 3), dtype=np.int64)
+    counts = np.asarray([lengths[i] for i in examples], dtype=np.int64)  # (n,)
+    starts = np.cumsum(counts) - counts  # (n,)
+    return np.stack([np.asarray(examples, dtype=np.int64), starts, counts], axis=1)  # (n, 3)
 
 
 # -- encoding rows ---------------------------------------------------------------------------
@@ -147,101 +186,229 @@ class _Shard:
     dtype: str
 
     def files(self) -> dict[str, tuple[Path, int]]:
-        """file name -> (path, bytes per row)."""
+        """Data file name -> (path, bytes per row)."""
         row_bytes = self.hidden_size * np.dtype(_NP_DTYPES[self.dtype]).itemsize
         out = {f"layer-{i}.bin": (self.folder / f"layer-{i}.bin", row_bytes) for i in self.layers}
         if self.dtype == "int8":
             out.update({f"scale-{i}.bin": (self.folder / f"scale-{i}.bin", 4) for i in self.layers})
         return out
 
+    def checked_files(self) -> dict[str, Path]:
+        """Every file of a finished shard that its checks cover (all but verified.json)."""
+        names = (INDEX, PROGRESS, COMPLETE)
+        return {name: self.folder / name for name in names} | {
+            name: path for name, (path, _) in self.files().items()
+        }
+
     def memmaps(self, rows: int, mode: str) -> dict[str, np.memmap]:
+        """Data file name -> its memory map.
+
+        Raises:
+            CacheCorrupted: a file is missing or shorter than ``rows`` rows.
+        """
         maps = {}
-        for i in self.layers:
-            maps[f"layer-{i}.bin"] = np.memmap(
-                self.folder / f"layer-{i}.bin",
-                dtype=_NP_DTYPES[self.dtype],
-                mode=mode,
-                shape=(max(rows, 1), self.hidden_size),
+        for name, (path, row_bytes) in self.files().items():
+            kind = np.float32 if name.startswith("scale-") else _NP_DTYPES[self.dtype]
+            shape = (
+                (max(rows, 1),) if name.startswith("scale-") else (max(rows, 1), self.hidden_size)
             )
-            if self.dtype == "int8":
-                maps[f"scale-{i}.bin"] = np.memmap(
-                    self.folder / f"scale-{i}.bin",
-                    dtype=np.float32,
-                    mode=mode,
-                    shape=(max(rows, 1),),
-                )
+            try:
+                maps[name] = np.memmap(path, dtype=kind, mode=mode, shape=shape)
+            except (OSError, ValueError) as err:
+                raise CacheCorrupted(
+                    f"{path}: cannot be mapped as {max(rows, 1) * row_bytes} bytes ({err})"
+                ) from err
         return maps
 
-    def progress(self) -> dict[str, Any]:
-        path = self.folder / "progress.json"
-        return json.loads(path.read_text()) if path.is_file() else {"chunks": []}
+    # progress.json: the checksums, checked against its own
+    def load_progress(self) -> dict[str, Any]:
+        """progress.json, checked against its own checksum and for its fields.
+
+        Raises:
+            CacheCorrupted: it is missing, unreadable, damaged or from an older format.
+        """
+        path = self.folder / PROGRESS
+        try:
+            progress = json.loads(path.read_text())
+            body = {k: v for k, v in progress.items() if k != "crc"}
+            good = progress.get("crc") == _json_crc(body)
+        except (OSError, ValueError, AttributeError) as err:
+            raise CacheCorrupted(f"{path}: unreadable ({err})") from err
+        if not good:
+            raise CacheCorrupted(
+                f"{path}: does not match its own checksum (damaged or edited, or written by an "
+                f"adalayers that did not check it)"
+            )
+        fields = {"rows": int, "examples": int, "index_crc": int, "chunks": list}
+        wrong = [k for k, kind in fields.items() if not isinstance(body.get(k), kind)]
+        if wrong:
+            raise CacheCorrupted(f"{path}: field(s) {wrong} missing or of the wrong type")
+        return body
 
     def write_progress(self, progress: dict[str, Any]) -> None:
-        _write_json(self.folder / "progress.json", progress)
+        body = {k: v for k, v in progress.items() if k != "crc"}
+        _write_json(self.folder / PROGRESS, {**body, "crc": _json_crc(body)})
 
-    def verify(self, rows: int, *, full: bool = False) -> bool:
-        """Raise :class:`CacheCorrupted` unless every chunk's CRC matches.
+    def load_index(self, progress: dict[str, Any], expected: np.ndarray | None) -> np.ndarray:
+        """index.npy, checked against progress.json's checksum, for consistency, and against
+        ``expected`` (the split's) when given.
 
-        Files unchanged since their checksums last passed (:meth:`unchanged`) are not read again
-        unless ``full``. Returns whether any file was read.
+        Raises:
+            CacheCorrupted: it is missing, damaged or not the split's.
         """
+        path = self.folder / INDEX
+        try:
+            crc = _crc(path, 0, path.stat().st_size)
+        except OSError as err:
+            raise CacheCorrupted(f"{path}: unreadable ({err})") from err
+        if crc != progress["index_crc"]:
+            raise CacheCorrupted(f"{path}: checksum mismatch (damaged or edited)")
+        try:
+            index = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise CacheCorrupted(f"{path}: unreadable ({err})") from err
+        n, rows = progress["examples"], progress["rows"]
+        if index.shape != (n, 3) or index.dtype != np.int64:
+            raise CacheCorrupted(f"{path}: {index.dtype} {index.shape}, expected int64 ({n}, 3)")
+        if n and (
+            (index[:, 2] < 0).any()
+            or index[0, 1] != 0
+            or (index[1:, 1] != index[:-1, 1] + index[:-1, 2]).any()
+            or index[-1, 1] + index[-1, 2] != rows
+        ):
+            raise CacheCorrupted(f"{path}: its rows do not follow one another up to {rows}")
+        if expected is not None and not np.array_equal(index, expected):
+            raise CacheCorrupted(f"{path}: does not match the split")
+        return index
+
+    def _check_chunks(self, progress: dict[str, Any], index: np.ndarray, *, complete: bool) -> None:
+        """The chunks follow one another from the first example (to the last if ``complete``),
+        on the index's row boundaries, with a checksum for every data file."""
+        path, n, names = self.folder / PROGRESS, len(index), set(self.files())
+        bounds = np.append(index[:, 1], progress["rows"]) if n else np.zeros(1, dtype=np.int64)
+        end = 0
+        for chunk in progress["chunks"]:
+            try:
+                lo, hi = chunk["examples"]
+                good = (
+                    lo == end
+                    and lo < hi <= n
+                    and chunk["row_start"] == bounds[lo]
+                    and chunk["row_end"] == bounds[hi]
+                    and set(chunk["crc"]) == names
+                )
+            except (KeyError, TypeError, ValueError) as err:
+                raise CacheCorrupted(f"{path}: a chunk is malformed ({err!r})") from err
+            if not good:
+                raise CacheCorrupted(
+                    f"{path}: chunk {chunk['examples']} does not follow example {end}"
+                )
+            end = hi
+        if complete and end != n:
+            raise CacheCorrupted(f"{path}: its chunks cover {end} of {n} examples")
+
+    def _check_data(self, progress: dict[str, Any]) -> None:
+        """Every data file has the size of the shard and matches each chunk's checksum."""
         files = self.files()
-        if not full and self.unchanged(files):
+        for path, row_bytes in files.values():
+            expected = max(progress["rows"], 1) * row_bytes
+            size = path.stat().st_size if path.is_file() else 0
+            if size != expected:
+                raise CacheCorrupted(f"{path}: size {size} bytes, expected {expected}")
+        for chunk in progress["chunks"]:
+            start, end = chunk["row_start"], chunk["row_end"]
+            for name, (path, row_bytes) in files.items():
+                if _crc(path, start * row_bytes, (end - start) * row_bytes) != chunk["crc"][name]:
+                    raise CacheCorrupted(f"{path}: checksum mismatch in rows {start}..{end}")
+
+    def check_partial(self, expected: np.ndarray) -> dict[str, Any]:
+        """Check what an interrupted build wrote; returns its progress to resume from.
+
+        Raises:
+            CacheCorrupted: a file is damaged (the message names it).
+        """
+        progress = self.load_progress()
+        index = self.load_index(progress, expected)
+        self._check_chunks(progress, index, complete=False)
+        self._check_data(progress)
+        return progress
+
+    def verify(self, rows: int, *, full: bool = False, index: np.ndarray | None = None) -> bool:
+        """Raise :class:`CacheCorrupted` unless every file of the finished shard checks out.
+
+        Files unchanged since their checks last passed (:meth:`unchanged`) are not read again
+        unless ``full``. ``index``: the split's index.npy, to compare with. Returns whether
+        any file was read.
+        """
+        if not full and self.unchanged():
             return False
-        self._verify_all(rows, files)
-        self.record_verified(files)
+        path = self.folder / COMPLETE
+        try:
+            marked = path.read_text().strip()
+        except (OSError, ValueError) as err:
+            raise CacheCorrupted(f"{path}: unreadable ({err})") from err
+        if marked != str(rows):
+            raise CacheCorrupted(f"{path}: says {marked!r}, expected {rows} rows")
+        progress = self.load_progress()
+        if progress["rows"] != rows:
+            raise CacheCorrupted(f"{self.folder / PROGRESS}: {progress['rows']} rows, not {rows}")
+        self._check_chunks(progress, self.load_index(progress, index), complete=True)
+        self._check_data(progress)
+        self.record_verified()
         return True
 
-    def unchanged(self, files: dict[str, tuple[Path, int]]) -> bool:
-        """Every file is as :meth:`record_verified` found it after its checksums passed."""
+    def unchanged(self) -> bool:
+        """Every file is as :meth:`record_verified` found it after its checks passed. A damaged
+        verified.json is named in a warning and means reading everything again."""
         path = self.folder / VERIFIED
+        if not path.is_file():
+            return False
         try:
             recorded = json.loads(path.read_text())["files"]
-        except (OSError, ValueError, KeyError, TypeError):
+            if not isinstance(recorded, dict):
+                raise TypeError(f"'files' is a {type(recorded).__name__}, not an object")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning("%s is damaged (%r); reading every checksum again", path, err)
             return False
-        return set(recorded) == set(files) and all(
-            _identity(p) == recorded[name] for name, (p, _) in files.items()
-        )
+        try:
+            current = {name: _identity(p) for name, p in self.checked_files().items()}
+        except OSError:
+            return False
+        return recorded == current
 
-    def record_verified(self, files: dict[str, tuple[Path, int]]) -> None:
+    def record_verified(self) -> None:
         """Note each file's identity, unless one changed too recently (:data:`RACY_SECONDS`) for
         a later write to be sure to show: then nothing is noted and the next open reads all."""
         cutoff = time.time_ns() - int(RACY_SECONDS * 1e9)
-        identities = {name: _identity(p) for name, (p, _) in files.items()}
-        if any(max(ident[2], ident[3]) >= cutoff for ident in identities.values()):
-            (self.folder / VERIFIED).unlink(missing_ok=True)
-            return
-        _write_json(self.folder / VERIFIED, {"files": identities})
-
-    def _verify_all(self, rows: int, files: dict[str, tuple[Path, int]]) -> None:
-        for path, row_bytes in files.values():
-            expected = max(rows, 1) * row_bytes
-            if not path.is_file() or path.stat().st_size != expected:
-                raise CacheCorrupted(
-                    f"{path}: size {path.stat().st_size if path.is_file() else 0}"
-                    f" bytes, expected {expected}"
-                )
-        for chunk in self.progress()["chunks"]:
-            for name, (path, row_bytes) in files.items():
-                if (
-                    _crc(
-                        path,
-                        chunk["row_start"] * row_bytes,
-                        (chunk["row_end"] - chunk["row_start"]) * row_bytes,
-                    )
-                    != chunk["crc"][name]
-                ):
-                    raise CacheCorrupted(
-                        f"{path}: checksum mismatch in rows "
-                        f"{chunk['row_start']}..{chunk['row_end']}"
-                    )
+        identities = {name: _identity(p) for name, p in self.checked_files().items()}
+        path = self.folder / VERIFIED
+        try:
+            if any(max(ident[2], ident[3]) >= cutoff for ident in identities.values()):
+                path.unlink(missing_ok=True)
+            else:
+                _write_json(path, {"files": identities})
+        except OSError as err:  # only a shortcut for later opens (a full disk, a read-only copy)
+            logger.info("cannot note %s (%s); later opens read every checksum", path, err)
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    """Replace ``path`` with ``payload`` as JSON through a temporary file beside it."""
+    """Replace ``path`` with ``payload`` as JSON through a temporary file beside it (removed if
+    the write fails)."""
+    _write_text(path, json.dumps(payload))
+
+
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: no clash
-    tmp.write_text(json.dumps(payload))
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _json_crc(body: Any) -> int:
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _identity(path: Path) -> list[int]:
@@ -262,6 +429,82 @@ def _crc(path: Path, offset: int, length: int) -> int:
             crc = zlib.crc32(block, crc)
             remaining -= len(block)
     return crc
+
+
+# -- disk space ------------------------------------------------------------------------------
+def _allocate(path: Path, size: int, *, create: bool) -> None:
+    """Make ``path`` ``size`` bytes with all its blocks reserved (``posix_fallocate``).
+
+    Writing through a memory map into a sparse file kills the process with SIGBUS when the disk
+    fills; with the blocks reserved first, a full disk is an ``OSError`` here instead. File
+    systems that cannot reserve (rare: glibc emulates it) keep a sparse file.
+
+    Raises:
+        OSError: ``ENOSPC`` / ``EDQUOT`` when the blocks are not there.
+    """
+    with path.open("wb" if create else "r+b") as fh:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fh.fileno(), 0, size)
+            except OSError as err:
+                if err.errno in _FULL:
+                    raise
+                logger.debug("%s: cannot reserve its blocks (%s); it stays sparse", path, err)
+        if os.fstat(fh.fileno()).st_size != size:
+            fh.truncate(size)
+
+
+def _disk_need(shard: _Shard, examples: int, rows: int, chunks: int) -> tuple[int, int]:
+    """``(need, held)``: bytes the finished shard takes on disk (its data files, index.npy and
+    progress.json, each in whole blocks) and bytes its files hold already."""
+    sizes = [max(rows, 1) * rb for _, rb in shard.files().values()]
+    sizes.append(128 + 24 * examples)  # index.npy: header + (n, 3) int64
+    sizes.append(200 + chunks * (80 + 32 * len(shard.files())))  # progress.json
+    block = (os.statvfs(shard.folder.parent).f_frsize if hasattr(os, "statvfs") else 0) or 4096
+    need = sum(-(-size // block) * block for size in sizes)
+    names = [path for path, _ in shard.files().values()] + [shard.folder / INDEX]
+    return need, sum(p.stat().st_blocks * 512 for p in names if p.is_file())
+
+
+def _file_system(path: Path) -> tuple[str, str]:
+    """(device, mount point) of the file system holding ``path`` (an existing path)."""
+    st = os.stat(path)
+    device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    found = None
+    try:  # fields: id parent major:minor root mount-point options ... - type source options
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split()
+            if fields[2] == device:
+                found = (fields[fields.index("-") + 2], fields[4])  # the last mount wins
+    except (OSError, ValueError, IndexError):
+        pass
+    if found is not None:
+        unescape = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), s)  # noqa: E731
+        return unescape(found[0]), unescape(found[1])
+    mount = Path(path).resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    return "the file system", str(mount)
+
+
+def _mib(size: float) -> str:
+    digits = 1 if size >= 10 * 2**20 else 2 if size >= 2**20 else 3
+    return f"{size / 2**20:.{digits}f} MiB"
+
+
+def _no_space(folder: Path, split: str, need: int, kept: str) -> CacheNoSpace:
+    """The error for a store that does not fit: device, path, sizes, what was kept, what to do."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    device, mount = _file_system(existing)
+    free = shutil.disk_usage(existing).free
+    return CacheNoSpace(
+        f"no space left on {device} ({folder}), needed {_mib(need)} for the {split} feature "
+        f"cache, {_mib(free)} free on {mount}; {kept}free space, set "
+        f"cache.dir / ADALAYERS_CACHE_DIR elsewhere, cache fewer layers (cache.layers) or use "
+        f"cache.dtype: int8"
+    )
 
 
 # -- building --------------------------------------------------------------------------------
@@ -289,31 +532,38 @@ def build_shard(
     max_batch_tokens: int = 16384,
     progress_bar: bool = False,
 ) -> None:
-    """Write (or finish writing) one shard holding ``examples`` of the tokenised split ``ds``."""
+    """Write (or finish writing) one shard holding ``examples`` of the tokenised split ``ds``.
+
+    A shard with a progress.json is resumed from it: it must have passed
+    :meth:`_Shard.check_partial` (:func:`open_or_build` sees to it). A new one gets index.npy,
+    its data files allocated in full and a progress.json with no chunks before any state is
+    computed.
+
+    Raises:
+        OSError: the disk is full (``ENOSPC``): the data files could not be allocated, or a
+            small file not written.
+    """
     shard.folder.mkdir(parents=True, exist_ok=True)
     lengths_all = ds["length"][:]
     lengths = [lengths_all[i] for i in examples]
-    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    index = shard_index(examples, lengths_all)
+    starts = np.append(index[:, 1], index[:, 2].sum()).astype(np.int64)
     rows = int(starts[-1])
-    index = (
-        np.stack(
-            [
-                np.asarray(examples, dtype=np.int64),
-                starts[:-1],
-                np.asarray(lengths, dtype=np.int64),
-            ],
-            axis=1,
-        )
-        if examples
-        else np.zeros((0, 3), dtype=np.int64)
-    )
-    index_path = shard.folder / "index.npy"
-    if index_path.is_file() and not np.array_equal(np.load(index_path), index):
-        raise CacheCorrupted(f"{index_path} does not match the split; rebuilding")
-    np.save(index_path, index)
-    fresh = not all(p.is_file() for p, _ in shard.files().values())
-    maps = shard.memmaps(rows, "w+" if fresh else "r+")
-    progress = {"chunks": []} if fresh else shard.progress()
+    sizes = {path: max(rows, 1) * rb for path, rb in shard.files().values()}
+    if (shard.folder / PROGRESS).is_file():
+        progress = shard.load_progress()
+        for path, size in sizes.items():  # fills the holes of a shard built sparse
+            _allocate(path, size, create=False)
+    else:
+        for name in (COMPLETE, VERIFIED):
+            (shard.folder / name).unlink(missing_ok=True)
+        np.save(shard.folder / INDEX, index)
+        for path, size in sizes.items():
+            _allocate(path, size, create=True)
+        index_crc = _crc(shard.folder / INDEX, 0, (shard.folder / INDEX).stat().st_size)
+        progress = {"rows": rows, "examples": len(examples), "index_crc": index_crc, "chunks": []}
+        shard.write_progress(progress)
+    maps = shard.memmaps(rows, "r+")
     done = len(progress["chunks"])
     columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in ds.column_names]
     pad_id = backbone.tokenizer.pad_token_id
@@ -326,6 +576,13 @@ def build_shard(
         desc=f"cache {shard.folder.parent.name}",
         disable=not progress_bar,
         leave=False,
+    )
+    log = ProgressLog(  # where there is no bar: a line every 30 s (nohup, CI, a scheduler)
+        f"cache {shard.folder.parent.name}",
+        len(examples),
+        logger,
+        enabled=not progress_bar,
+        initial=min(done * chunk_examples, len(examples)),
     )
     for c in range(done, n_chunks):
         lo, hi = c * chunk_examples, min((c + 1) * chunk_examples, len(examples))
@@ -356,6 +613,7 @@ def build_shard(
                     maps[f"layer-{i}.bin"][starts[p] : starts[p + 1]] = values
                     if scale is not None:
                         maps[f"scale-{i}.bin"][starts[p] : starts[p + 1]] = scale
+            log.update(len(batch), len(batch))
         for m in maps.values():
             m.flush()
         row_start, row_end = int(starts[lo]), int(starts[hi])
@@ -369,29 +627,51 @@ def build_shard(
         shard.write_progress(progress)
         bar.update(1)
     bar.close()
-    (shard.folder / "COMPLETE").write_text(str(rows))
+    _write_text(shard.folder / COMPLETE, str(rows))
 
 
 # -- the store -------------------------------------------------------------------------------
 class FeatureStore:
-    """All shards of one cached split, read through memory maps.
+    """All finished shards of one cached split, read through memory maps.
 
     Args:
         folder: ``<dir>/<key>/<split>``.
         layers: the hidden states it holds.
         hidden_size: their width.
         dtype: storage precision.
+        world: read only the shards of this many processes (``shard-*-of-<world>``); default
+            every shard.
+
+    Raises:
+        CacheCorrupted: a shard's index.npy or data file cannot be read (the message names it).
     """
 
-    def __init__(self, folder: Path, layers: list[int], hidden_size: int, dtype: str) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        layers: list[int],
+        hidden_size: int,
+        dtype: str,
+        world: int | None = None,
+    ) -> None:
         self.folder = folder
         self.layers = list(layers)
         self.hidden_size = hidden_size
         self.dtype = dtype
         self._where: dict[int, tuple[dict[str, np.memmap], int, int]] = {}
-        for sub in sorted(folder.glob("shard-*")):
+        for sub in sorted(folder.glob(f"shard-*-of-{world}" if world else "shard-*")):
+            if not (sub / COMPLETE).is_file():
+                continue  # unfinished: holds no example yet
             shard = _Shard(sub, self.layers, hidden_size, dtype)
-            index = np.load(sub / "index.npy")
+            path = sub / INDEX
+            try:
+                index = np.load(path, allow_pickle=False)
+                if index.ndim != 2 or index.shape[1] != 3:
+                    raise ValueError(f"shape {index.shape}, expected (n, 3)")
+            except (OSError, ValueError, EOFError) as err:
+                raise CacheCorrupted(
+                    f"{path}: unreadable ({err}); open the store again to rebuild it"
+                ) from err
             rows = int(index[:, 2].sum()) if len(index) else 0
             maps = shard.memmaps(rows, "r")
             for example, start, length in index.tolist():
@@ -503,6 +783,9 @@ def open_or_build(
     """Open the store for this split, building (or finishing, or rebuilding) this process's
     shard first.
 
+    A finished shard whose files do not check out, or an interrupted one whose progress does
+    not, is rebuilt (from scratch) with a warning naming the damaged file.
+
     Args:
         backbone: the frozen base.
         ds: the tokenised split (columns ``input_ids``, ``attention_mask``, ``labels``,
@@ -520,7 +803,11 @@ def open_or_build(
             checksums last passed (``verified.json``).
 
     Raises:
-        OSError: the store would not fit the free disk (the message gives both sizes).
+        CacheNoSpace: the shard does not fit the free disk, checked before the build and when
+            its files are allocated; the message names the device, the path and both sizes. A
+            shard that had no chunk written is removed; an interrupted one keeps its chunks.
+        CacheCorrupted: a shard of another process cannot be read, or the shards do not hold
+            every example (the message names the file or folder).
     """
     layers = sorted(layers)
     key = store_key(backbone, layers, dtype, ds)
@@ -528,15 +815,15 @@ def open_or_build(
     folder = root / key / split
     shard = _Shard(folder / f"shard-{rank}-of-{world}", layers, backbone.hidden_size, dtype)
     examples = list(range(rank, len(ds), world))
-    lengths = ds["length"][:]
-    rows = sum(lengths[i] for i in examples)
+    index = shard_index(examples, ds["length"][:])
+    rows = int(index[:, 2].sum())
     folder.mkdir(parents=True, exist_ok=True)
     # one process at a time checks, finishes or builds this shard (two trainings, or the rows
     # of `compare --jobs`, may open one store together); the others wait, then find it complete
     with FileLock(folder / f".{shard.folder.name}.lock"):
-        if (shard.folder / "COMPLETE").is_file():
+        if (shard.folder / COMPLETE).is_file():
             try:
-                read = shard.verify(rows, full=verify)
+                read = shard.verify(rows, full=verify, index=index)
                 logger.info(
                     "cache hit: %s (%s)",
                     shard.folder,
@@ -545,46 +832,11 @@ def open_or_build(
             except CacheCorrupted as err:
                 logger.warning("cache store is damaged (%s); rebuilding %s", err, shard.folder)
                 shutil.rmtree(shard.folder)
-        if not (shard.folder / "COMPLETE").is_file():
-            need = estimate_bytes(rows, len(layers), backbone.hidden_size, dtype)
-            free = shutil.disk_usage(folder).free
-            logger.info(
-                "caching %s: %d examples, %d tokens x %d layers -> %.1f MiB (%s) in %s",
-                split,
-                len(examples),
-                rows,
-                len(layers),
-                need / 2**20,
-                dtype,
-                shard.folder,
-            )
-            if need > free:
-                raise OSError(
-                    f"the feature cache for {split} needs {need / 2**30:.2f} GiB but only "
-                    f"{free / 2**30:.2f} GiB are free under {root}; free space, set "
-                    f"cache.dir / ADALAYERS_CACHE_DIR elsewhere, cache fewer layers "
-                    f"(cache.layers) or use cache.dtype: int8"
-                )
-            if shard.folder.is_dir() and (shard.folder / "progress.json").is_file():
-                try:  # resume only over chunks that still check out
-                    _verify_chunks(shard)
-                except CacheCorrupted as err:
-                    logger.warning(
-                        "partial cache damaged (%s); starting %s again", err, shard.folder
-                    )
-                    shutil.rmtree(shard.folder)
-            build_shard(
-                backbone,
-                ds,
-                shard,
-                examples,
-                chunk_examples=chunk_examples,
-                progress_bar=progress_bar,
-            )
-    meta = folder.parent / "meta.json"
+        if not (shard.folder / COMPLETE).is_file():
+            _build(backbone, ds, shard, split, examples, index, chunk_examples, progress_bar)
     if rank == 0:
-        _write_json(
-            meta,
+        _note_meta(
+            folder.parent / "meta.json",
             {
                 "format": FORMAT,
                 "base": backbone.name_or_path,
@@ -596,25 +848,90 @@ def open_or_build(
         )
     if barrier is not None:
         barrier()
-    store = FeatureStore(folder, layers, backbone.hidden_size, dtype)
+    store = FeatureStore(folder, layers, backbone.hidden_size, dtype, world=world)
     if len(store) != len(ds):
         raise CacheCorrupted(
-            f"{folder} holds {len(store)} of {len(ds)} examples (shards from a "
-            f"different number of processes?)"
+            f"{folder} holds {len(store)} of {len(ds)} examples in its shards of {world} "
+            f"process(es); delete the folder to build it again"
         )
     return store
 
 
-def _verify_chunks(shard: _Shard) -> None:
-    files = shard.files()
-    for chunk in shard.progress()["chunks"]:
-        for name, (path, rb) in files.items():
-            if (
-                not path.is_file()
-                or _crc(path, chunk["row_start"] * rb, (chunk["row_end"] - chunk["row_start"]) * rb)
-                != chunk["crc"][name]
-            ):
-                raise CacheCorrupted(f"{path}: chunk {chunk['examples']} does not check out")
+def _build(
+    backbone: Backbone,
+    ds: Any,
+    shard: _Shard,
+    split: str,
+    examples: list[int],
+    index: np.ndarray,
+    chunk_examples: int,
+    progress_bar: bool,
+) -> None:
+    """Resume the shard over its chunks that still check out, or build it anew, if it fits."""
+    if (shard.folder / PROGRESS).is_file():
+        try:
+            shard.check_partial(index)
+        except CacheCorrupted as err:
+            logger.warning("partial cache damaged (%s); starting %s again", err, shard.folder)
+            shutil.rmtree(shard.folder)
+    elif shard.folder.is_dir():  # files of a build stopped before its first progress: no use
+        shutil.rmtree(shard.folder)
+    rows = int(index[:, 2].sum())
+    chunks = -(-len(examples) // chunk_examples)
+    need, held = _disk_need(shard, len(examples), rows, chunks)
+    logger.info(
+        "caching %s: %d examples, %d tokens x %d layers -> %.1f MiB (%s) in %s",
+        split,
+        len(examples),
+        rows,
+        len(shard.layers),
+        estimate_bytes(rows, len(shard.layers), shard.hidden_size, shard.dtype) / 2**20,
+        shard.dtype,
+        shard.folder,
+    )
+    if need - held > shutil.disk_usage(shard.folder.parent).free:
+        raise _no_space(shard.folder, split, need - held, "")
+    try:
+        build_shard(
+            backbone,
+            ds,
+            shard,
+            examples,
+            chunk_examples=chunk_examples,
+            progress_bar=progress_bar,
+        )
+    except OSError as err:
+        if err.errno not in _FULL or isinstance(err, CacheCorrupted):
+            raise
+        try:
+            written = len(shard.load_progress()["chunks"])
+        except CacheCorrupted:
+            written = 0
+        if written:
+            kept = f"its {written} chunk(s) written are kept and the next build resumes them; "
+        else:
+            shutil.rmtree(shard.folder, ignore_errors=True)
+            kept = "nothing of it was kept; "
+        raise _no_space(shard.folder, split, need, kept) from err
+
+
+def _note_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Write the store's description unless it is there already; a damaged one (unreadable,
+    or describing another store) is named in a warning and written again."""
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        old = None
+    except (OSError, ValueError) as err:
+        logger.warning("%s is damaged (%r); writing it again", path, err)
+        old = None
+    else:
+        same = ("format", "fingerprint", "layers", "dtype", "hidden_size")
+        if not isinstance(old, dict) or any(old.get(k) != meta[k] for k in same):
+            logger.warning("%s does not describe this store; writing it again", path)
+            old = None
+    if old != meta:
+        _write_json(path, meta)
 
 
 # -- choosing the layers worth caching -------------------------------------------------------
