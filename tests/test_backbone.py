@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+
 import pytest
 import torch
+import transformers
 from conftest import FAMILIES
 
-from adalayers.backbone import load_backbone
+from adalayers import models
+from adalayers.backbone import load_backbone, resolve_model_path
 from adalayers.model import AdaLayers, Task, TaskConfig
 
 CASES = [(f, "encoder") for f in FAMILIES if f != "gpt2" and f != "llama"]
@@ -171,3 +177,49 @@ def test_zero_weight_layers_are_not_tapped(tiny_model_dir, encode, monkeypatch):
     streamed = runtime(encode(backbone)).logits["t"]
     assert seen == [[1, 3]]
     torch.testing.assert_close(streamed, runtime(encode(backbone), stream=False).logits["t"])
+
+
+def test_embedded_name_resolves_to_the_package(minilm_path, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="adalayers.backbone"):
+        assert resolve_model_path("all-MiniLM-L6-v2") == str(minilm_path)
+    assert caplog.text == ""
+
+
+def test_local_folder_under_the_embedded_name_is_loaded_with_a_warning(
+    tiny_model_dir, tmp_path, monkeypatch, caplog
+):
+    shadow = tmp_path / "all-MiniLM-L6-v2"
+    shutil.copytree(tiny_model_dir("bert"), shadow)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="adalayers.backbone"):
+        backbone = load_backbone("all-MiniLM-L6-v2")  # a local path is a path, as in HF
+    assert backbone.name_or_path == "all-MiniLM-L6-v2"
+    assert backbone.info().path == str(shadow.resolve())
+    assert backbone.info().to_dict().keys() == {
+        "name_or_path",
+        "num_states",
+        "hidden_size",
+        "states",
+        "fingerprint",
+    }
+    (record,) = caplog.records
+    assert str(shadow.resolve()) in record.getMessage()
+    assert "not the embedded base" in record.getMessage()
+
+
+def test_smollm2_conversion_modes_follow_the_umask(tiny_model_dir, tmp_path, monkeypatch):
+    """The converted cache folder is shared like any other (mkdtemp alone would give 0700)."""
+    source = tiny_model_dir("llama")
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: source / "model.gguf")
+    for auto in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        real = auto.from_pretrained
+        monkeypatch.setattr(auto, "from_pretrained", lambda path, gguf_file, real=real: real(path))
+    old = os.umask(0o022)
+    try:
+        target = models.smollm2_path(tmp_path / "cache")
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o755
+    assert (target / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (target / "config.json").stat().st_mode & 0o777 == 0o644

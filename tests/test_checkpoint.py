@@ -54,6 +54,8 @@ class _Exploit:
 
 
 def test_state_round_trips_through_tensors_and_json(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(4, 3)).sum().backward()
@@ -71,6 +73,9 @@ def test_state_round_trips_through_tensors_and_json(tmp_path):
         "tensors.safetensors",
         "trainer_state.json",
     ]
+    for path in (tmp_path / "checkpoint", *(tmp_path / "checkpoint").iterdir()):
+        mask = 0o777 if path.is_dir() else 0o666
+        assert path.stat().st_mode & 0o777 == mask & ~umask, path
     back, counters = ckpt.load_state(tmp_path / "checkpoint")
     assert counters == {"epoch": 3}
     assert back["scheduler"]["best"] == -math.inf and math.isnan(back["misc"]["nan"])

@@ -90,7 +90,7 @@ def test_evaluation_predictions_decode_each_sentence_on_its_labelled_tokens():
 
 
 def test_bad_settings_name_the_key():
-    with pytest.raises(ValueError, match="head.decoding must be argmax or bio"):
+    with pytest.raises(ValueError, match="head.decoding must be auto, argmax or bio"):
         HeadConfig(decoding="crf")
     with pytest.raises(ValueError, match="IOB2"):
         check_iob2(["O", "S-PER", "E-PER"])

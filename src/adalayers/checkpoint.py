@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from adalayers._folders import follow_umask
 from adalayers.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ def save_state(
                 json.dump(payload, fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
+        follow_umask(tmp)  # safetensors writes 0600 whatever the umask
         if before_commit is not None:
             before_commit()
     except (OSError, RuntimeError, SafetensorError) as err:  # a full disk, among others

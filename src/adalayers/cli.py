@@ -100,41 +100,87 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_inputs(path: Path) -> list[Any]:
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, split on ``\n`` (and ``\r\n``) only.
+
+    ``str.splitlines`` would also split on U+2028, form feeds and other characters that can sit
+    inside a text or a JSON string. A leading byte order mark is dropped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not UTF-8 text or holds a NUL byte (a binary file); the message
+            names the file and the line.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} not found")
+    data = path.read_bytes()
+    hint = (
+        "predict --input reads UTF-8 text: a .txt file with one text a line, or a .jsonl file "
+        "with one JSON string or object a line"
+    )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_no = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}:{line_no}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+            f"{err.start}: {err.reason}); is it a binary file? {hint}"
+        ) from None
+    lines = []
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if "\x00" in line:
+            raise ValueError(f"{path}:{line_no}: holds a NUL byte; is it a binary file? {hint}")
+        lines.append((line_no, line.removesuffix("\r")))
+    return lines
+
+
+def _read_inputs(path: Path) -> tuple[list[Any], list[int]]:
+    """The inputs of a ``predict --input`` file and the line number of each (blank lines are
+    skipped)."""
     items: list[Any] = []
-    if path.suffix in (".jsonl", ".json"):
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from None
-            if isinstance(row, str):
-                items.append(row)
-            elif isinstance(row, dict) and ("text" in row or "tokens" in row):
-                items.append(row.get("tokens", row.get("text")))
-            else:
-                raise ValueError(
-                    f"{path}:{line_no}: expected a string or an object with 'text' or 'tokens'"
-                )
-    else:
-        items = [line for line in path.read_text().splitlines() if line.strip()]
+    numbers: list[int] = []
+    jsonl = path.suffix in (".jsonl", ".json")
+    for line_no, line in _read_lines(path):
+        if not line.strip():
+            continue
+        numbers.append(line_no)
+        if not jsonl:
+            items.append(line)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from None
+        if isinstance(row, dict) and ("text" in row or "tokens" in row):
+            row = row.get("tokens", row.get("text"))
+        if isinstance(row, str) or (isinstance(row, list) and all(isinstance(w, str) for w in row)):
+            items.append(row)
+        else:
+            raise ValueError(
+                f"{path}:{line_no}: expected a string, or an object with 'text' (a string) or "
+                f"'tokens' (a list of strings)"
+            )
     if not items:
         raise ValueError(f"{path} holds no inputs")
-    return items
+    return items, numbers
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from adalayers.encoding import InputError
     from adalayers.model import AdaLayers
     from adalayers.train import load_run
 
+    path = Path(args.input) if args.input else None
+    inputs, lines = (args.text, []) if args.text else _read_inputs(path)
     _, backbone, task = load_run(args.run)
     runtime = AdaLayers(backbone, {"task": task}).eval()
-    inputs = args.text if args.text else _read_inputs(Path(args.input))
-    predictions = runtime.predict(inputs, batch_size=args.batch_size)
+    try:  # every input is checked before the first forward: a bad one stops the run at once
+        predictions = runtime.predict(inputs, batch_size=args.batch_size)
+    except InputError as err:
+        where = f"{path}:{lines[err.index]}: line" if path else f"--text number {err.index + 1}"
+        raise ValueError(
+            f"{where} {err.reason}. Nothing was predicted: fix or drop it and run again."
+        ) from None
     out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
     try:
         for item, pred in zip(inputs, predictions):

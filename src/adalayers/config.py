@@ -38,6 +38,14 @@ class DataConfig:
         files: user formats: split -> file (``train`` required; ``validation``/``test`` optional).
         columns: user formats: standard column (text, text_pair, label) -> column in the file.
         task_type: user formats: ``sequence_classification`` (default) or ``regression``.
+        name: the task's name in ``metrics.json``, the report and the logs (default:
+            ``task``, e.g. ``csv``).
+        label_names: user formats: the label set, in id order. A list of names: a label in
+            the file that is one of them stays itself, an integer ``i`` stands for the i-th
+            name (``[not_paraphrase, paraphrase]`` names the labels 0 and 1). A mapping from
+            the value in the file to a name (``{0: not_paraphrase, 1: paraphrase}``). Labels
+            outside the set are an error. Default: the sorted labels found (tags: ``O``
+            first).
         max_length: tokens per input (longer inputs are truncated with a warning).
         limit: keep only the first N examples of each split (quick runs, tests).
         sample: keep a random N examples of each split, drawn with ``seed`` and kept in file
@@ -52,12 +60,29 @@ class DataConfig:
     files: dict[str, str] | None = None
     columns: dict[str, str] | None = None
     task_type: str | None = None
+    name: str | None = None
+    label_names: list[str] | dict[str | int, str] | None = None
     max_length: int = 128
     limit: int | None = None
     sample: int | dict[str, int] | None = None
     seed: int = 42
 
     def __post_init__(self) -> None:
+        if self.name is not None and not self.name.strip():
+            raise ValueError("data.name must not be empty; leave it out to use data.task")
+        if isinstance(self.label_names, dict):  # YAML reads `0: name` with an integer key
+            self.label_names = {str(k): str(v) for k, v in self.label_names.items()}
+        if self.label_names is not None:
+            names = self.label_names
+            names = names.values() if isinstance(names, dict) else names
+            if len(set(names)) < 2:
+                raise ValueError(
+                    f"data.label_names needs at least 2 distinct names, got {self.label_names}"
+                )
+            if self.task_type == "regression":
+                raise ValueError(
+                    "data.label_names contradicts data.task_type=regression: set only one"
+                )
         if self.max_length < 8:
             raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
         if self.limit is not None and self.limit < 1:
@@ -96,6 +121,10 @@ class TrainConfig:
         checkpoint_every: also checkpoint every N optimiser steps within an epoch (0: per epoch).
         cache: train from a stored cache of the frozen hidden states (see the ``cache``
             section); epochs then never run the base.
+        log_every_seconds: where progress bars are off (stderr is not a terminal), log a
+            progress line this often during an epoch: step, examples per second, elapsed
+            time and an estimate of what is left (0: never). A cache build logs such a line
+            every 30 seconds.
     """
 
     epochs: int = 10
@@ -114,6 +143,7 @@ class TrainConfig:
     metric: str | None = None
     checkpoint_every: int = 0
     cache: bool = False
+    log_every_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "grad_accumulation"):
@@ -129,6 +159,7 @@ class TrainConfig:
             "early_stopping",
             "grad_clip",
             "checkpoint_every",
+            "log_every_seconds",
         ):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
@@ -178,10 +209,41 @@ class CacheConfig:
 
 @dataclass
 class TaskSection:
-    """The task's model: the layer mixer and the head (labels come from the data)."""
+    """The task's model: the layer mixer and the head (labels come from the data), and what
+    its results report.
+
+    Attributes:
+        mixer: the layer mixer.
+        head: the task head.
+        metrics: the metrics ``metrics.json``, ``history.jsonl`` and the report give, e.g.
+            ``[accuracy, f1_positive]`` (GLUE's MRPC and QQP) or ``[mcc]`` (CoLA): of a
+            classification ``accuracy``, ``f1_macro``, ``f1_positive`` (F1 of the positive
+            class, two labels only) and ``mcc``; of a regression ``pearson`` and
+            ``spearman``; of a token task ``precision``, ``recall``, ``f1`` (entities) and
+            ``accuracy`` (tokens). The first is the primary metric (model selection and the
+            headline) unless ``train.metric`` names another of them. Default: all of the
+            task type's (``f1_positive`` where there are two labels), and its usual primary.
+        positive_label: two-label tasks: the label whose F1 is ``f1_positive`` (default: the
+            second label, e.g. ``1``, ``positive``, ``paraphrase``).
+    """
 
     mixer: MixerConfig = field(default_factory=MixerConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    metrics: list[str] | None = None
+    positive_label: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.metrics is not None:
+            from adalayers.metrics import METRICS  # scikit-learn: only when it is needed
+
+            known = sorted({name for names in METRICS.values() for name in names})
+            unknown = [name for name in self.metrics if name not in known]
+            if unknown or not self.metrics:
+                raise ValueError(
+                    f"task.metrics: unknown or no metric(s) {unknown}; choose from {known}"
+                )
+            if len(set(self.metrics)) != len(self.metrics):
+                raise ValueError(f"task.metrics names a metric twice: {self.metrics}")
 
 
 @dataclass
@@ -209,6 +271,12 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
+        metric, metrics = self.train.metric, self.task.metrics
+        if metric is not None and metrics is not None and metric not in metrics:
+            raise ValueError(
+                f"train.metric={metric!r} is not one of task.metrics {metrics}: add it there "
+                f"or choose one of them"
+            )
         mixer = self.task.mixer
         if mixer.positional != "none" and mixer.max_positions < self.data.max_length:
             raise ValueError(

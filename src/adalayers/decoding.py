@@ -5,17 +5,21 @@
 ``B-X`` or ``I-X``, never first. The head is unchanged; only the reading of its scores is.
 Invalid sequences are what a per-word argmax produces where it is unsure of an entity's type or
 start, and the conlleval rules then count a stray ``I-X`` as an entity of its own.
+
+``auto`` (the default of ``head.decoding``) is ``bio`` for a token task whose tags are IOB2 and
+``argmax`` otherwise; a task is saved with the decoding it resolved to.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import torch
 
 DECODINGS = ("argmax", "bio")
+AUTO = "auto"
 _IOB2 = re.compile(r"^(?:O|[BI]-.+)$")
 
 
@@ -27,6 +31,44 @@ def check_iob2(labels: Sequence[str]) -> None:
             f"head.decoding=bio needs IOB2 tags (O, B-X, I-X), got {bad[:5]}; "
             f"use head.decoding=argmax for other tag sets"
         )
+
+
+def is_iob2(labels: Sequence[str]) -> bool:
+    """Whether every label is ``O``, ``B-X`` or ``I-X`` and some label is an entity tag."""
+    return any(label != "O" for label in labels) and all(_IOB2.match(label) for label in labels)
+
+
+def follows_iob2(sequences: Iterable[Sequence[str]]) -> bool:
+    """Whether every ``I-X`` in ``sequences`` follows ``B-X`` or ``I-X`` (IOB2, not IOB1)."""
+    for tags in sequences:
+        previous = "O"
+        for tag in tags:
+            if tag.startswith("I-") and previous[2:] != tag[2:]:
+                return False
+            previous = tag
+    return True
+
+
+def resolve_decoding(
+    decoding: str,
+    task_type: str,
+    labels: Sequence[str],
+    sequences: Iterable[Sequence[str]] | None = None,
+) -> str:
+    """``auto`` as ``bio`` for a token task with IOB2 tags, else ``argmax``; others unchanged.
+
+    Args:
+        decoding: ``auto``, ``argmax`` or ``bio``.
+        task_type: the task's type.
+        labels: its label names.
+        sequences: gold tag sequences, if at hand: tags that break IOB2's order (IOB1, where
+            ``I-X`` may open an entity) keep ``argmax``, whose tags they are scored against.
+    """
+    if decoding != AUTO:
+        return decoding
+    if task_type != "token_classification" or not is_iob2(labels):
+        return "argmax"
+    return "bio" if sequences is None or follows_iob2(sequences) else "argmax"
 
 
 def check_decoding(decoding: str, task_type: str, labels: Sequence[str]) -> None:

@@ -39,9 +39,8 @@ from torch import nn
 
 from adalayers.backbone import Backbone, resolve_model_path
 from adalayers.config import RunConfig, save_config
-from adalayers.decoding import check_decoding
+from adalayers.decoding import check_decoding, resolve_decoding
 from adalayers.encoding import IGNORE_INDEX
-from adalayers.metrics import primary_metric
 from adalayers.train import (
     _NESTED,
     CONFIG,
@@ -57,7 +56,9 @@ from adalayers.train import (
     _write_json,
     evaluate_split,
     evaluate_splits,
+    head_decoding,
     save_predictions,
+    selection_metric,
     tokenize,
 )
 
@@ -75,9 +76,10 @@ class LabelSpace:
 
     task_type: str
     labels: list[str]
-    decoding: str = "argmax"  # token tasks: head.decoding, as for the mixer's head
+    decoding: str = "auto"  # token tasks: head.decoding, as for the mixer's head
 
     def __post_init__(self) -> None:
+        self.decoding = resolve_decoding(self.decoding, self.task_type, self.labels)
         check_decoding(self.decoding, self.task_type, self.labels)
 
     def label_ids(self, names: Sequence[str]) -> list[int]:
@@ -199,13 +201,12 @@ def finetune(
 
     _seed_everything(train_cfg.seed)
     data = _load_data(config)
-    space = LabelSpace(data.task_type, list(data.label_names), config.task.head.decoding)
+    space = LabelSpace(data.task_type, list(data.label_names), head_decoding(config, data))
     model, tokenizer = load_model(config, space)
     probe = types.SimpleNamespace(tokenizer=tokenizer, model=model)
     max_length = min(config.data.max_length, Backbone.max_length.fget(probe))  # as fit() does
-    metric = train_cfg.metric or primary_metric(
-        data.name if data.name in ("imdb", "cola", "rte", "stsb", "conll2003") else data.task_type
-    )
+    metric = selection_metric(config, data)
+    scoring = {"metrics": config.task.metrics, "positive_label": config.task.positive_label}
     with accelerator.main_process_first():
         tokenized = {
             s: tokenize(data, s, tokenizer, space, max_length) for s in ("train", "validation")
@@ -271,6 +272,7 @@ def finetune(
             train_cfg.eval_batch_size,
             pad_id,
             progress,
+            **scoring,
         )
         if metric not in val:
             raise ValueError(
@@ -339,6 +341,7 @@ def finetune(
             pad_id,
             progress,
             predictions=(predictions := {}),
+            **scoring,
         )
     )
     results.update(

@@ -25,9 +25,11 @@ class HeadConfig:
             the features apart from its softmax).
         ff_dim: feed-forward width of the encoder layers.
         dropout: dropout inside the head.
-        decoding: token tasks: how scores become tags. ``argmax`` (each word's best tag) or
-            ``bio`` (the best valid IOB2 sequence, see :mod:`adalayers.decoding`). Used in
-            evaluation, ``predict`` and serving; training is the same for both.
+        decoding: token tasks: how scores become tags. ``argmax`` (each word's best tag),
+            ``bio`` (the best valid IOB2 sequence, see :mod:`adalayers.decoding`) or ``auto``
+            (the default: ``bio`` where the tags are IOB2, else ``argmax``; the task is saved
+            with the one chosen). Used in model selection, evaluation, ``predict`` and
+            serving; training is the same for all.
     """
 
     num_heads: int = 8
@@ -35,7 +37,7 @@ class HeadConfig:
     sequence_layers: int = 0
     ff_dim: int = 2048
     dropout: float = 0.0
-    decoding: Literal["argmax", "bio"] = "argmax"
+    decoding: Literal["auto", "argmax", "bio"] = "auto"
 
     def __post_init__(self) -> None:
         if (
@@ -50,8 +52,8 @@ class HeadConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"head.dropout must be in [0, 1), got {self.dropout}")
-        if self.decoding not in ("argmax", "bio"):
-            raise ValueError(f"head.decoding must be argmax or bio, got {self.decoding!r}")
+        if self.decoding not in ("auto", "argmax", "bio"):
+            raise ValueError(f"head.decoding must be auto, argmax or bio, got {self.decoding!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HeadConfig:

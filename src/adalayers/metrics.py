@@ -1,6 +1,7 @@
 """Evaluation metrics as pure functions of gold and predicted labels.
 
-* sequence classification: accuracy, macro F1, Matthews correlation (MCC, the GLUE CoLA metric);
+* sequence classification: accuracy, macro F1, F1 of the positive class (two labels: GLUE's
+  MRPC and QQP), Matthews correlation (MCC, the GLUE CoLA metric);
 * regression: Pearson and Spearman correlation (the GLUE STS-B metrics);
 * token classification: entity-level micro precision / recall / F1 the conlleval way (``seqeval``
   in its default, conlleval-compatible mode) plus a per-type table.
@@ -17,6 +18,13 @@ from scipy import stats
 from seqeval import metrics as seqeval
 from seqeval.metrics.sequence_labeling import get_entities
 from sklearn import metrics as skm
+
+METRICS = {
+    "sequence_classification": ("accuracy", "f1_macro", "f1_positive", "mcc"),
+    "regression": ("pearson", "spearman"),
+    "token_classification": ("precision", "recall", "f1", "accuracy"),
+}
+"""The metrics of each task type (``task.metrics`` chooses among them)."""
 
 _PRIMARY = {
     "imdb": "accuracy",
@@ -158,30 +166,87 @@ def ner_scores(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict[s
     }
 
 
-def compute_metrics(task_type: str, y_true: Sequence, y_pred: Sequence) -> dict[str, Any]:
-    """All metrics of a task type as a flat dict of floats.
-
-    Args:
-        task_type: ``"sequence_classification"`` -> accuracy, f1_macro, mcc;
-            ``"regression"`` -> pearson, spearman; ``"token_classification"`` -> precision,
-            recall, f1, accuracy and the nested ``"per_type"`` table of :func:`ner_scores`.
-        y_true: Gold labels (tag lists for token classification).
-        y_pred: Predictions, same shape.
+def check_metrics(
+    task_type: str, names: Sequence[str] | None, labels: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """The metrics a task reports: ``names`` checked against its type and labels, or (``None``)
+    all of its type's (``f1_positive`` only where there are two labels).
 
     Raises:
-        ValueError: Unknown task type, or mismatched / empty inputs.
+        ValueError: a metric of another task type, or ``f1_positive`` without two labels; the
+            message names ``task.metrics`` and the choices.
+    """
+    if task_type not in METRICS:
+        raise ValueError(f"unknown task type {task_type!r}; use one of {list(METRICS)}")
+    binary = len(labels) == 2
+    usable = [m for m in METRICS[task_type] if m != "f1_positive" or binary]
+    if names is None:
+        return tuple(usable)
+    for name in names:
+        if name == "f1_positive" and task_type == "sequence_classification" and not binary:
+            raise ValueError(
+                f"task.metrics: f1_positive needs two labels, this task has {len(labels)}; "
+                f"use f1_macro"
+            )
+        if name not in usable:
+            raise ValueError(
+                f"task.metrics: {name!r} is not a metric of a {task_type} task; choose from "
+                f"{usable}"
+            )
+    return tuple(names)
+
+
+def compute_metrics(
+    task_type: str,
+    y_true: Sequence,
+    y_pred: Sequence,
+    *,
+    names: Sequence[str] | None = None,
+    positive: Any = None,
+) -> dict[str, Any]:
+    """The metrics of a task type as a flat dict of floats.
+
+    Args:
+        task_type: ``"sequence_classification"`` -> accuracy, f1_macro, mcc, and f1_positive
+            when ``positive`` is given; ``"regression"`` -> pearson, spearman;
+            ``"token_classification"`` -> precision, recall, f1, accuracy and the nested
+            ``"per_type"`` table of :func:`ner_scores`.
+        y_true: Gold labels (tag lists for token classification).
+        y_pred: Predictions, same shape.
+        names: only these metrics, in this order (see :data:`METRICS`; the per-type table of
+            a token task is always kept). Default: all of the type's.
+        positive: the positive label (as it appears in ``y_true``) of ``f1_positive``.
+
+    Raises:
+        ValueError: Unknown task type or metric, ``f1_positive`` without ``positive``, or
+            mismatched / empty inputs.
     """
     if task_type == "sequence_classification":
-        return {
-            "accuracy": accuracy(y_true, y_pred),
-            "f1_macro": f1(y_true, y_pred, average="macro"),
-            "mcc": matthews_corrcoef(y_true, y_pred),
+        if names is None:
+            names = [m for m in METRICS[task_type] if m != "f1_positive" or positive is not None]
+        scores = {
+            "accuracy": lambda: accuracy(y_true, y_pred),
+            "f1_macro": lambda: f1(y_true, y_pred, average="macro"),
+            "f1_positive": lambda: f1(y_true, y_pred, average="binary", pos_label=positive),
+            "mcc": lambda: matthews_corrcoef(y_true, y_pred),
         }
+        unknown = [name for name in names if name not in scores]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown} of {task_type}; use {list(scores)}")
+        if "f1_positive" in names and positive is None:
+            raise ValueError("f1_positive needs the positive label of a two-label task")
+        _check(y_true, y_pred)
+        return {name: scores[name]() for name in names}
     if task_type == "regression":
-        return pearson_spearman(y_true, y_pred)
-    if task_type == "token_classification":
-        return ner_scores(y_true, y_pred)
-    raise ValueError(f"unknown task type {task_type!r}; use one of {list(_PRIMARY)[-3:]}")
+        result = pearson_spearman(y_true, y_pred)
+    elif task_type == "token_classification":
+        result = ner_scores(y_true, y_pred)
+    else:
+        raise ValueError(f"unknown task type {task_type!r}; use one of {list(METRICS)}")
+    if names is None:
+        return result
+    kept = {name: result[name] for name in check_metrics(task_type, names)}
+    return {**kept, **{k: v for k, v in result.items() if k == "per_type"}}
 
 
 def primary_metric(task_name_or_type: str) -> str:

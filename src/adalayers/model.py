@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import shutil
-import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adalayers._folders import write_folder
 from adalayers.backbone import Backbone, BaseInfo
-from adalayers.decoding import check_decoding, decode_words
+from adalayers.decoding import check_decoding, decode_words, resolve_decoding
 from adalayers.encoding import (
     IGNORE_INDEX,
     check_texts,
@@ -39,6 +40,21 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LABELS_NAME = "labels.json"
+MAX_CONFIG_BYTES = 16 * 2**20
+"""A task ``config.json`` larger than this is refused unread (real ones are a few KB plus the
+label names)."""
+LIMITS = {
+    "mixer.dim": 2**16,
+    "mixer.max_positions": 2**20,
+    "head.num_layers": 64,
+    "head.sequence_layers": 64,
+    "head.ff_dim": 2**20,
+}
+"""Upper bounds on the sizes a task config may ask for: far above any useful head, low enough
+that a wrong or crafted value fails at once instead of exhausting memory."""
+MAX_TABLE_FLOATS = 2**28
+"""Largest sinusoidal position table (``max_positions * dim`` floats, 1 GiB): it is computed, not
+stored in ``model.safetensors``, so the weight file cannot vouch for its size."""
 
 
 class BaseMismatchError(ValueError):
@@ -78,7 +94,31 @@ class TaskConfig:
             )
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"label names must be distinct, got {self.labels}")
+        decoding = resolve_decoding(self.head.decoding, self.task_type, self.labels)
+        if decoding != self.head.decoding:  # `auto`: saved as what it resolved to
+            self.head = replace(self.head, decoding=decoding)
         check_decoding(self.head.decoding, self.task_type, self.labels)
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Finite numbers and sizes within :data:`LIMITS` (a ``ValueError`` names the key)."""
+        for section, values in (("mixer", self.mixer.to_dict()), ("head", self.head.to_dict())):
+            for name, value in values.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{section}.{name} must be a finite number, got {value}")
+        for key, limit in LIMITS.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value > limit:
+                raise ValueError(f"{key}={value} is larger than the supported maximum {limit}")
+        floats = self.mixer.max_positions * self.mixer.dim
+        if self.mixer.positional == "sinusoidal" and floats > MAX_TABLE_FLOATS:
+            raise ValueError(
+                f"mixer.positional=sinusoidal with mixer.max_positions="
+                f"{self.mixer.max_positions} and mixer.dim={self.mixer.dim} needs a table of "
+                f"{floats * 4 / 2**30:.1f} GiB (at most {MAX_TABLE_FLOATS * 4 / 2**30:.0f} GiB): "
+                f"lower mixer.max_positions"
+            )
 
     @property
     def num_outputs(self) -> int:
@@ -86,10 +126,18 @@ class TaskConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TaskConfig:
-        """Build from a mapping; unknown keys and wrong types raise a ``ValueError``."""
+        """Build from a mapping; unknown keys and wrong types raise a ``ValueError``.
+
+        A head without ``decoding`` (a task saved before the setting existed) reads as
+        ``argmax``, the only decoding there was, so its predictions do not change.
+        """
         from adalayers._schema import build
 
-        return build(cls, dict(values), "task")
+        values = dict(values)
+        head = values.get("head")
+        if isinstance(head, Mapping) and "decoding" not in head:
+            values["head"] = {**head, "decoding": "argmax"}
+        return build(cls, values, "task")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -170,43 +218,38 @@ class Task(nn.Module):
         """Write ``config.json``, ``labels.json`` and ``model.safetensors`` to ``folder``.
 
         The folder is written beside the target and renamed into place, so a crash never
-        leaves a half-written task.
+        leaves a half-written task. Folder and files get the modes the umask gives ordinary
+        ones (0755 / 0644 under umask 022), so another user can serve the task.
         """
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            meta = {
-                "format_version": FORMAT_VERSION,
-                **self.config.to_dict(),
-                "base": self.base.to_dict(),
-                "parameters": self.num_parameters(),
-            }
+        meta = {
+            "format_version": FORMAT_VERSION,
+            **self.config.to_dict(),
+            "base": self.base.to_dict(),
+            "parameters": self.num_parameters(),
+        }
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+
+        def write(tmp: Path) -> None:
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
             (tmp / LABELS_NAME).write_text(json.dumps(self.labels) + "\n")
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                folder.rename(old)
-                tmp.rename(folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+
+        return write_folder(folder, write)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, backbone: Backbone | None = None) -> Task:
         """Load a saved task; with ``backbone``, check it is the base the task was trained on.
 
+        Nothing is allocated before ``config.json`` has been checked against the tensor names
+        and shapes in the header of ``model.safetensors`` (the task is first built on the
+        ``meta`` device), so a wrong or crafted config fails at once. No code is executed:
+        the config is JSON and the weights are safetensors (no pickle).
+
         Raises:
             FileNotFoundError: ``folder`` lacks ``config.json`` or ``model.safetensors``.
             BaseMismatchError: ``backbone`` is not the task's base (the message names both).
-            ValueError: the files disagree with each other (e.g. label names vs head size).
+            ValueError: a file is unreadable, out of bounds, or disagrees with the other (e.g.
+                label names vs head size); the message names the file and the key.
         """
         folder = Path(folder)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -216,50 +259,113 @@ class Task(nn.Module):
                     f"adalayers task (expected {CONFIG_NAME} and "
                     f"{WEIGHTS_NAME})"
                 )
-        try:
-            meta = json.loads((folder / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON: {err}") from err
-        version = meta.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"{folder / CONFIG_NAME}: format_version {version!r} is not "
-                f"supported (this adalayers reads {FORMAT_VERSION})"
-            )
-        base = BaseInfo(**meta.pop("base"))
-        meta.pop("parameters", None)
-        config = TaskConfig.from_dict(meta)
+        config, base = read_task_config(folder / CONFIG_NAME)
         if backbone is not None:
             check_base(base, backbone.info(), folder)
+        check_weights(config, base, folder / WEIGHTS_NAME, folder / CONFIG_NAME)
         task = cls(config, base)
-        state = load_file(str(folder / WEIGHTS_NAME))
-        expected = task.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: "
-                f"missing {missing}, unexpected {unexpected}"
-            )
-        for key, tensor in state.items():
-            if tensor.shape != expected[key].shape:
-                hint = ""
-                if key.startswith("head.out."):
-                    hint = (
-                        f" ({CONFIG_NAME} lists {config.num_outputs} output(s) "
-                        f"{config.labels}, the weights have {tensor.shape[0]})"
-                    )
-                raise ValueError(
-                    f"{folder / WEIGHTS_NAME}: {key} has shape "
-                    f"{tuple(tensor.shape)}, config expects "
-                    f"{tuple(expected[key].shape)}{hint}"
-                )
+        try:
+            state = load_file(str(folder / WEIGHTS_NAME))
+        except SafetensorError as err:
+            raise ValueError(f"{folder / WEIGHTS_NAME} cannot be read: {err}") from err
         task.load_state_dict(state)
         return task
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_task_config(path: str | os.PathLike) -> tuple[TaskConfig, BaseInfo]:
+    """Parse and check a saved task's ``config.json`` (without building anything).
+
+    Raises:
+        ValueError: too large, not JSON, another ``format_version``, or a key with a wrong
+            type or out of bounds (the message names the file and the key).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"{path} is {size} bytes; a task config is at most {MAX_CONFIG_BYTES} bytes"
+        )
+    try:
+        meta = json.loads(path.read_bytes(), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, NaN, bad UTF-8, nesting
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    version = meta.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {version!r} is not "
+            f"supported (this adalayers reads {FORMAT_VERSION})"
+        )
+    meta.pop("parameters", None)
+    try:
+        base = BaseInfo.from_dict(meta.pop("base", None))
+        config = TaskConfig.from_dict(meta)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return config, base
+
+
+def check_weights(
+    config: TaskConfig, base: BaseInfo, weights: str | os.PathLike, where: Any = "the config"
+) -> None:
+    """Check that ``weights`` holds exactly the tensors ``config`` builds, reading only its
+    header: the task is built on the ``meta`` device (no memory) and every parameter and
+    buffer name and shape is compared with the file's.
+
+    Raises:
+        ValueError: a missing, unexpected or differently shaped tensor (the message names the
+            file, the key and both shapes), or a file that is not safetensors.
+    """
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except SafetensorError as err:
+        raise ValueError(
+            f"{weights} is not a readable safetensors file ({err}); a saved task's weights are "
+            f"written by Task.save_pretrained"
+        ) from err
+    # The position table is left out of the skeleton and its shape added by hand: filling it
+    # on ``meta`` (arange, normal_) would import torch's symbolic-shape machinery, seconds.
+    mixer = config.mixer
+    bare = TaskConfig(
+        config.task_type, config.labels, replace(mixer, positional="none"), config.head
+    )
+    with torch.device("meta"):
+        skeleton = Task(bare, base)
+    expected = {key: tuple(t.shape) for key, t in skeleton.state_dict().items()}
+    if mixer.positional == "learned":  # a parameter; sinusoidal is a computed buffer
+        expected["mixer.positions"] = (mixer.max_positions, mixer.dim)
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not match {where}: missing {missing[:10]}, unexpected "
+            f"{unexpected[:10]}"
+            + (" (lists cut at 10)" if max(len(missing), len(unexpected)) > 10 else "")
+        )
+    wrong = [key for key in sorted(expected) if stored[key] != expected[key]]
+    if wrong:
+        key = wrong[0]
+        hint = ""
+        if key.startswith("head.out."):
+            hint = (
+                f" ({CONFIG_NAME} lists {config.num_outputs} output(s) "
+                f"{config.labels[:20]}, the weights have {stored[key][0]})"
+            )
+        more = f"; {len(wrong) - 1} more tensor(s) differ" if len(wrong) > 1 else ""
+        raise ValueError(
+            f"{weights}: {key} has shape {stored[key]}, {where} expects {expected[key]}{hint}{more}"
+        )
+
+
 def check_base(expected: BaseInfo, actual: BaseInfo, where: Any = "task") -> None:
-    """Raise :class:`BaseMismatchError` naming both bases unless they are the same."""
+    """Raise :class:`BaseMismatchError` unless the bases are the same; the message names both
+    (as recorded and as resolved on disk) with their fingerprints."""
     problems = []
     if expected.num_states != actual.num_states:
         problems.append(f"{expected.num_states} vs {actual.num_states} hidden states")
@@ -268,11 +374,11 @@ def check_base(expected: BaseInfo, actual: BaseInfo, where: Any = "task") -> Non
     if expected.states != actual.states:
         problems.append(f"{expected.states} vs {actual.states} states")
     if expected.fingerprint != actual.fingerprint:
-        problems.append(f"fingerprint {expected.fingerprint} vs {actual.fingerprint}")
+        problems.append("different weights")
     if problems:
         raise BaseMismatchError(
-            f"{where} was trained on base {expected.name_or_path!r} but is being attached to "
-            f"{actual.name_or_path!r} ({'; '.join(problems)}). Load it onto the base it was "
+            f"{where} was trained on base {expected.describe()} but is being attached to "
+            f"{actual.describe()} ({'; '.join(problems)}). Load it onto the base it was "
             f"trained on, or retrain it on this one."
         )
 
@@ -449,29 +555,48 @@ class AdaLayers(nn.Module):
         return min(limits)
 
     def predict(
-        self, inputs: Sequence[Any], pairs: Sequence[str] | None = None, *, batch_size: int = 32
+        self,
+        inputs: Sequence[Any],
+        pairs: Sequence[str] | None = None,
+        *,
+        batch_size: int = 32,
+        before_forward: Callable[[], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Predictions of every task for each input, from one base forward per batch.
+
+        Memory is bounded by ``batch_size``, not by the length of the inputs: a token task's
+        long input becomes many windows, and at most ``batch_size`` windows run in one forward.
 
         Args:
             inputs: texts; for token tasks, texts (split on whitespace) or lists of words.
             pairs: second texts of sentence pairs (sequence tasks only).
-            batch_size: inputs per forward.
+            batch_size: inputs (and windows of long token inputs) per forward.
+            before_forward: called before each base forward; an exception it raises stops the
+                prediction and propagates (the server uses it to stop work it cannot answer).
 
         Returns:
             One dict per input: task name -> ``{"label", "score"}`` (classification),
             ``{"value"}`` (regression) or ``{"words", "labels", "scores"}`` (token tasks).
 
         Raises:
-            TypeError, ValueError: an input is not a string, or is empty (the message names it).
+            TypeError, ValueError: an input is not a string, or is empty: blank, invisible
+                characters only, a lone surrogate, or nothing once tokenized (the message names
+                its index; :class:`~adalayers.encoding.InputError` carries it).
         """
         if not self.tasks:
             raise ValueError("no tasks attached; add one with add_task()")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         token_tasks = any(t.task_type == "token_classification" for t in self.tasks.values())
         if token_tasks and pairs is not None:
             raise ValueError("sentence pairs are not supported with token-classification tasks")
-        items: list[Any] = check_words(inputs) if token_tasks else check_texts(inputs)
-        pair_items = check_texts(pairs, "pair text") if pairs is not None else None
+        tokenizer = self.backbone.tokenizer  # refuses inputs that tokenise to nothing, up front
+        items: list[Any] = (
+            check_words(inputs, tokenizer)
+            if token_tasks
+            else check_texts(inputs, "text", tokenizer)
+        )
+        pair_items = check_texts(pairs, "pair text", tokenizer) if pairs is not None else None
         if pair_items is not None and len(pair_items) != len(items):
             raise ValueError(f"got {len(items)} texts but {len(pair_items)} pair texts")
         was_training = self.training
@@ -482,21 +607,36 @@ class AdaLayers(nn.Module):
                 for start in range(0, len(items), batch_size):
                     chunk = items[start : start + batch_size]
                     chunk_pairs = pair_items[start : start + batch_size] if pair_items else None
-                    results.extend(self._predict_batch(chunk, chunk_pairs))
+                    results.extend(
+                        self._predict_batch(chunk, chunk_pairs, batch_size, before_forward)
+                    )
         finally:
             self.train(was_training)
         return results
 
-    def _predict_batch(self, items: list[Any], pairs: list[str] | None) -> list[dict[str, Any]]:
+    def _predict_batch(
+        self,
+        items: list[Any],
+        pairs: list[str] | None,
+        batch_size: int,
+        before_forward: Callable[[], None] | None,
+    ) -> list[dict[str, Any]]:
         tokenizer, device = self.backbone.tokenizer, self.backbone.device
         windows = None
         if isinstance(items[0], list):
             windows = encode_words(tokenizer, items, self.max_length)
-            inputs = windows.inputs
+            inputs = windows.inputs  # (W, T): W windows, W >= len(items)
         else:
-            inputs = encode_sequences(tokenizer, items, pairs, self.max_length)
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        logits = self(inputs).logits
+            inputs = encode_sequences(tokenizer, items, pairs, self.max_length)  # (B, T)
+        num_rows = inputs["input_ids"].shape[0]
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.tasks}
+        for start in range(0, num_rows, batch_size):  # at most batch_size windows per forward
+            if before_forward is not None:
+                before_forward()
+            part = {k: v[start : start + batch_size].to(device) for k, v in inputs.items()}
+            for name, values in self(part).logits.items():
+                parts[name].append(values)  # (b, T, C) or (b, C)
+        logits = {name: torch.cat(values) for name, values in parts.items()}  # (W, ...)
         out: list[dict[str, Any]] = [{} for _ in items]
         first_window = list(range(len(items)))
         if windows is not None:

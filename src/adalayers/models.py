@@ -12,9 +12,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from adalayers._folders import write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +71,10 @@ def smollm2_path(cache: str | os.PathLike | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     model.config.name_or_path = SMOLLM2_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    # modes follow the umask (not mkdtemp's 0700), so other users can share the cache
+    return write_folder(target, write)

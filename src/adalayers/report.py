@@ -142,7 +142,7 @@ class RunRecord:
     def group(self) -> tuple[str, str]:
         """(task, base): runs that can be compared."""
         data = self.config.get("data") or {}
-        return str(data.get("task", "?")), str(self.config.get("base", "?"))
+        return str(data.get("name") or data.get("task", "?")), str(self.config.get("base", "?"))
 
     def score(self, split: str = "test") -> float | None:
         """The run's primary metric on ``split`` (``None`` if unknown)."""
@@ -258,7 +258,32 @@ def _comparison_section(records: list[RunRecord]) -> str:
         "added: what the task adds beside the frozen base; full fine-tuning adds a whole second "
         "copy of the base.</p>"
     )
+    majority = next((r for r in finished if _majority(r.metrics, "test", "validation")), None)
+    if majority is not None:  # what always answering one label scores: did the head learn?
+        m = majority.metrics
+        test = _majority(m, "test") or {}
+        label = (test or _majority(m, "validation"))["label"]
+        rows.append(
+            [f"majority class ({label})", "always the most frequent training label"]
+            + [(_majority(m, s) or {}).get(metric) for s in ("validation", "test")]
+            + [test.get(k) for k in extra]
+            + [None] * 4
+        )
+        note = note.replace(
+            "</p>",
+            " The last row answers every example with the training "
+            "split's most frequent label.</p>",
+        )
     return _table(header, rows, best) + note
+
+
+def _majority(metrics: Mapping[str, Any], *splits: str) -> dict[str, Any] | None:
+    """The majority-class scores of the first of ``splits`` that has them."""
+    for split in splits:
+        found = (metrics.get(split) or {}).get("majority")
+        if found:
+            return found
+    return None
 
 
 def _sweep_figure(records: list[RunRecord]) -> str:
@@ -427,6 +452,7 @@ def _run_section(record: RunRecord, anchor: str) -> str:
         depth = "num_layers" if token else "sequence_layers"
         keys = ("num_heads", depth, *(("ff_dim",) if head.get(depth) else ()), "dropout")
         keys += ("decoding",) if token else ()
+        head = {**head, **({"decoding": m["decoding"]} if "decoding" in m else {})}  # resolved
         facts.append(["head", ", ".join(f"{k}={head[k]}" for k in keys if k in head)])
     for key in ("parameters_added", "percent_of_base", "best_epoch", "epochs_run"):
         facts.append([key.replace("_", " "), m.get(key)])
@@ -440,7 +466,16 @@ def _run_section(record: RunRecord, anchor: str) -> str:
         for s in splits:
             keys += [k for k in _scalar_metrics(m[s]) if k not in keys]
         keys.append("examples")
-        parts.append(_table(["split", *keys], [[s, *(m[s].get(k) for k in keys)] for s in splits]))
+        rows = []
+        for s in splits:
+            rows.append([s, *(m[s].get(k) for k in keys)])
+            majority = _majority(m, s)
+            if majority:  # beside every result: what always answering one label scores
+                scores = {**majority, "examples": m[s].get("examples")}
+                rows.append(
+                    [f"{s}: majority class ({majority['label']})"] + [scores.get(k) for k in keys]
+                )
+        parts.append(_table(["split", *keys], rows))
     parts += [_per_type(record), _confusion(record)]
     parts += [_distribution_figure(record), _history_figure(record)]
     return "\n".join(p for p in parts if p)

@@ -36,6 +36,7 @@ from torch import nn
 
 from adalayers.backbone import Backbone
 from adalayers.decoding import decode_words
+from adalayers.encoding import InputError
 from adalayers.model import CONFIG_NAME, AdaLayers, Task, check_base
 from adalayers.taps import stream_taps
 
@@ -335,10 +336,25 @@ class AttachedTasks:
 
         Args:
             tokenizer: turns token ids into token strings (default: the backbone's).
+
+        Raises:
+            InputError: (a ``ValueError``) a row holds only special tokens: its text was empty
+                or tokenised to nothing, so there is nothing to predict on (names the row).
         """
         logits = self.logits
         tokenizer = tokenizer or self.backbone.tokenizer
         lengths = self._mask.sum(1).tolist()
+        special = set(getattr(tokenizer, "all_special_ids", None) or ())
+        if self._ids is not None and special:
+            for i, n in enumerate(lengths):
+                if set(self._ids[i, :n].tolist()) <= special:
+                    raise InputError(
+                        "input",
+                        i,
+                        "holds only special tokens: its text was empty or tokenised to nothing, "
+                        "so there is nothing to predict on",
+                        "Drop it before calling the model.",
+                    )
         out: list[dict[str, Any]] = [{} for _ in lengths]
         for name, task in self.tasks.items():
             values = logits[name].float()

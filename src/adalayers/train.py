@@ -29,10 +29,12 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -43,11 +45,12 @@ from adalayers.backbone import Backbone, load_backbone
 from adalayers.cache import FeatureStore, open_or_build, probe_layers
 from adalayers.checkpoint import CheckpointError, load_state, rng_state, save_state, set_rng_state
 from adalayers.config import RunConfig, load_config, save_config
-from adalayers.data import TaskData, load_task_data
-from adalayers.decoding import decode_words
+from adalayers.data import BENCHMARKS, TaskData, load_task_data
+from adalayers.decoding import decode_words, resolve_decoding
 from adalayers.encoding import IGNORE_INDEX, align_labels, tokenize_words
-from adalayers.metrics import compute_metrics, confusion_matrix, primary_metric
+from adalayers.metrics import check_metrics, compute_metrics, confusion_matrix, primary_metric
 from adalayers.model import AdaLayers, Task, TaskConfig
+from adalayers.progress import ProgressLog
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ METRICS = "metrics.json"
 CONFIG = "config.yaml"
 
 
-_NESTED = ("per_type", "confusion_matrix")  # tables kept out of history.jsonl
+_NESTED = ("per_type", "confusion_matrix", "majority")  # tables kept out of history.jsonl
 
 
 class TrainingInterrupted(RuntimeError):
@@ -66,29 +69,70 @@ class TrainingInterrupted(RuntimeError):
 
 
 # -- data ------------------------------------------------------------------------------------
-def tokenize(data: TaskData, split: str, tokenizer: Any, task: Task, max_length: int) -> Any:
+def tokenize(
+    data: TaskData,
+    split: str,
+    tokenizer: Any,
+    task: Task,
+    max_length: int,
+    stats: dict[str, Any] | None = None,
+) -> Any:
     """Tokenise one split: ``input_ids``, ``attention_mask``, ``labels``, ``index``, ``length``.
 
-    Token tasks: the first sub-token of a word carries its label, the others are ignored.
+    Token tasks: the first sub-token of a word carries its label, the others are ignored. A
+    word beyond ``max_length`` is cut, and a word the tokenizer turns into no token at all
+    (a variation selector ``U+FE0F``, a stray byte-order mark) has no token to carry its
+    label: both are scored as ``O`` in evaluation, and a warning tells them apart (raising
+    ``data.max_length`` keeps only the first). Examples longer than ``max_length`` are cut
+    with a warning; the longest example's length in tokens is logged.
+
+    Args:
+        stats: filled with ``longest`` (tokens of the longest example, before cutting),
+            ``cut_examples``, and for token tasks ``cut_words`` and ``empty_words``.
     """
     ds = data.splits[split]
     ds = ds.add_column("index", list(range(len(ds))))
-    truncated = 0
+    found = {"longest": 0, "cut_examples": 0, "cut_words": 0, "empty_words": 0}
+    empty_examples: list[str] = []
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        nonlocal truncated
         if task.task_type == "token_classification":
             enc, rows, _ = tokenize_words(
                 tokenizer, batch["tokens"], truncation=True, max_length=max_length
             )
+            full = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) >= max_length]
+            uncut: dict[int, tuple[int, set[int]]] = {}  # full row -> (tokens, words seen)
+            if full:
+                again, again_rows, _ = tokenize_words(tokenizer, [batch["tokens"][i] for i in full])
+                for i, ids, word_ids in zip(full, again["input_ids"], again_rows):
+                    uncut[i] = (len(ids), {w for w in word_ids if w is not None})
             labels = []
-            for word_ids, tags in zip(rows, batch["tags"]):
+            for i, (word_ids, words, tags) in enumerate(zip(rows, batch["tokens"], batch["tags"])):
                 seen = {w for w in word_ids if w is not None}
-                truncated += len(tags) - len(seen)
+                missing = set(range(len(tags))) - seen
+                tokens, seen_uncut = uncut.get(i, (len(enc["input_ids"][i]), seen))
+                cut = missing & seen_uncut
+                found["cut_words"] += len(cut)
+                found["cut_examples"] += bool(cut)
+                found["empty_words"] += len(missing - cut)
+                found["longest"] = max(found["longest"], tokens)
+                if len(empty_examples) < 20:
+                    empty_examples.extend(words[w] for w in sorted(missing - cut))
                 labels.append(align_labels(word_ids, task.label_ids(tags)))
         else:
             pairs = batch.get("text_pair")
             enc = tokenizer(batch["text"], pairs, truncation=True, max_length=max_length)
+            lengths = [len(ids) for ids in enc["input_ids"]]
+            full = [i for i, n in enumerate(lengths) if n >= max_length]
+            if full:
+                again = tokenizer(
+                    [batch["text"][i] for i in full],
+                    None if pairs is None else [pairs[i] for i in full],
+                )
+                for i, ids in zip(full, again["input_ids"]):
+                    lengths[i] = len(ids)
+            found["cut_examples"] += sum(n > max_length for n in lengths)
+            found["longest"] = max([found["longest"], *lengths])
             if task.task_type == "regression":
                 labels = [float(v) for v in batch["label"]]
             else:
@@ -100,15 +144,42 @@ def tokenize(data: TaskData, split: str, tokenizer: Any, task: Task, max_length:
 
     keep = {"index"}
     ds = ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c not in keep])
-    if truncated:
+    where = f"{data.name}/{split}"
+    logger.info(
+        "%s: the longest example has %d tokens (max_length %d)", where, found["longest"], max_length
+    )
+    if found["cut_words"]:
         logger.warning(
-            "%s/%s: %d word(s) beyond data.max_length=%d were cut; they are scored as "
-            "'O' in evaluation. Raise data.max_length to keep them.",
-            data.name,
-            split,
-            truncated,
+            "%s: %d word(s) of %d sentence(s) beyond max_length=%d were cut; they are scored "
+            "as 'O' in evaluation. The longest sentence has %d tokens: raise data.max_length "
+            "to keep them.",
+            where,
+            found["cut_words"],
+            found["cut_examples"],
             max_length,
+            found["longest"],
         )
+    elif found["cut_examples"]:
+        logger.warning(
+            "%s: %d example(s) longer than max_length=%d tokens were cut (the longest has %d); "
+            "raise data.max_length to keep more of them.",
+            where,
+            found["cut_examples"],
+            max_length,
+            found["longest"],
+        )
+    if found["empty_words"]:
+        shown = ", ".join(ascii(w) for w in dict.fromkeys(empty_examples).keys())
+        logger.warning(
+            "%s: %d word(s) become no token at all with this tokenizer (%s); they get no "
+            "prediction of their own and are scored as 'O'. Raising data.max_length does not "
+            "change this: remove such words from the data if they should not count.",
+            where,
+            found["empty_words"],
+            shown[:200],
+        )
+    if stats is not None:
+        stats.update(found)
     return ds
 
 
@@ -226,10 +297,20 @@ class TaskModel(nn.Module):
 
 
 def build_task(config: RunConfig, data: TaskData, backbone: Backbone) -> Task:
-    task_config = TaskConfig(
-        data.task_type, list(data.label_names), config.task.mixer, config.task.head
-    )
+    """A new task for ``data`` on ``backbone`` (``head.decoding`` as :func:`head_decoding`)."""
+    head = dataclasses.replace(config.task.head, decoding=head_decoding(config, data))
+    task_config = TaskConfig(data.task_type, list(data.label_names), config.task.mixer, head)
     return Task(task_config, backbone.info())
+
+
+def head_decoding(config: RunConfig, data: TaskData) -> str:
+    """``task.head.decoding`` for ``data``: ``auto`` is ``bio`` where the tags are IOB2 and the
+    training tags follow it (no ``I-X`` opening an entity, as IOB1 has), else ``argmax``."""
+    tags = data.splits["train"]["tags"] if data.task_type == "token_classification" else None
+    chosen = resolve_decoding(config.task.head.decoding, data.task_type, data.label_names, tags)
+    if config.task.head.decoding == "auto" and data.task_type == "token_classification":
+        logger.info("task.head.decoding: auto -> %s", chosen)
+    return chosen
 
 
 def _accelerator(config: RunConfig) -> Any:
@@ -353,12 +434,17 @@ def evaluate_split(
     progress: bool = False,
     store: FeatureStore | None = None,
     predictions: list[dict[str, Any]] | None = None,
+    metrics: Sequence[str] | None = None,
+    positive_label: str | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``task`` on one tokenised split; every example is counted exactly once.
 
     With a feature ``store`` the states come from the cache and the base does not run. A
     ``predictions`` list is filled with one record per example, in the split's order
-    (:func:`prediction_records`).
+    (:func:`prediction_records`). ``metrics`` names the metrics to report (``task.metrics``;
+    default all of the task type's) and ``positive_label`` the class of ``f1_positive``
+    (default the second of two labels). A classification also reports ``majority``: the
+    same metrics of always answering the training split's most frequent label.
     """
     model.eval()
     loader = _loader(
@@ -412,16 +498,29 @@ def evaluate_split(
             return out
 
         pred_tags = tags(preds)
-        metrics = compute_metrics(task.task_type, true_tags, pred_tags)
+        scores = compute_metrics(task.task_type, true_tags, pred_tags, names=metrics)
         if predictions is not None:
             predictions.extend(prediction_records(task.task_type, true_tags, pred_tags))
         if decoded:
             per_word = compute_metrics(task.task_type, true_tags, tags(argmax))
-            metrics["argmax"] = {k: per_word[k] for k in ("precision", "recall", "f1")}
+            scores["argmax"] = {k: per_word[k] for k in ("precision", "recall", "f1")}
     else:
         y_pred = [preds[p] for p in order]
         y_true = [golds[p] for p in order]
-        metrics = compute_metrics(task.task_type, y_true, y_pred)
+        positive = _positive_id(task, positive_label)
+        scores = compute_metrics(task.task_type, y_true, y_pred, names=metrics, positive=positive)
+        if task.task_type == "sequence_classification":
+            majority = _majority_label(data, task)
+            scores["majority"] = {
+                "label": majority,
+                **compute_metrics(
+                    task.task_type,
+                    y_true,
+                    [task.labels.index(majority)] * len(y_true),
+                    names=metrics,
+                    positive=positive,
+                ),
+            }
         if predictions is not None:
             if task.task_type == "sequence_classification":
                 named = [task.labels[i] for i in y_true], [task.labels[i] for i in y_pred]
@@ -429,12 +528,62 @@ def evaluate_split(
                 named = y_true, y_pred
             predictions.extend(prediction_records(task.task_type, *named))
         if task.task_type == "sequence_classification":
-            metrics["confusion_matrix"] = {
+            scores["confusion_matrix"] = {
                 "labels": list(task.labels),  # rows: gold label, columns: predicted label
                 "counts": confusion_matrix(y_true, y_pred, len(task.labels)),
             }
-    metrics["examples"] = len(ds)
-    return metrics
+    scores["examples"] = len(ds)
+    return scores
+
+
+def _positive_id(task: Any, positive_label: str | None) -> int | None:
+    """The id of a two-label task's positive class (default the second label), else None.
+
+    ``task`` is anything with ``task_type`` and ``labels``.
+    """
+    labels = list(task.labels)
+    if task.task_type != "sequence_classification" or len(labels) != 2:
+        if positive_label is not None:
+            raise ValueError(
+                f"task.positive_label={positive_label!r} is for two-label classification; "
+                f"this task has labels {labels}: remove the setting"
+            )
+        return None
+    if positive_label is None:
+        return 1
+    if positive_label not in labels:
+        raise ValueError(
+            f"task.positive_label={positive_label!r} is not one of the labels {labels}"
+        )
+    return labels.index(positive_label)
+
+
+def selection_metric(config: RunConfig, data: TaskData) -> str:
+    """The validation metric that picks the best epoch: ``train.metric``, else the first of
+    ``task.metrics``, else the task's primary metric (:func:`~adalayers.metrics.primary_metric`).
+
+    Raises:
+        ValueError: a metric the task does not report, or a bad ``task.positive_label``,
+            before any training.
+    """
+    names = check_metrics(data.task_type, config.task.metrics, data.label_names)
+    _positive_id(
+        SimpleNamespace(task_type=data.task_type, labels=data.label_names),
+        config.task.positive_label,
+    )
+    benchmark = config.data.task if config.data.task in BENCHMARKS else data.task_type
+    metric = config.train.metric or (names[0] if config.task.metrics else primary_metric(benchmark))
+    if metric not in names:
+        raise ValueError(
+            f"train.metric={metric!r} is not a metric of this task; choose from {list(names)}"
+        )
+    return metric
+
+
+def _majority_label(data: TaskData, task: Any) -> str:
+    """The most frequent label of the training split (ties: the first in label order)."""
+    counts = Counter(data.splits["train"]["label"])
+    return max(task.labels, key=lambda name: (counts[name], -task.labels.index(name)))
 
 
 def prediction_records(
@@ -497,16 +646,22 @@ def evaluate_splits(
     progress: bool = False,
     stores: dict[str, FeatureStore] | None = None,
     predictions: dict[str, list[dict[str, Any]]] | None = None,
+    metrics: Sequence[str] | None = None,
+    positive_label: str | None = None,
+    stats: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_split` on each evaluation split the data has (validation, test), the
     final scores of a run. A split already in ``tokenized`` is not tokenised again; one in
     ``stores`` is read from the feature cache. A ``predictions`` dict receives each split's
-    records under the split's name."""
+    records under the split's name; ``metrics`` and ``positive_label`` go to
+    :func:`evaluate_split`; ``stats`` receives the :func:`tokenize` statistics of a split
+    tokenised here."""
     results: dict[str, dict[str, Any]] = {}
     for split in ("validation", "test"):
         if split not in data.splits or len(data.splits[split]) == 0:
             continue
-        ds = tokenized.get(split) or tokenize(data, split, tokenizer, task, max_length)
+        found = None if stats is None else stats.setdefault(split, {})
+        ds = tokenized.get(split) or tokenize(data, split, tokenizer, task, max_length, found)
         records = None if predictions is None else predictions.setdefault(split, [])
         results[split] = evaluate_split(
             accelerator,
@@ -520,6 +675,8 @@ def evaluate_splits(
             progress,
             store=(stores or {}).get(split),
             predictions=records,
+            metrics=metrics,
+            positive_label=positive_label,
         )
     return results
 
@@ -699,12 +856,12 @@ def fit(
     tokenizer = backbone.tokenizer
     max_length = _max_length(config, backbone)
     task = build_task(config, data, backbone)
-    metric = config.train.metric or primary_metric(
-        data.name if data.name in ("imdb", "cola", "rte", "stsb", "conll2003") else data.task_type
-    )
+    metric = selection_metric(config, data)
+    scoring = {"metrics": config.task.metrics, "positive_label": config.task.positive_label}
+    lengths: dict[str, dict[str, Any]] = {"train": {}, "validation": {}}
     with accelerator.main_process_first():
-        train_ds = tokenize(data, "train", tokenizer, task, max_length)
-        val_ds = tokenize(data, "validation", tokenizer, task, max_length)
+        train_ds = tokenize(data, "train", tokenizer, task, max_length, lengths["train"])
+        val_ds = tokenize(data, "validation", tokenizer, task, max_length, lengths["validation"])
     pad_id = tokenizer.pad_token_id
     stores: dict[str, FeatureStore] = {}
     tokenized = {"train": train_ds, "validation": val_ds}
@@ -768,6 +925,14 @@ def fit(
                 desc=f"epoch {epoch + 1}/{config.train.epochs}",
                 enabled=progress,
             )
+            log = ProgressLog(  # where there is no bar (nohup, CI, a scheduler): a log line
+                f"epoch {epoch + 1}/{config.train.epochs}",
+                len(loader),
+                logger,
+                every_seconds=config.train.log_every_seconds,
+                enabled=main and not progress,
+                initial=state.step_in_epoch,
+            )
             for batch in bar:
                 _ensure_states(batch, stores.get("train"), task)
                 batch.pop("index")
@@ -786,6 +951,7 @@ def fit(
                 state.step_in_epoch += 1
                 state.global_step += 1
                 state.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                log.update(1, len(labels) * accelerator.num_processes)
                 if progress:
                     bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
                 every = config.train.checkpoint_every
@@ -817,6 +983,7 @@ def fit(
                 pad_id,
                 progress,
                 store=stores.get("validation"),
+                **scoring,
             )
             if metric not in val:
                 raise ValueError(
@@ -877,6 +1044,8 @@ def fit(
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
     }
+    if data.task_type == "token_classification":
+        results["decoding"] = task.decoding
     results.update(
         evaluate_splits(
             accelerator,
@@ -891,8 +1060,14 @@ def fit(
             progress,
             stores=stores,
             predictions=(predictions := {}),
+            stats=lengths,
+            **scoring,
         )
     )
+    results["max_length"] = max_length
+    results["longest_example_tokens"] = {  # before cutting: to choose data.max_length
+        split: found["longest"] for split, found in lengths.items() if "longest" in found
+    }
     results.update(
         {
             "parameters_added": task.num_parameters(),
@@ -1026,7 +1201,7 @@ def build_cache(config: RunConfig, *, quiet: bool = False, verify: bool = False)
 
 def _load_data(config: RunConfig) -> TaskData:
     d = config.data
-    return load_task_data(
+    data = load_task_data(
         d.task,
         d.data_dir,
         seed=d.seed,
@@ -1035,7 +1210,9 @@ def _load_data(config: RunConfig) -> TaskData:
         limit=d.limit,
         sample=d.sample,
         task_type=d.task_type,
+        label_names=d.label_names,
     )
+    return dataclasses.replace(data, name=d.name) if d.name else data
 
 
 def _max_length(config: RunConfig, backbone: Backbone) -> int:
@@ -1110,6 +1287,8 @@ def evaluate_run(
         backbone.tokenizer.pad_token_id,
         progress,
         predictions=records,
+        metrics=config.task.metrics,
+        positive_label=config.task.positive_label,
     )
     if records is not None and accelerator.is_main_process:
         write_predictions(predictions, records)

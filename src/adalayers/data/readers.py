@@ -29,7 +29,8 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,10 +182,23 @@ def split_validation(
     return ds.select(np.flatnonzero(~mask)), ds.select(np.flatnonzero(mask))
 
 
+_INVISIBLE = "\ufeff\u200b\u200c\u200d\u2060\u00ad"
+"""Characters that show as nothing: byte-order mark (a stray one where files were joined),
+zero-width space / non-joiner / joiner, word joiner, soft hyphen."""
+_IOB_TAG = re.compile(r"^(?:O|[BIES]-\S+)$")
+_IOB_PREFIX = re.compile(r"^[BIES]-")
+
+
 def read_conll(path: str | os.PathLike, token_col: int = 0, tag_col: int = -1) -> dict[str, list]:
     """Read a CoNLL file: one ``token ... tag`` line per token, a blank line between sentences.
 
-    Columns are separated by whitespace; ``-DOCSTART-`` lines are skipped.
+    Columns are separated by whitespace; ``-DOCSTART-`` lines are skipped. A line holding
+    only whitespace and invisible characters (byte-order mark, zero-width space or joiner,
+    word joiner, soft hyphen) is blank: it ends the sentence. The token and the tag must be
+    two distinct columns of every other line.
+    Where the file's tags are IOB tags (``B-X``, ``I-X``, also ``E-X``, ``S-X``), every tag
+    must be one (or ``O``): a stray tag such as ``PER`` or ``B_PER`` is an error, not an
+    entity type of its own.
 
     Args:
         path: The file (``.gz`` is decompressed).
@@ -195,35 +209,48 @@ def read_conll(path: str | os.PathLike, token_col: int = 0, tag_col: int = -1) -
         ``{"tokens": [[str, ...], ...], "tags": [[str, ...], ...]}``, one entry per sentence.
 
     Raises:
-        ValueError: On a line with too few columns (message has ``file:line``) or no sentences.
+        ValueError: On a line without distinct token and tag columns or a tag outside an IOB
+            file's scheme (the message has ``file:line`` and what to do), or no sentences.
     """
     path = Path(path)
-    need = max(c + 1 if c >= 0 else -c for c in (token_col, tag_col))
     out: dict[str, list] = {"tokens": [], "tags": []}
     tokens: list[str] = []
     tags: list[str] = []
+    first_line: dict[str, int] = {}  # tag -> the line it first appears on
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
-            if not parts or parts[0] == "-DOCSTART-":
+            if not "".join(parts).strip(_INVISIBLE) or parts[0] == "-DOCSTART-":
                 if tokens:
                     out["tokens"].append(tokens)
                     out["tags"].append(tags)
                     tokens, tags = [], []
                 continue
-            if len(parts) < need:
+            token, tag = (c if c >= 0 else len(parts) + c for c in (token_col, tag_col))
+            if token == tag or not (0 <= token < len(parts) and 0 <= tag < len(parts)):
                 raise ValueError(
-                    f"{path}:{lineno}: malformed CoNLL line {line.rstrip()!r}: expected at least "
-                    f"{need} whitespace-separated columns (token column {token_col}, "
-                    f"tag column {tag_col})"
+                    f"{path}:{lineno}: malformed CoNLL line {line.rstrip(chr(10) + chr(13))!r}: "
+                    f"{len(parts)} whitespace-separated column(s), but the token (column "
+                    f"{token_col}) and the tag (column {tag_col}) need two distinct columns. "
+                    f"Give every token line its tag, and end a sentence with an empty line"
                 )
-            tokens.append(parts[token_col])
-            tags.append(parts[tag_col])
+            tokens.append(parts[token])
+            tags.append(parts[tag])
+            first_line.setdefault(parts[tag], lineno)
     if tokens:
         out["tokens"].append(tokens)
         out["tags"].append(tags)
     if not out["tokens"]:
         raise ValueError(f"{path} contains no sentences")
+    if any(_IOB_PREFIX.match(tag) for tag in first_line):
+        bad = sorted((line, tag) for tag, line in first_line.items() if not _IOB_TAG.match(tag))
+        if bad:
+            line, tag = bad[0]
+            raise ValueError(
+                f"{path}:{line}: tag {tag!r} is not an IOB tag (O, B-TYPE, I-TYPE) while the "
+                f"file's other tags are ({len(bad)} such tag(s): {[t for _, t in bad[:5]]}). "
+                f"Fix the line, or map such tags to IOB ones before training"
+            )
     return out
 
 
@@ -334,6 +361,8 @@ def _finish_labels(
         name = str(value) if raw_to_name is None else raw_to_name.get(str(value))
         if name is None or (allowed and name not in allowed):
             expected = list(raw_to_name) if raw_to_name else allowed
+            if raw_to_name and allowed and all(raw_to_name.get(a) == a for a in allowed):
+                expected = f"{allowed} (or their numbers 0 to {len(allowed) - 1})"
             raise ValueError(
                 f"label {value!r} in {source} is not one of the allowed labels {expected}; "
                 "fix the file or pass the full label_names"
@@ -418,8 +447,8 @@ def _user_files(
     columns: dict[str, Any] | None,
     data_dir: str | os.PathLike | None,
     task_type: str | None,
-    label_names: list[str] | None,
-) -> tuple[str, dict[str, Dataset]]:
+    label_names: list[str] | Mapping[Any, str] | None,
+) -> tuple[str, dict[str, Dataset], list[str]]:
     if not files or "train" not in files:
         raise ValueError(f"task {name!r} needs files={{'train': PATH, ...}} (got {files!r})")
     if unknown := sorted(set(files) - set(SPLITS)):
@@ -434,6 +463,7 @@ def _user_files(
         raise ValueError(f"task_type {task_type!r} does not fit user format {name!r}")
     if task_type == REG and label_names:
         raise ValueError("label_names contradicts task_type 'regression'; drop one of them")
+    to_name, names = _label_map(label_names, task_type)
     if unknown := sorted(set(columns or {}) - set(defaults)):
         raise ValueError(f"unknown column key(s) {unknown} for {name!r}; use {list(defaults)}")
     cols = {k: v for k, v in {**defaults, **(columns or {})}.items() if v is not None}
@@ -451,9 +481,38 @@ def _user_files(
         else:
             raw = _read_table(path, _format_of(path, name), cols)
         splits[split] = _to_dataset(
-            _finish_labels(raw, str(path), task_type, None, label_names), task_type
+            _finish_labels(raw, str(path), task_type, to_name, names), task_type
         )
-    return task_type, splits
+    return task_type, splits, names
+
+
+def _label_map(
+    label_names: list[str] | Mapping[Any, str] | None, task_type: str
+) -> tuple[dict[str, str] | None, list[str]]:
+    """``(raw label -> name, names in id order)`` of a user task's ``label_names``.
+
+    A mapping maps each raw value (as text) to its name. A list keeps a label that is one of
+    its names, and reads an integer ``i`` as the i-th name (``["neg", "pos"]`` for 0 and 1).
+    Tags (token tasks) are taken as they are: only a list of them is accepted.
+    """
+    if not label_names:
+        return None, []
+    if isinstance(label_names, Mapping):
+        if task_type == TOK:
+            raise ValueError(
+                "label_names for a CoNLL task is the list of tags in id order, not a mapping"
+            )
+        to_name = {str(raw): str(name) for raw, name in label_names.items()}
+        return to_name, list(dict.fromkeys(to_name.values()))
+    names = [str(name) for name in label_names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"label_names names a label twice: {names}")
+    if task_type == TOK:
+        return None, names
+    to_name = {name: name for name in names}
+    for i, name in enumerate(names):
+        to_name.setdefault(str(i), name)
+    return to_name, names
 
 
 # --------------------------------------------------------------------------- entry point
@@ -483,7 +542,7 @@ def load_task_data(
     limit: int | None = None,
     sample: int | dict[str, int] | None = None,
     task_type: str | None = None,
-    label_names: list[str] | None = None,
+    label_names: list[str] | Mapping[Any, str] | None = None,
 ) -> TaskData:
     """Load a benchmark or user task into standard columns and train / validation / test splits.
 
@@ -506,7 +565,11 @@ def load_task_data(
         task_type: User CSV / JSONL only: ``"sequence_classification"`` (default) or
             ``"regression"`` (labels parsed as floats).
         label_names: User tasks only: the full label set, in id order; labels outside it raise.
-            Defaults to the sorted labels found (tags: ``"O"`` first).
+            A list of names (a label that is one of them stays itself; CSV / JSONL: an
+            integer ``i`` stands for the i-th name, so ``["neg", "pos"]`` names 0 and 1), or
+            CSV / JSONL: a mapping from the value in the file to its name, e.g.
+            ``{"0": "not_paraphrase", "1": "paraphrase"}``. Defaults to the sorted labels
+            found (tags: ``"O"`` first).
 
     Returns:
         The :class:`TaskData`.
@@ -535,7 +598,9 @@ def load_task_data(
             splits, label_names = _benchmark_hub(name, spec)
         task_type = spec.task_type
     elif name in USER_FORMATS:
-        task_type, splits = _user_files(name, files, columns, data_dir, task_type, label_names)
+        task_type, splits, label_names = _user_files(
+            name, files, columns, data_dir, task_type, label_names
+        )
     else:
         raise ValueError(f"unknown task {name!r}; use one of {[*BENCHMARKS, *USER_FORMATS]}")
 
