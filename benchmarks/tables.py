@@ -1,17 +1,25 @@
-"""Print BENCHMARKS.md tables from benchmarks/results/.
+"""The tables of BENCHMARKS.md and docs/experiments/, generated from benchmarks/results/.
 
-python benchmarks/tables.py             # the task table (task_*.json)
-python benchmarks/tables.py --compare   # the baseline comparison (compare_*.json)
-python benchmarks/tables.py --targets   # the comparison against issue 6's targets
-python benchmarks/tables.py --variants  # the hyper-parameter variants, one line per run
-python benchmarks/tables.py --seeds     # the comparison over seeds
-python benchmarks/tables.py --grid-seeds  # mixer grids repeated over seeds: means
+A table lives in a document between ``<!-- table: NAME -->`` and ``<!-- /table -->``; the prose
+around it is written by hand. tests/test_benchmark_tables.py fails when a committed table
+differs from what the results files give.
+
+python benchmarks/tables.py --write            # regenerate every table in the documents
+python benchmarks/tables.py --check            # exit 1 if one is stale
+python benchmarks/tables.py --table baselines  # print one (names: GENERATORS below)
+python benchmarks/tables.py                    # the task table (task_*.json)
+python benchmarks/tables.py --compare          # the baseline comparison (compare_*.json)
+python benchmarks/tables.py --targets          # the comparison against issue 6's targets
+python benchmarks/tables.py --variants         # the hyper-parameter variants, one line per run
+python benchmarks/tables.py --seeds            # the comparison over seeds
+python benchmarks/tables.py --grid-seeds       # mixer grids repeated over seeds: means
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -435,12 +443,17 @@ def _chosen_over_seeds() -> dict[tuple[str, str, str], dict[int, float]]:
     """(task, base, setting) of a column -> seed -> test metric of the mixer grid point with the
     best validation mean, where the column's own settings were run as a grid with two seeds or
     more (:func:`grid_seeds_table`)."""
+    return {key: by_seed for key, (_, by_seed) in _chosen_points().items()}
+
+
+def _chosen_points() -> dict[tuple[str, str, str], tuple[tuple, dict[int, float]]]:
+    """As :func:`_chosen_over_seeds`, with the chosen grid point (``(("alpha", 1.0),)``)."""
     own: dict[tuple, tuple[str, ...]] = {}  # the column's changes, from its mixer's run
     for result in _column_runs():
         if "mixer" in result["comparison"]["rows"]:
             key, others = _grid_key(result)
             own[key] = others
-    out: dict[tuple[str, str, str], dict[int, float]] = {}
+    out: dict[tuple[str, str, str], tuple[tuple, dict[int, float]]] = {}
     for key, settings in _grid_groups().items():
         if key not in own:
             continue
@@ -450,7 +463,7 @@ def _chosen_over_seeds() -> dict[tuple[str, str, str], dict[int, float]]:
         best = max(runs, key=lambda k: statistics.mean(v for v, _ in runs[k].values()))
         _, task, base, column = key
         by_seed = {seed: test for seed, (_, test) in runs[best].items()}
-        out[(task, base, _setting_text(column))] = by_seed
+        out[(task, base, _setting_text(column))] = (best[1], by_seed)
     return out
 
 
@@ -513,31 +526,8 @@ def variants_table() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compare", action="store_true", help="the baseline comparison table")
-    parser.add_argument("--variants", action="store_true", help="the hyper-parameter variants")
-    parser.add_argument("--seeds", action="store_true", help="the comparison over seeds")
-    parser.add_argument("--targets", action="store_true", help="the mixer against the targets")
-    parser.add_argument(
-        "--grid-seeds", action="store_true", help="mixer grids repeated over seeds: means"
-    )
-    args = parser.parse_args()
-    if args.grid_seeds:
-        print(grid_seeds_table())
-        return
-    if args.targets:
-        print(targets_table())
-        return
-    if args.seeds:
-        print(seeds_table())
-        return
-    if args.compare:
-        print(compare_table())
-        return
-    if args.variants:
-        print(variants_table())
-        return
+def tasks_table() -> str:
+    """The three tasks on the shipped configs (``task_*.json``), one line per run."""
     rows = [
         "| task (split) | result on MiniLM | reference (RoBERTa-large) | parameters added "
         "| train wall time | run wall time | train tokens/s | processes |",
@@ -564,8 +554,439 @@ def main() -> None:
             f"| {r['train_seconds'] / 60:.1f} min | {r['wall_seconds'] / 60:.1f} min "
             f"| {r['train_tokens_per_second']:,.0f} | {r.get('processes', 1)} |"
         )
-    print("\n".join(rows))
+    return "\n".join(rows)
+
+
+# --- the tables of BENCHMARKS.md: one per question, each from its results file ---------------
+
+MIB = 2**20
+METRIC_NAMES = {"mcc": "MCC", "f1": "entity F1", "accuracy": "accuracy"}
+PRIMARY = {"cola": "mcc", "conll2003": "f1", "imdb": "accuracy"}
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _source(name: str, result: dict) -> str:
+    """Where a table's figures come from: the results file, its command and commit."""
+    return (
+        f"From `benchmarks/results/{name}.json`: `{result['command']}`, "
+        f"commit {result.get('commit') or 'not recorded'}."
+    )
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def streaming_table() -> str:
+    """Streaming taps against the stacked ``output_hidden_states`` reference, per base."""
+    name = "streaming_equivalence"
+    r = _load(name)
+    lines = ["| base | max abs difference of the task logits |", "| --- | --- |"]
+    for base, diff in r["max_abs_diff"].items():
+        lines.append(f"| {base} | {f'{diff:.1e}' if diff else '0'} |")
+    return "\n".join([*lines, "", _source(name, r)])
+
+
+def memory_table() -> str:
+    """Extra peak memory of streaming taps against holding every hidden state."""
+    name = "memory_streaming"
+    r = _load(name)
+    malloc, rss = r["allocated_extra_peak_bytes_vs_bare"], r["extra_peak_bytes_vs_bare"]
+    one, held = (
+        r["theory_bytes"]["one_buffer_B_T_k"],
+        r["theory_bytes"]["all_states_B_T_d_x_states"],
+    )
+    theory = {
+        "hidden_states": f"all states B·T·d held: {held / MIB:.0f} MiB",
+        "stream_1": f"B·T·k = {one / MIB:.1f} MiB",
+        "stream_4": f"4 × B·T·k = {4 * one / MIB:.1f} MiB",
+    }
+    labels = {
+        "hidden_states": "`output_hidden_states=True`",
+        "stream_1": "streaming, 1 task (base output too)",
+        "stream_4": "streaming, 4 tasks (base output too)",
+    }
+    lines = [
+        f"{r['base']}, batch {r['batch']} × {r['length']} tokens, k = {r['dim']}, inference; "
+        f"extra peak over the bare forward, median of {r['repeats']} fresh processes.",
+        "",
+        "| variant | extra peak, malloc | extra peak, RSS | theory |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, label in labels.items():
+        lines.append(
+            f"| {label} | {malloc[key] / MIB:.1f} MiB | {rss[key] / MIB:.1f} MiB | {theory[key]} |"
+        )
+    paper = r["roberta_large_on_paper"]
+    one_task = r["ratio_allocated_hidden_states_over_stream_1"]
+    four_tasks = r["ratio_allocated_hidden_states_over_stream_4"]
+    lines += [
+        "",
+        f"Holding the states adds **{one_task:.1f}×** the malloc peak of one streaming task "
+        f"({four_tasks:.1f}× that of four). On paper for RoBERTa-large: all states "
+        f"{paper['all_states_bytes'] / MIB:.0f} MiB, one task's buffer "
+        f"{paper['one_buffer_bytes'] / MIB:.0f} MiB ({paper['ratio']:.0f}×).",
+        _source(name, r),
+    ]
+    return "\n".join(lines)
+
+
+def cache_speed_table() -> str:
+    """Epoch time online against from the feature cache, and what the cache costs."""
+    name = "cache_speed"
+    r = _load(name)
+    lines = [
+        "| task | online epoch | cached epoch | speed-up | store | build (one pass of the base) "
+        "| validation, online / cached |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for task, x in r["results"].items():
+        metric = PRIMARY[task]
+        online, cached = x["online_validation"][metric], x["cached_validation"][metric]
+        lines.append(
+            f"| {dict(TASKS).get(task, task)} | {_seconds(x['online_epoch_seconds'])} "
+            f"| {_seconds(x['cached_epoch_seconds'])} | **{x['speedup']:.1f}×** "
+            f"| {x['cache_bytes'] / MIB:,.0f} MiB, {x['cache_dtype']}, "
+            f"{len(x['cache_layers'])} states | {x['cache_build_seconds']:.0f} s "
+            f"| {METRIC_NAMES[metric]} {online:.4f} / {cached:.4f} |"
+        )
+    return "\n".join([*lines, "", _source(name, r)])
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.1f} s" if x >= 10 else f"{x:.2f} s"
+
+
+def _mean_sd(points: list[float]) -> str:
+    """``mean ± sd`` of points already in percent (the value alone for one point)."""
+    if len(points) == 1:
+        return f"{points[0]:.1f}"
+    return f"{statistics.mean(points):.1f} ± {statistics.stdev(points):.1f}"
+
+
+# the rows of the baselines table; all but fine-tuning leave the base frozen
+BASELINE_KINDS = (
+    ("mixer", "mixer, config's α"),
+    ("mixer_chosen", "mixer, α chosen on validation"),
+    ("best_single_layer", "best single layer"),
+    ("last", "last layer"),
+    ("uniform", "uniform mix"),
+    ("scalar_mix", "scalar mix (ELMo)"),
+    ("finetune", "full fine-tuning"),
+)
+
+
+def _baseline_points(cells: dict) -> dict[tuple[str, str, str], dict[str, tuple]]:
+    """(task, base, setting) -> row kind -> (test points in percent over the seeds, note)."""
+    seeds, chosen = _column_seeds(), _chosen_points()
+    out: dict[tuple[str, str, str], dict[str, tuple]] = {}
+    for key, cell in cells.items():
+        kinds = out.setdefault(key, {})
+        for kind, _ in BASELINE_KINDS:
+            note, by_seed = "", (seeds.get(key) or {}).get(kind)
+            if kind == "mixer_chosen" and key in chosen:
+                grid, by_seed = chosen[key]
+                note = ", ".join(f"{GREEK.get(k, k)} = {v:g}" for k, v in grid)
+            elif kind in cell and not by_seed:  # one run: the column's own
+                row = cell[kind]
+                by_seed = {0: row["test"][row["metric"]]}
+                grid = row.get("settings") or {}
+                note = ", ".join(f"{GREEK.get(k, k)} = {v:g}" for k, v in grid.items())
+            if by_seed:
+                kinds[kind] = ([100 * by_seed[s] for s in sorted(by_seed)], note)
+    return out
+
+
+def baselines_table() -> str:
+    """Each column of the comparison (task × base × setting) as one line: every row's test metric
+    as mean ± sd over the seeds it was run with, and n. The best frozen mean is in bold."""
+    cells = _cells()
+    columns, _ = _columns(cells)
+    points = _baseline_points(cells)
+    lines = [
+        "| task × base | metric | " + " | ".join(label for _, label in BASELINE_KINDS) + " |",
+        "| --- | --- |" + " --- |" * len(BASELINE_KINDS),
+    ]
+    for key, title in columns:
+        if key not in cells:
+            continue
+        metric = next(iter(cells[key].values()))["metric"]
+        kinds = points[key]
+        frozen = [
+            round(statistics.mean(kinds[k][0]), 1) for k, _ in BASELINE_KINDS[:-1] if k in kinds
+        ]
+        values = []
+        for kind, _ in BASELINE_KINDS:
+            if kind not in kinds:
+                values.append("–")
+                continue
+            xs, note = kinds[kind]
+            text = _mean_sd(xs)
+            if kind != "finetune" and round(statistics.mean(xs), 1) == max(frozen):
+                text = f"**{text}**"
+            values.append(f"{text} (n = {len(xs)}{', ' + note if note else ''})")
+        lines.append(f"| {title} | {METRIC_NAMES[metric]} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def runtime_table() -> str:
+    """What tasks attached to one forward cost, against the bare forward and separate copies."""
+    name = "runtime_overhead"
+    r = _load(name)
+    wall, cpu = r["wall_time_figures"], r["cpu_seconds_median"]
+    per_task, ratio = r["target_overhead_per_task"], r["target_throughput_ratio"]
+
+    def pct(x: float, digits: int = 2) -> str:
+        return f"{100 * x:.{digits}f}%"
+
+    rows = [
+        (
+            "overhead of 1 task (base output + predictions vs bare forward)",
+            f"**{pct(r['overhead_1_task'])}**",
+            pct(wall["overhead_1_task"]),
+            f"≤ {pct(per_task, 0)} per task: {_verdict(r['overhead_per_task_with_1'] <= per_task)}",
+        ),
+        (
+            "overhead of 4 tasks",
+            f"**{pct(r['overhead_4_tasks'], 1)} = {pct(r['overhead_per_task_with_4'])} per task**",
+            f"{pct(wall['overhead_per_task_with_4'])} per task",
+            f"≤ {pct(per_task, 0)} per task: {_verdict(r['overhead_per_task_with_4'] <= per_task)}",
+        ),
+        (
+            "the tasks' work alone (taps + heads on stored states) / bare forward",
+            f"{pct(r['tasks_work_alone_1_task'], 1)} (1 task); "
+            f"{pct(r['tasks_work_alone_per_task_with_4'], 1)} per task (4 tasks)",
+            f"{pct(wall['tasks_work_alone_1_task'], 1)}; "
+            f"{pct(wall['tasks_work_alone_per_task_with_4'], 1)}",
+            f"floor k/(12d): {pct(r['compute_floor_per_task_k_over_12d'], 1)}",
+        ),
+        (
+            "throughput, 4 tasks in one forward vs 4 fine-tuned copies (4 forwards)",
+            f"**{r['throughput_4_tasks_one_forward_vs_4_copies']:.2f}×**",
+            f"{wall['throughput_4_tasks_one_forward_vs_4_copies']:.2f}×",
+            f"≥ {ratio:g}×: " + _verdict(r["throughput_4_tasks_one_forward_vs_4_copies"] >= ratio),
+        ),
+        (
+            "early stop: 4 tasks on the lower states, no base output, vs the same with it",
+            f"**{r['early_stop_speedup_lower_half']:.2f}×** "
+            f"({r['early_stop_vs_bare_forward']:.2f}× faster than the bare forward)",
+            f"{wall['early_stop_speedup_lower_half']:.2f}× "
+            f"({wall['early_stop_vs_bare_forward']:.2f}×)",
+            "–",
+        ),
+        (
+            "base output with 4 tasks attached",
+            "bit-identical (`torch.equal`)"
+            if r["base_output_bit_identical_with_4_tasks"]
+            else "**differs**",
+            "–",
+            "–",
+        ),
+    ]
+    lines = [
+        f"{r['base']}, batch {r['batch']} × {r['length']} tokens, {r['threads']} torch thread, "
+        f"{r['rounds']} interleaved rounds, medians; tasks: {r['task']}, k = {r['dim']}, "
+        f"{r['parameters_per_task']:,} parameters each. Medians of {r['measure']}: bare forward "
+        f"{1000 * cpu['bare']:.0f} ms, 1 task {1000 * cpu['tasks_1']:.0f} ms, 4 tasks "
+        f"{1000 * cpu['tasks_4']:.0f} ms, 4 copies {1000 * cpu['separate_4']:.0f} ms.",
+        "",
+        f"| what | {r['measure']} | wall time | target |",
+        "| --- | --- | --- | --- |",
+        *(f"| {' | '.join(row)} |" for row in rows),
+        "",
+        _source(name, r),
+    ]
+    return "\n".join(lines)
+
+
+def _answers(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n:,} × {status}" for status, n in counts.items())
+
+
+def _latency(latency: dict, status: str) -> str:
+    x = latency.get(status)
+    return "–" if x is None else f"{x['p50']:,.0f} / {x['p99']:,.0f} ms"
+
+
+def serving_table() -> str:
+    """``adalayers serve`` under locust: steady load, overload, drain on SIGTERM."""
+    name = "load_test"
+    r = _load(name)
+    steady, over, drain, server = r["steady"], r["overload"], r["drain"], r["server"]
+    memory = r["server_memory_mib"]
+    kinds = ", ".join(f"{n} × {k}" for k, n in _counts(r["tasks"].values()).items())
+    rejected = {k: v for k, v in over["answers"].items() if k != "200"}
+    rows = [
+        (
+            f"steady, {steady['users']} users, {steady['wall_seconds']:.0f} s",
+            f"{steady['requests_per_second']:.1f}",
+            f"{steady['ok_per_second']:.1f}",
+            _latency(steady["latency_ms"], "200"),
+            _answers(steady["answers"]) + (", nothing else" if steady["only_200"] else ""),
+        ),
+        (
+            f"overload, {over['users']} users, {over['wall_seconds']:.0f} s",
+            f"{over['requests_per_second']:.1f}",
+            f"{over['ok_per_second']:.1f}",
+            _latency(over["latency_ms"], "200"),
+            _answers(over["answers"])
+            + "".join(f" ({k}: {_latency(over['latency_ms'], k)})" for k in rejected)
+            + f"; `/health` {over['health_after']} after",
+        ),
+        (
+            f"drain: {drain['users']} users sending {drain['texts_per_request']} × "
+            f"{drain['words_per_text']}-word texts, "
+            f"SIGTERM after {drain['sigterm_after_seconds']:g} s",
+            "–",  # the phase's wall time runs past the server's exit: no rate
+            "–",
+            _latency(drain["latency_ms"], "200"),
+            f"while draining: {_answers(drain['answered_while_draining'])}"
+            + (", no 500" if drain["no_5xx_but_503"] else ", **a 5xx other than 503**")
+            + f"; exit after {drain['exit_seconds']:.1f} s; after exit: "
+            + _answers(drain["connection_errors_after_exit"]),
+        ),
+    ]
+    lines = [
+        f"{r['base']}, {len(r['tasks'])} saved tasks ({kinds}); max batch "
+        f"{server['max_batch_size']} texts, max wait {server['max_wait_ms']:g} ms, queue "
+        f"{server['max_queue']}, drain {server['drain_seconds']:g} s; clients: {r['client']}; "
+        f"{r['note']}.",
+        "",
+        "| phase | requests/s | 200/s | 200: p50 / p99 | answers |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {' | '.join(row)} |" for row in rows),
+        "",
+        f"Server RSS: {memory['before']['rss_mib']:,.0f} MiB before, "
+        f"{memory['after_steady']['rss_mib']:,.0f} after the steady phase, "
+        f"{memory['after_overload']['rss_mib']:,.0f} after the overload, peak "
+        f"{memory['at_sigterm']['peak_rss_mib']:,.0f} by SIGTERM; "
+        f"{r['mean_texts_per_forward']:.1f} texts per base forward on average.",
+        _source(name, r),
+    ]
+    return "\n".join(lines)
+
+
+def _counts(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+def resume_table() -> str:
+    """A run cut mid-epoch and resumed, against the same run not cut."""
+    name = "resume_equivalence"
+    r = _load(name)
+    straight, resumed = r["test_straight"], r["test_resumed"]
+    metrics = ("accuracy", "mcc", "f1")
+
+    def scores(x: dict) -> str:
+        return ", ".join(
+            f"{METRIC_NAMES.get(m, m)} {100 * x[m]:.1f}"
+            for m in metrics
+            if isinstance(x.get(m), float)
+        )
+
+    cut = r["cut_at"]
+    rows = [
+        ("run", f"`{r['config']}` with " + ", ".join(f"`{o}`" for o in r["overrides"])),
+        (
+            "cut",
+            f"in epoch {cut['epoch']} of {r['epochs']} (the first is 0), its checkpoint at step "
+            f"{cut['step_in_epoch']} of the epoch",
+        ),
+        (
+            "every epoch's history (loss, validation, layer weights)",
+            "**identical**"
+            if r["history_identical"]
+            else f"**differs** in epochs {r['epochs_differing']}",
+        ),
+        ("test, not cut", f"{scores(straight)} ({straight['examples']:,} examples)"),
+        ("test, cut and resumed", scores(resumed)),
+        ("test metrics", "**identical**" if r["test_identical"] else "**differ**"),
+        ("kept head, max abs weight difference", f"{r['kept_head_max_abs_diff']:g}"),
+        ("run not cut, time", f"{r['straight_seconds']:.0f} s on {r['torch_threads']} threads"),
+    ]
+    lines = [
+        "| what | result |",
+        "| --- | --- |",
+        *(f"| {a} | {b} |" for a, b in rows),
+        "",
+        _source(name, r),
+    ]
+    return "\n".join(lines)
+
+
+# marker name -> the function that writes the table between the markers
+GENERATORS = {
+    "streaming": streaming_table,
+    "memory": memory_table,
+    "cache-speed": cache_speed_table,
+    "baselines": baselines_table,
+    "runtime": runtime_table,
+    "serving": serving_table,
+    "resume": resume_table,
+    "tasks": tasks_table,
+    "compare": compare_table,
+    "targets": targets_table,
+    "variants": variants_table,
+    "seeds": seeds_table,
+    "grid-seeds": grid_seeds_table,
+}
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+def documents() -> list[Path]:
+    """The files whose tables are generated: BENCHMARKS.md and docs/experiments/*.md."""
+    return [ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs" / "experiments").glob("*.md"))]
+
+
+def render(text: str) -> str:
+    """``text`` with every ``<!-- table: NAME -->`` ... ``<!-- /table -->`` block regenerated.
+
+    Raises:
+        ValueError: a marker names no table of :data:`GENERATORS`.
+    """
+
+    def table(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in GENERATORS:
+            raise ValueError(f"unknown table {name!r}; known: {', '.join(GENERATORS)}")
+        return f"{match.group(1)}\n{GENERATORS[name]()}\n\n{match.group(4)}"
+
+    return MARKER.sub(table, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", choices=GENERATORS, help="print this table")
+    parser.add_argument("--write", action="store_true", help="regenerate the tables in the docs")
+    parser.add_argument("--check", action="store_true", help="fail if a doc's tables are stale")
+    for name in ("compare", "variants", "seeds", "targets", "grid-seeds"):  # older spellings
+        parser.add_argument(f"--{name}", action="store_true", help=f"= --table {name}")
+    args = parser.parse_args()
+    if args.write or args.check:
+        stale = []
+        for path in documents():
+            text = path.read_text()
+            new = render(text)
+            if new != text:
+                stale.append(path.relative_to(ROOT))
+                if args.write:
+                    path.write_text(new)
+        verb = "rewrote" if args.write else "stale"
+        print("\n".join(f"{verb}: {p}" for p in stale) or "tables up to date")
+        return 1 if stale and args.check else 0
+    name = args.table or next(
+        (n for n in GENERATORS if getattr(args, n.replace("-", "_"), False)), "tasks"
+    )
+    print(GENERATORS[name]())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

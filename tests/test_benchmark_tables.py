@@ -229,3 +229,73 @@ def test_targets_for_the_alpha_chosen_on_validation_means_over_the_grids_seeds(t
     assert "73.0 vs 72.0: +1.0, **met**" in lines[name + "≥ best single layer + 1 point"]
     assert "73.0 vs 74.0: −1.0, **missed by 1.0**" in lines[name + "≥ scalar mix"]
     assert "not run" in lines[name + "within 2 points of full fine-tuning"]
+
+
+def test_baselines_give_seed_means_with_n_and_bold_the_best_frozen_mean(tables, tmp_path):
+    write(tmp_path, "a", full())  # seed 0: mixer 78, best single layer (1) 74, uniform 77
+    write(tmp_path, "a-seed1", full(0.01), overrides=["train.seed=1"])
+
+    def grid(val1, test1, val128, test128):
+        return {
+            "mixer": row("mixer", val128, test128, settings={"alpha": 128.0}),
+            "mixer_alpha1": row("mixer_grid", val1, test1, settings={"alpha": 1.0}),
+        }
+
+    write(tmp_path, "a-grid", grid(0.83, 0.80, 0.81, 0.70), grid=["alpha=1"], chosen="mixer")
+    s1 = ["train.seed=1"]
+    write(tmp_path, "a-grid1", grid(0.84, 0.82, 0.80, 0.71), s1, "g1", ["alpha=1"])
+    write(tmp_path, "b", full(0.02), overrides=["task.head.decoding=bio"])  # one seed, no grid
+    lines = tables.baselines_table().splitlines()
+    assert lines[0].startswith("| task × base | metric | mixer, config's α |")
+    # α = 1 has the better validation mean over seeds 0, 1 (83.5 against 80.5): test 80, 82
+    assert lines[2] == (
+        "| CoNLL-2003 × MiniLM | entity F1 | 78.5 ± 0.7 (n = 2) "
+        "| **81.0 ± 1.4** (n = 2, α = 1) | 74.5 ± 0.7 (n = 2) | – | 77.5 ± 0.7 (n = 2) "
+        "| 76.5 ± 0.7 (n = 2) | – |"
+    )
+    assert lines[3] == (
+        "| CoNLL-2003 × MiniLM (BIO decoding) | entity F1 | **80.0** (n = 1) | – "
+        "| 76.0 (n = 1) | – | 79.0 (n = 1) | 78.0 (n = 1) | – |"
+    )
+
+
+def test_render_fills_the_markers_and_leaves_the_prose(tables, monkeypatch):
+    monkeypatch.setitem(tables.GENERATORS, "demo", lambda: "| a |\n| --- |")
+    text = "Prose.\n\n<!-- table: demo -->\nstale\n<!-- /table -->\n\nMore prose.\n"
+    rendered = tables.render(text)
+    assert rendered == (
+        "Prose.\n\n<!-- table: demo -->\n\n| a |\n| --- |\n\n<!-- /table -->\n\nMore prose.\n"
+    )
+    assert tables.render(rendered) == rendered
+    with pytest.raises(ValueError, match="unknown table 'nope'"):
+        tables.render("<!-- table: nope -->\n<!-- /table -->")
+
+
+@pytest.fixture
+def committed():
+    """benchmarks/tables.py reading the committed benchmarks/results/."""
+    spec = importlib.util.spec_from_file_location("bench_tables_committed", TABLES)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_tables_are_what_the_results_files_give(committed):
+    for path in committed.documents():
+        text = path.read_text()
+        assert committed.render(text) == text, (
+            f"{path.name}: a table differs from benchmarks/results/*.json; "
+            "run python benchmarks/tables.py --write"
+        )
+
+
+def test_benchmarks_md_is_short_and_answers_each_question_with_a_generated_table(committed):
+    text = (committed.ROOT / "BENCHMARKS.md").read_text()
+    assert len(text.splitlines()) <= 250
+    names = {m.group(2) for m in committed.MARKER.finditer(text)}
+    questions = {"streaming", "memory", "cache-speed", "baselines", "runtime", "serving", "resume"}
+    assert questions <= names
+    assert "## Integrations" in text
+    experiments = committed.ROOT / "docs" / "experiments"
+    for link in ("baselines.md", "alpha-and-seeds.md", "variants.md"):
+        assert f"docs/experiments/{link}" in text and (experiments / link).exists()

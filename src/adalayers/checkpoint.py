@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -232,7 +233,15 @@ def _load_legacy(folder: Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals([*safe, reconstruct]):
             return torch.load(folder / LEGACY, weights_only=True, map_location="cpu")
-    except Exception as err:  # a foreign object (refused), a truncated or foreign file
+    except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # not a pickle at all, or truncated
+            raise _unreadable(folder, LEGACY, err) from err
+        raise CheckpointError(  # a foreign object: refused, never constructed
+            f"{folder / LEGACY} holds objects other than tensors and containers; it was not "
+            f"loaded, since unpickling them could run code. Delete {folder} to train "
+            f"{folder.parent} again from the start"
+        ) from err
+    except Exception as err:  # a truncated or foreign file
         raise _unreadable(folder, LEGACY, err) from err
 
 
