@@ -19,15 +19,17 @@ lint:
 style:
 	ruff check --fix . && ruff format .
 
-# Long: see BENCHMARKS.md for what each writes and how long it takes on a 2-core CPU.
+# Long: see BENCHMARKS.md and docs/experiments/ for what each writes and how long it takes on a
+# 2-core CPU; the last step regenerates BENCHMARKS.md's tables from benchmarks/results/.
 bench:
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/streaming_equivalence.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/memory_streaming.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/cache_speed.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/runtime_overhead.py --threads 1 --rounds 30
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/load_test.py --requests 300 --seconds 120
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/load_test.py --seconds 60 --overload-seconds 20
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_tasks.py configs/minilm-cola.yaml configs/minilm-conll2003.yaml configs/minilm-imdb.yaml
 	$(MAKE) bench-compare
+	$(PY) benchmarks/tables.py --write
 
 CACHED = --set train.cache=true --set 'cache.splits=[train,validation,test]'
 # The baseline comparison (BENCHMARKS.md): about 1.5 hours on a 2-core CPU.

@@ -375,3 +375,69 @@ def test_predict_reads_a_byte_order_mark_as_no_text(ner_run, tmp_path, capsys):
     path.write_bytes(b'\xef\xbb\xbf"john read"\n')  # a BOM made json.loads fail
     code, rows, _ = predict_file(ner_run, path, capsys)
     assert code == 0 and rows[0]["input"] == "john read"
+
+
+# -- read_inputs: the one reader of predict --input (txt, JSONL, CSV / TSV, sentence pairs) -----
+def test_read_inputs_takes_the_runs_columns_and_pairs(tmp_path):
+    from adalayers.data import read_inputs
+
+    columns = {"text": "sentence1", "text_pair": "sentence2", "label": "label"}
+    table = tmp_path / "pairs.csv"  # the file a task was trained on, label column and all
+    table.write_text('sentence1,sentence2,label\n"a, b",c,1\n\n"two\nlines",d\u2028e,0\n')
+    inputs = read_inputs(table, columns)
+    assert inputs.texts == ["a, b", "two\nlines"] and inputs.pairs == ["c", "d\u2028e"]
+    assert inputs.lines == [2, 4] and inputs.where(1) == f"{table}:4"
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("text\ttext_pair\nx\ty\n")  # the standard names where no column is set
+    assert (read_inputs(tsv).texts, read_inputs(tsv).pairs) == (["x"], ["y"])
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text('{"sentence1": "a", "sentence2": "b"}\n{"text": "c", "text_pair": "d"}\n')
+    inputs = read_inputs(jsonl, columns)
+    assert (inputs.texts, inputs.pairs, inputs.lines) == (["a", "c"], ["b", "d"], [1, 2])
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: expected a string, or an object"):
+        read_inputs(jsonl)  # without the run's columns only the standard names count
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("m.jsonl", '{"text": "a", "text_pair": "b"}\n"c"\n', "m.jsonl:2: has no 'text_pair'"),
+        ("n.jsonl", '{"text": "a", "text_pair": 3}\n', "n.jsonl:1: 'text_pair' must be a string"),
+        ("h.csv", "review,label\na,1\n", "h.csv:1: the header has no column 'text'"),
+        ("r.csv", "text,label\na,1\nb\n", "r.csv:3: expected 2 CSV columns (text, label)"),
+        ("e.csv", "text\n", "e.csv holds no inputs"),
+        ("z.csv", "text\nab\x00\n", "z.csv:2: holds a NUL byte"),
+    ],
+)
+def test_read_inputs_names_file_and_line(tmp_path, name, content, message):
+    from adalayers.data import read_inputs
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        read_inputs(path)
+    assert message in str(err.value)
+
+
+def test_predict_names_the_line_of_a_bad_pair_text(tmp_path, tiny_model_dir, capsys):
+    import yaml
+
+    folder = tiny_model_dir("bert")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"base": str(folder)}))
+    seq_runtime(load_backbone(folder)).tasks["s"].save_pretrained(run / "model")
+    path = tmp_path / "pairs.csv"
+    path.write_text("text,text_pair\njohn read,a book\nmary said,\u200b\n")
+    code, rows, err = predict_file(run, path, capsys)
+    assert code == 2 and rows == []
+    assert f"{path}:3: text_pair is empty once invisible characters are dropped" in err
+    path.write_text("text,text_pair\njohn read,a book\nmary said,it\n")
+    code, rows, err = predict_file(run, path, capsys)
+    assert code == 0, err
+    assert [(r["input"], r["input_pair"]) for r in rows] == [
+        ("john read", "a book"),
+        ("mary said", "it"),
+    ]
+    expected = seq_runtime(load_backbone(folder)).predict(["john read"], ["a book"])
+    assert rows[0]["score"] == pytest.approx(expected[0]["s"]["score"], abs=1e-6)

@@ -206,14 +206,15 @@ def test_encode_words_covers_every_input_or_names_the_bad_one(tokenizers, name, 
 def test_input_file_lines_are_split_on_newlines_only(tmp_path_factory, lines, crlf):
     """Whatever a line holds besides "\\n", it is one input (blank lines skipped); the reader
     raises only a ValueError naming the file."""
-    from adalayers.cli import _read_inputs
+    from adalayers.data import read_inputs
 
     lines = [line.replace("\n", " ").replace("\r", " ") for line in lines]
     path = tmp_path_factory.mktemp("lines") / "in.txt"
     path.write_bytes(("\r\n" if crlf else "\n").join(lines).encode("utf-8", "surrogatepass"))
     expected = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     try:
-        items, numbers = _read_inputs(path)
+        inputs = read_inputs(path)
+        items, numbers = inputs.texts, inputs.lines
     except ValueError as err:
         assert str(err).startswith(str(path))
         bad = any("\x00" in line or _has_surrogate(line) for line in lines)

@@ -80,6 +80,11 @@ def test_report_shows_every_part(runs, tmp_path):
     assert f"<td>test: majority class ({majority['label']})</td>" in text
     assert f"<td>majority class ({majority['label']})</td>" in text  # in the comparison
     assert f"<td>{majority['mcc']:.4f}</td>" in text
+    # a few examples with their inputs, the wrong ones first (sentence pairs: tests/test_end_to_end)
+    assert "<h4>Examples (test)</h4>" in text and "<th>words</th>" in text
+    sample = cola["samples"]["test"][0]
+    assert f"<td>{sample['text']}</td><td>{sample['label']}</td>" in text
+    assert len(cola["samples"]["test"]) == 8 and "text_pair" not in sample
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', text)
     alts = [alt for alt, _ in images]
     # CoLA: distribution, history, confusion; CoNLL: distribution, history

@@ -319,3 +319,33 @@ def test_runs_and_attached_tasks_on_cuda_match_the_cpu(tiny_model_dir, tmp_path)
     assert [p["sentiment"]["label"] for p in predictions] == [
         ["neg", "pos"][int(i)] for i in cpu["sentiment"].argmax(-1)
     ]
+
+
+def test_attached_pair_tasks_read_pairs_as_predict_does(tiny_model_dir):
+    from dataclasses import replace
+
+    from adalayers.model import PairMismatchError
+
+    backbone = load_backbone(tiny_model_dir("bert"))
+    single = make_tasks(backbone)["sentiment"]
+    nli = Task(replace(single.config, text_pair=True), backbone.info())
+    nli.load_state_dict(single.state_dict())
+    texts, pairs = ["the movie was good", "bad plot"], ["a great film", "the story"]
+    expected = AdaLayers(backbone, {"nli": nli}).predict(texts, pairs)
+    tokenizer = backbone.tokenizer
+    with attach(backbone, {"nli": nli}) as side:
+        backbone.model(**tokenizer(texts, pairs, padding=True, return_tensors="pt"))
+        got = side.predictions()
+        assert [g["nli"]["label"] for g in got] == [e["nli"]["label"] for e in expected]
+        for g, e in zip(got, expected):
+            assert g["nli"]["score"] == pytest.approx(e["nli"]["score"], abs=1e-5)
+        backbone.model(**tokenizer(texts, padding=True, return_tensors="pt"))
+        with pytest.raises(PairMismatchError, match="input row 0 holds one text .* 'nli' reads"):
+            side.predictions()
+    alone = Task(replace(single.config, text_pair=False), backbone.info())
+    with attach(backbone, {"sentiment": alone, "old": single}) as side:
+        backbone.model(**tokenizer(texts, padding=True, return_tensors="pt"))
+        assert len(side.predictions()) == 2  # single texts; "old" (saved before) takes both
+        backbone.model(**tokenizer(texts, pairs, padding=True, return_tensors="pt"))
+        with pytest.raises(PairMismatchError, match="holds a sentence pair .* 'sentiment'"):
+            side.predictions()

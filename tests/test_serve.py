@@ -69,11 +69,11 @@ class Gate(Predictor):
         self.release = threading.Event()
         self.calls = self.finished = 0
 
-    def predict(self, texts, tasks=None, batch_size=32, before_forward=None):
+    def predict(self, texts, tasks=None, batch_size=32, before_forward=None, pairs=None):
         self.calls += 1
         self.entered.set()
         assert self.release.wait(30)
-        out = super().predict(texts, tasks, batch_size, before_forward)
+        out = super().predict(texts, tasks, batch_size, before_forward, pairs)
         self.finished += 1
         return out
 
@@ -398,3 +398,107 @@ def test_fuzzed_requests_get_no_5xx_and_answers_match_the_schema(runtime, mode):
         torch.set_num_threads(threads)
         schemathesis_asgi.shutdown_lifespans()  # the app's lifespan (its batcher) ends here
     assert "POST /predict" in seen
+
+
+# -- sentence pairs ------------------------------------------------------------------------------
+PAIRS = [["the movie was good", "a great film"], ["bad plot", "the story was good"]]
+
+
+@pytest.fixture(scope="module")
+def pair_server(runtime):
+    """A task trained on pairs (nli) beside one trained on single texts and a token task."""
+    info = runtime.backbone.info()
+    torch.manual_seed(1)
+    nli = Task(
+        TaskConfig(
+            "sequence_classification",
+            ["different", "same"],
+            mixer={"dim": 8},
+            head={"num_heads": 2},
+            text_pair=True,
+        ),
+        info,
+    )
+    torch.nn.init.normal_(nli.mixer.p)
+    single = runtime.tasks["sentiment"]
+    sentiment = Task(dataclasses.replace(single.config, text_pair=False), info)
+    sentiment.load_state_dict(single.state_dict())
+    tasks = {"nli": nli, "sentiment": sentiment, "ner": runtime.tasks["ner"]}
+    both = AdaLayers(runtime.backbone, tasks).eval()
+    app = create_app(both, max_wait_ms=100, max_texts=4, max_chars=200, max_tokens=40)
+    with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        yield both, client
+
+
+def test_pairs_are_served_as_the_library_predicts_them(pair_server):
+    both, client = pair_server
+    texts, pairs = [a for a, _ in PAIRS], [b for _, b in PAIRS]
+    expected = AdaLayers(both.backbone, {"nli": both.tasks["nli"]}).predict(texts, pairs)
+    response = client.post("/predict", json={"pairs": PAIRS, "tasks": ["nli"]})
+    assert response.status_code == 200, response.text
+    got = [p["nli"] for p in response.json()["predictions"]]
+    assert [g["label"] for g in got] == [e["nli"]["label"] for e in expected]
+    for g, e in zip(got, expected):
+        assert g["score"] == pytest.approx(e["nli"]["score"], abs=1e-5)
+    alone = AdaLayers(both.backbone, {"nli": both.tasks["nli"]}).predict(texts, texts)
+    assert [g["score"] for g in got] != pytest.approx([a["nli"]["score"] for a in alone])
+    # requests of pairs and of single texts at once: each runs with its own kind of input
+    single = {"texts": texts, "tasks": ["sentiment"]}
+    with ThreadPoolExecutor(4) as pool:
+        bodies = [{"pairs": PAIRS, "tasks": ["nli"]}, single] * 2
+        answers = list(pool.map(lambda body: client.post("/predict", json=body), bodies))
+    assert [a.status_code for a in answers] == [200] * 4
+    assert answers[0].json() == answers[2].json() == response.json()
+    sentiment = AdaLayers(both.backbone, {"sentiment": both.tasks["sentiment"]})
+    expected = [p["sentiment"]["score"] for p in sentiment.predict(texts)]
+    got = [p["sentiment"]["score"] for p in answers[1].json()["predictions"]]
+    assert got == pytest.approx(expected, abs=1e-5)
+    tasks = client.get("/tasks").json()["tasks"]
+    assert {n: t["text_pair"] for n, t in tasks.items()} == {
+        "nli": True,
+        "sentiment": False,
+        "ner": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "message"),
+    [
+        # before: the extra field was ignored and the texts answered alone, with 200
+        (
+            {"texts": ["a b"], "text_pairs": ["c d"], "tasks": ["sentiment"]},
+            422,
+            "unknown field(s) ['text_pairs']",
+        ),
+        ({"texts": ["a"], "pairs": [["a", "b"]]}, 422, "exactly one of 'texts'"),
+        ({"tasks": ["nli"]}, 422, "exactly one of 'texts'"),
+        ({"pairs": [["a"]]}, 422, "Field required"),
+        (
+            {"texts": ["the movie"], "tasks": ["nli"]},
+            422,
+            "task 'nli' was trained on sentence pairs: send 'pairs'",
+        ),
+        ({"pairs": PAIRS}, 422, "task 'sentiment' was trained on single texts, not sentence"),
+        ({"pairs": PAIRS, "tasks": ["ner"]}, 422, "task 'ner' labels the words of single texts"),
+        ({"pairs": [["fine", "  "]], "tasks": ["nli"]}, 422, "pair 0, text_pair is empty"),
+        ({"pairs": [["a", "b" * 201]], "tasks": ["nli"]}, 413, "pair 0, text_pair has 201"),
+        ({"pairs": [["a", "b"]] * 5, "tasks": ["nli"]}, 413, "5 pairs in one request"),
+        # the token budget counts both texts: 20 + 20 words and 3 special tokens (one: 22)
+        ({"pairs": [["the " * 20, "film " * 20]], "tasks": ["nli"]}, 413, "pair 0: 43"),
+    ],
+)
+def test_pair_requests_that_do_not_fit_get_4xx(pair_server, payload, status, message):
+    _, client = pair_server
+    response = client.post("/predict", json=payload)
+    assert response.status_code == status, response.text
+    assert message in response.text
+
+
+def test_the_schema_states_pairs(runtime):
+    schema = create_app(runtime, max_texts=3, max_chars=50).openapi()
+    request = schema["components"]["schemas"]["PredictRequest"]
+    pairs = request["properties"]["pairs"]
+    assert pairs["maxItems"] == 3 and pairs["items"]["minItems"] == pairs["items"]["maxItems"] == 2
+    assert pairs["items"]["prefixItems"][1]["maxLength"] == 50
+    assert request["oneOf"] == [{"required": ["texts"]}, {"required": ["pairs"]}]
+    assert request["additionalProperties"] is False

@@ -58,6 +58,19 @@ def test_save_load_gives_identical_outputs(setup, tmp_path):
     # saving over an existing folder replaces it
     task.save_pretrained(folder)
     assert Task.from_pretrained(folder).labels == ["neg", "pos", "mixed"]
+    assert "text_pair" not in meta and loaded.text_pair is None  # not known: takes both
+
+
+def test_text_pair_is_saved_and_checked(setup, tmp_path):
+    backbone, task = setup
+    pairs = Task(dataclasses.replace(task.config, text_pair=True), backbone.info())
+    folder = pairs.save_pretrained(tmp_path / "nli")
+    assert json.loads((folder / "config.json").read_text())["text_pair"] is True
+    assert Task.from_pretrained(folder).text_pair is True
+    with pytest.raises(ValueError, match="text_pair=true contradicts task_type token"):
+        TaskConfig("token_classification", ["O", "B-X"], text_pair=True)
+    with pytest.raises(ValueError, match="task.text_pair: expected bool"):
+        TaskConfig.from_dict({"task_type": "regression", "text_pair": "yes"})
 
 
 def test_wrong_base_is_refused_naming_both(setup, tmp_path, tiny_model_dir):

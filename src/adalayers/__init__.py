@@ -7,7 +7,14 @@ from adalayers.backbone import DEFAULT_BASE, Backbone, BaseInfo, load_backbone
 from adalayers.encoding import InputError
 from adalayers.heads import HeadConfig
 from adalayers.mixer import LayerMixer, MixerConfig
-from adalayers.model import AdaLayers, BaseMismatchError, MultiTaskOutput, Task, TaskConfig
+from adalayers.model import (
+    AdaLayers,
+    BaseMismatchError,
+    MultiTaskOutput,
+    PairMismatchError,
+    Task,
+    TaskConfig,
+)
 from adalayers.runtime import attach, load_runs
 
 __version__ = "0.1.0"
@@ -23,6 +30,7 @@ __all__ = [
     "LayerMixer",
     "MixerConfig",
     "MultiTaskOutput",
+    "PairMismatchError",
     "Task",
     "TaskConfig",
     "attach",

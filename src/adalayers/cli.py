@@ -100,91 +100,64 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, line) of a UTF-8 text file, split on ``\n`` (and ``\r\n``) only.
-
-    ``str.splitlines`` would also split on U+2028, form feeds and other characters that can sit
-    inside a text or a JSON string. A leading byte order mark is dropped.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is not UTF-8 text or holds a NUL byte (a binary file); the message
-            names the file and the line.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} not found")
-    data = path.read_bytes()
-    hint = (
-        "predict --input reads UTF-8 text: a .txt file with one text a line, or a .jsonl file "
-        "with one JSON string or object a line"
-    )
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line_no = data.count(b"\n", 0, err.start) + 1
-        raise ValueError(
-            f"{path}:{line_no}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
-            f"{err.start}: {err.reason}); is it a binary file? {hint}"
-        ) from None
-    lines = []
-    for line_no, line in enumerate(text.split("\n"), 1):
-        if "\x00" in line:
-            raise ValueError(f"{path}:{line_no}: holds a NUL byte; is it a binary file? {hint}")
-        lines.append((line_no, line.removesuffix("\r")))
-    return lines
-
-
-def _read_inputs(path: Path) -> tuple[list[Any], list[int]]:
-    """The inputs of a ``predict --input`` file and the line number of each (blank lines are
-    skipped)."""
-    items: list[Any] = []
-    numbers: list[int] = []
-    jsonl = path.suffix in (".jsonl", ".json")
-    for line_no, line in _read_lines(path):
-        if not line.strip():
-            continue
-        numbers.append(line_no)
-        if not jsonl:
-            items.append(line)
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from None
-        if isinstance(row, dict) and ("text" in row or "tokens" in row):
-            row = row.get("tokens", row.get("text"))
-        if isinstance(row, str) or (isinstance(row, list) and all(isinstance(w, str) for w in row)):
-            items.append(row)
-        else:
-            raise ValueError(
-                f"{path}:{line_no}: expected a string, or an object with 'text' (a string) or "
-                f"'tokens' (a list of strings)"
-            )
-    if not items:
-        raise ValueError(f"{path} holds no inputs")
-    return items, numbers
+def _pair_advice(
+    err: Any, run: str, task_type: str, columns: dict[str, Any], path: Path | None
+) -> str:
+    """The CLI's words for a :class:`~adalayers.model.PairMismatchError`."""
+    text = columns.get("text") if isinstance(columns.get("text"), str) else "text"
+    pair = columns.get("text_pair") if isinstance(columns.get("text_pair"), str) else "text_pair"
+    if err.needs_pairs:
+        return (
+            f"{run} was trained on sentence pairs, and "
+            + (f"{path} has no {pair!r}" if path else "got no --text-pair")
+            + ": give --text-pair B after every --text A, or an --input file with both texts: "
+            'JSONL lines {"text": A, "text_pair": B}, or a CSV with the columns text,text_pair'
+            + (f" (or the run's {text},{pair})" if (text, pair) != ("text", "text_pair") else "")
+        )
+    what = "was trained on single texts, not sentence pairs"
+    if task_type == "token_classification":
+        what = "labels the words of single texts"
+    where = f"drop the pair column or field of {path}" if path else "drop --text-pair"
+    return f"{run} {what}: {where}"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from adalayers.config import load_config
+    from adalayers.data import read_inputs
     from adalayers.encoding import InputError
-    from adalayers.model import AdaLayers
-    from adalayers.train import load_run
+    from adalayers.model import AdaLayers, PairMismatchError
+    from adalayers.train import CONFIG, load_run
 
+    if args.text_pair and len(args.text_pair) != len(args.text or []):
+        raise ValueError(
+            f"got {len(args.text or [])} --text but {len(args.text_pair)} --text-pair: give one "
+            f"--text-pair after each --text"
+        )
+    run_config = Path(args.run) / CONFIG
+    columns = dict(load_config(run_config).data.columns or {}) if run_config.is_file() else {}
     path = Path(args.input) if args.input else None
-    inputs, lines = (args.text, []) if args.text else _read_inputs(path)
+    inputs = read_inputs(path, columns) if path else None
+    texts, pairs = (inputs.texts, inputs.pairs) if inputs else (args.text, args.text_pair)
     _, backbone, task = load_run(args.run)
     runtime = AdaLayers(backbone, {"task": task}).eval()
     try:  # every input is checked before the first forward: a bad one stops the run at once
-        predictions = runtime.predict(inputs, batch_size=args.batch_size)
+        predictions = runtime.predict(texts, pairs, batch_size=args.batch_size)
+    except PairMismatchError as err:
+        raise ValueError(_pair_advice(err, args.run, task.task_type, columns, path)) from None
     except InputError as err:
-        where = f"{path}:{lines[err.index]}: line" if path else f"--text number {err.index + 1}"
+        pair = err.what == "pair text"
+        if inputs:
+            where = f"{inputs.where(err.index)}: {'text_pair' if pair else 'line'}"
+        else:
+            where = f"--text{'-pair' if pair else ''} number {err.index + 1}"
         raise ValueError(
             f"{where} {err.reason}. Nothing was predicted: fix or drop it and run again."
         ) from None
     out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
     try:
-        for item, pred in zip(inputs, predictions):
-            out.write(json.dumps({"input": item, **pred["task"]}) + "\n")
+        for i, (item, pred) in enumerate(zip(texts, predictions)):
+            row = {"input": item, **({"input_pair": pairs[i]} if pairs else {}), **pred["task"]}
+            out.write(json.dumps(row) + "\n")
     finally:
         if args.output:
             out.close()
@@ -201,6 +174,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info: dict[str, Any] = {
         "task_type": task.task_type,
         "labels": task.labels,
+        "text_pair": task.text_pair,
         "base": task.base.to_dict(),
         "parameters_added": task.num_parameters(),
         "layer_weights": task.mixer.layer_weights(),
@@ -393,7 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--text", action="append", help="an input text (repeatable)")
-    group.add_argument("--input", help="a .txt file (one text a line) or .jsonl file")
+    group.add_argument(
+        "--input",
+        help='a .txt file (one text a line), a .jsonl file (a string, or {"text": ..., '
+        '"text_pair": ...} or {"tokens": [...]} a line) or a .csv / .tsv file with a header '
+        "(the columns of the run's data.columns, else text and text_pair)",
+    )
+    p.add_argument(
+        "--text-pair",
+        action="append",
+        help="the second text of a sentence pair, one after each --text (repeatable)",
+    )
     p.add_argument("--output", help="write here instead of standard output")
     p.add_argument("--batch-size", type=int, default=32)
     common(p)

@@ -61,6 +61,53 @@ class BaseMismatchError(ValueError):
     """A saved task is being attached to a base other than the one it was trained on."""
 
 
+class PairMismatchError(ValueError):
+    """A task trained on sentence pairs was given single texts, or the other way round.
+
+    Attributes:
+        task: the task's name.
+        needs_pairs: whether the task was trained on pairs (``True``) or on single texts.
+    """
+
+    def __init__(self, task: str, needs_pairs: bool, message: str | None = None) -> None:
+        if message is None:
+            message = (
+                f"task {task!r} was trained on sentence pairs (text, text_pair): give a second "
+                f"text for every text (pairs=[...])"
+                if needs_pairs
+                else f"task {task!r} was trained on single texts, not sentence pairs: give the "
+                f"texts alone (no pairs)"
+            )
+        super().__init__(message)
+        self.task, self.needs_pairs = task, needs_pairs
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.task, self.needs_pairs, str(self))
+
+
+def check_pairs(tasks: Mapping[str, Task], pairs: bool) -> None:
+    """Refuse input that does not fit a task: single texts for a task trained on sentence
+    pairs, or pairs for a task trained on single texts (token tasks take no pairs). A task
+    saved before :attr:`TaskConfig.text_pair` existed takes either.
+
+    Args:
+        tasks: task name -> task.
+        pairs: whether the input holds sentence pairs.
+
+    Raises:
+        PairMismatchError: (a ``ValueError``) naming the first task that does not fit.
+    """
+    for name, task in tasks.items():
+        if task.task_type == "token_classification":
+            if pairs:
+                message = f"task {name!r} labels the words of single texts; it takes no pairs"
+                raise PairMismatchError(name, False, message)
+            continue
+        wants = task.config.text_pair
+        if wants is not None and wants != pairs:
+            raise PairMismatchError(name, wants)
+
+
 @dataclass
 class TaskConfig:
     """Everything needed to rebuild a task.
@@ -70,12 +117,16 @@ class TaskConfig:
         labels: label names, in output order (empty for regression).
         mixer: the layer mixer's hyper-parameters.
         head: the head's hyper-parameters.
+        text_pair: whether the task reads sentence pairs (``text``, ``text_pair``): ``True`` or
+            ``False`` as training recorded it; ``None`` where unknown (a task saved before the
+            field existed), so that it takes either. A token task never reads pairs.
     """
 
     task_type: TaskType
     labels: list[str] = field(default_factory=list)
     mixer: MixerConfig = field(default_factory=MixerConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    text_pair: bool | None = None
 
     def __post_init__(self) -> None:
         if self.task_type not in TASK_TYPES:
@@ -94,6 +145,8 @@ class TaskConfig:
             )
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"label names must be distinct, got {self.labels}")
+        if self.text_pair and self.task_type == "token_classification":
+            raise ValueError("text_pair=true contradicts task_type token_classification")
         decoding = resolve_decoding(self.head.decoding, self.task_type, self.labels)
         if decoding != self.head.decoding:  # `auto`: saved as what it resolved to
             self.head = replace(self.head, decoding=decoding)
@@ -140,12 +193,15 @@ class TaskConfig:
         return build(cls, values, "task")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "task_type": self.task_type,
             "labels": list(self.labels),
             "mixer": self.mixer.to_dict(),
             "head": self.head.to_dict(),
         }
+        if self.text_pair is not None:
+            out["text_pair"] = self.text_pair
+        return out
 
 
 class Task(nn.Module):
@@ -177,6 +233,11 @@ class Task(nn.Module):
     def decoding(self) -> str:
         """How a token task's scores become tags (``head.decoding``)."""
         return self.config.head.decoding
+
+    @property
+    def text_pair(self) -> bool | None:
+        """Whether the task reads sentence pairs (``None``: unknown, it takes either)."""
+        return self.config.text_pair
 
     def num_parameters(self) -> int:
         """Parameters this task adds to the base (trainable or not)."""
@@ -569,7 +630,8 @@ class AdaLayers(nn.Module):
 
         Args:
             inputs: texts; for token tasks, texts (split on whitespace) or lists of words.
-            pairs: second texts of sentence pairs (sequence tasks only).
+            pairs: second texts of sentence pairs, one per text: required by tasks trained on
+                pairs, refused by tasks trained on single texts and by token tasks.
             batch_size: inputs (and windows of long token inputs) per forward.
             before_forward: called before each base forward; an exception it raises stops the
                 prediction and propagates (the server uses it to stop work it cannot answer).
@@ -582,14 +644,15 @@ class AdaLayers(nn.Module):
             TypeError, ValueError: an input is not a string, or is empty: blank, invisible
                 characters only, a lone surrogate, or nothing once tokenized (the message names
                 its index; :class:`~adalayers.encoding.InputError` carries it).
+            PairMismatchError: (a ``ValueError``) pairs for a task trained on single texts,
+                or single texts for one trained on pairs (names the task).
         """
         if not self.tasks:
             raise ValueError("no tasks attached; add one with add_task()")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        check_pairs(self.tasks, pairs is not None)
         token_tasks = any(t.task_type == "token_classification" for t in self.tasks.values())
-        if token_tasks and pairs is not None:
-            raise ValueError("sentence pairs are not supported with token-classification tasks")
         tokenizer = self.backbone.tokenizer  # refuses inputs that tokenise to nothing, up front
         items: list[Any] = (
             check_words(inputs, tokenizer)

@@ -58,6 +58,7 @@ tr.best td { font-weight: bold; }
 td.note, p.note { color: #777; font-size: 90%; }
 img { max-width: 100%; display: block; margin: .4em 0 1em; }
 nav li { margin: .1em 0; }
+table.examples td { text-align: left; }
 """
 _BASELINE_ORDER = ("mixer", "scalar_mix", "uniform", "last", "single_layer", "finetune")
 _LINE_STYLES = {
@@ -433,6 +434,46 @@ def _per_type(record: RunRecord) -> str:
     return f"<h4>Per entity type ({split})</h4>" + _table(header, rows)
 
 
+def _samples(record: RunRecord) -> str:
+    """A few examples of the test split (else validation) with their inputs, both texts of a
+    sentence pair, the gold and the predicted label (``metrics.json``'s ``samples``)."""
+    samples = record.metrics.get("samples") or {}
+    split = "test" if samples.get("test") else "validation"
+    rows = samples.get(split)
+    if not rows:
+        return ""
+    if "tokens" in rows[0]:
+        header = ["#", "words", "gold tags", "predicted tags"]
+        cells = [
+            [r["index"], " ".join(r["tokens"]), " ".join(r["tags"]), " ".join(r["predicted_tags"])]
+            for r in rows
+        ]
+    else:
+        pairs = any("text_pair" in r for r in rows)
+        header = ["#", "text", *(["text pair"] if pairs else []), "gold", "predicted"]
+        cells = [
+            [
+                r["index"],
+                r.get("text", ""),
+                *([r.get("text_pair", "")] if pairs else []),
+                r["label"],
+                r["prediction"],
+            ]
+            for r in rows
+        ]
+    gold, predicted = ("tags", "predicted_tags") if "tags" in rows[0] else ("label", "prediction")
+    wrong = sum(r[gold] != r[predicted] for r in rows)
+    note = (
+        f'<p class="note">{len(rows)} examples, {wrong} of them predicted wrong: wrong '
+        f"predictions are chosen first, then right ones, shown in the split's order (# is the "
+        f"example's index; predictions_{split}.jsonl has them all).</p>"
+    )
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in cells)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    table = f'<table class="examples"><tr>{head}</tr>{body}</table>'
+    return f"<h4>Examples ({split})</h4>" + note + table
+
+
 def _run_section(record: RunRecord, anchor: str) -> str:
     m, config = record.metrics, record.config
     parts = [f'<h3 id="{anchor}">{html.escape(record.name)} ({html.escape(record.label)})</h3>']
@@ -476,7 +517,7 @@ def _run_section(record: RunRecord, anchor: str) -> str:
                     [f"{s}: majority class ({majority['label']})"] + [scores.get(k) for k in keys]
                 )
         parts.append(_table(["split", *keys], rows))
-    parts += [_per_type(record), _confusion(record)]
+    parts += [_per_type(record), _confusion(record), _samples(record)]
     parts += [_distribution_figure(record), _history_figure(record)]
     return "\n".join(p for p in parts if p)
 
@@ -491,8 +532,8 @@ def write_report(
 
     Per (task, base): a table of every run (metrics, parameters added, time) and the
     single-layer sweep against the mixer and the other baselines. Per run: its metrics, the
-    per-type NER table, the confusion matrix, the learned layer distribution and its history
-    over the epochs.
+    per-type NER table, the confusion matrix, a few examples with their inputs (both texts of
+    a sentence pair), the learned layer distribution and its history over the epochs.
 
     Args:
         run_dirs: run folders, or comparison folders (``adalayers compare``) for all their runs.

@@ -37,7 +37,7 @@ from torch import nn
 from adalayers.backbone import Backbone
 from adalayers.decoding import decode_words
 from adalayers.encoding import InputError
-from adalayers.model import CONFIG_NAME, AdaLayers, Task, check_base
+from adalayers.model import CONFIG_NAME, AdaLayers, PairMismatchError, Task, check_base
 from adalayers.taps import stream_taps
 
 logger = logging.getLogger(__name__)
@@ -337,9 +337,18 @@ class AttachedTasks:
         Args:
             tokenizer: turns token ids into token strings (default: the backbone's).
 
+        Sentence pairs: call the model on ``tokenizer(texts, text_pairs)``; the predictions
+        are those of ``AdaLayers.predict(texts, text_pairs)``.
+        Where the tokenizer marks a pair with its own number of special tokens (``[CLS] a
+        [SEP] b [SEP]``: 3 against 2 for one text), a row is known to hold one text or a pair
+        and a task that reads the other kind refuses it; otherwise (GPT-2, Llama chat
+        prompts) it is not checked.
+
         Raises:
             InputError: (a ``ValueError``) a row holds only special tokens: its text was empty
                 or tokenised to nothing, so there is nothing to predict on (names the row).
+            PairMismatchError: (a ``ValueError``) a row holds a sentence pair and a task was
+                trained on single texts, or the other way round (names the row and the task).
         """
         logits = self.logits
         tokenizer = tokenizer or self.backbone.tokenizer
@@ -355,6 +364,7 @@ class AttachedTasks:
                         "so there is nothing to predict on",
                         "Drop it before calling the model.",
                     )
+            self._check_pairs(tokenizer, special, lengths)
         out: list[dict[str, Any]] = [{} for _ in lengths]
         for name, task in self.tasks.items():
             values = logits[name].float()
@@ -380,6 +390,35 @@ class AttachedTasks:
                         "scores": scores,
                     }
         return out
+
+    def _check_pairs(self, tokenizer: Any, special: set[int], lengths: list[int]) -> None:
+        """Refuse a row whose kind (one text, a pair) a task does not read, where the
+        tokenizer's special tokens tell the kinds apart."""
+        counter = getattr(tokenizer, "num_special_tokens_to_add", None)
+        if counter is None or self._ids is None:
+            return
+        single, pair = counter(pair=False), counter(pair=True)
+        if single == pair:
+            return  # the tokenizer marks no pairs: nothing to tell them apart by
+        for i, n in enumerate(lengths):
+            found = sum(t in special for t in self._ids[i, :n].tolist())
+            if found not in (single, pair):
+                continue  # special tokens of another making (a chat template): not checked
+            is_pair = found == pair
+            for name, task in self.tasks.items():
+                token = task.task_type == "token_classification"
+                wants = False if token else task.text_pair
+                if wants is None or wants == is_pair:
+                    continue
+                held = "a sentence pair" if is_pair else "one text"
+                read = "sentence pairs" if wants else "single texts"
+                how = "tokenizer(texts, text_pairs)" if wants else "tokenizer(texts)"
+                raise PairMismatchError(
+                    name,
+                    wants,
+                    f"input row {i} holds {held} ({found} special tokens) but task {name!r} "
+                    f"reads {read}: call the model on {how}",
+                )
 
     # -- lifetime --------------------------------------------------------------------------------
     @property
@@ -431,7 +470,9 @@ def attach(
             side.predictions()  # [{"sentiment": {...}, "ner": {...}}], read from the prefill
 
     While attached the model is frozen (eval mode, no gradients), as the tasks' base must be;
-    :meth:`AttachedTasks.detach` restores both. Tasks are moved to the model's device.
+    :meth:`AttachedTasks.detach` restores both. Tasks are moved to the model's device. A task
+    trained on sentence pairs reads a pair where the model is called on
+    ``tokenizer(texts, text_pairs)`` (see :meth:`AttachedTasks.predictions`).
 
     Args:
         model: a ``transformers`` model (a base ``AutoModel``, or one with a head such as

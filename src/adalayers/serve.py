@@ -4,8 +4,11 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/do
 
 * ``POST /predict`` ``{"texts": [...], "tasks": [...] | null}`` -> ``{"predictions": [...]}``,
   one dict per text: task name -> ``{"label", "score"}``, ``{"value"}`` or
-  ``{"words", "labels", "scores"}``.
-* ``GET /tasks``: each task's type, labels, base and learned layer weights.
+  ``{"words", "labels", "scores"}``. Tasks trained on sentence pairs take
+  ``{"pairs": [[text, text_pair], ...]}`` instead of ``texts``, one prediction per pair; a pair
+  task sent ``texts``, or a single-text task sent ``pairs``, is answered ``422``.
+* ``GET /tasks``: each task's type, labels, whether it reads pairs (``text_pair``), base and
+  learned layer weights.
 * ``GET /health``: status, queue depth and batching counters.
 
 Requests are queued and a single worker runs them in micro-batches: it takes what is waiting,
@@ -46,10 +49,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Any
 
 from adalayers.encoding import text_problem
-from adalayers.model import AdaLayers
+from adalayers.model import AdaLayers, PairMismatchError, check_pairs
 
 try:
-    from pydantic import BaseModel, Field, create_model
+    from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 except ImportError as err:  # pragma: no cover - the serve extra is not installed
     raise ImportError(
         "adalayers.serve needs the serve extra: pip install 'adalayers[serve]'"
@@ -79,8 +82,12 @@ class ServeConfig:
     max_queue: int = field(
         default=256, metadata={"help": "most requests waiting; beyond it 503 with Retry-After"}
     )
-    max_texts: int = field(default=64, metadata={"help": "most texts in one request (413)"})
-    max_chars: int = field(default=10_000, metadata={"help": "most characters in a text (413)"})
+    max_texts: int = field(
+        default=64, metadata={"help": "most texts (or sentence pairs) in one request (413)"}
+    )
+    max_chars: int = field(
+        default=10_000, metadata={"help": "most characters in a text (each of a pair) (413)"}
+    )
     max_tokens: int = field(
         default=16_384,
         metadata={
@@ -134,17 +141,30 @@ class Predictor:
     def task_names(self) -> list[str]:
         return list(self.runtime.tasks)
 
-    def count_tokens(self, texts: Sequence[str], tasks: Sequence[str] | None = None) -> list[int]:
-        """Tokens per text that the base runs for ``tasks`` (default: all), special ones included.
+    def count_tokens(
+        self,
+        texts: Sequence[str],
+        tasks: Sequence[str] | None = None,
+        pairs: Sequence[str] | None = None,
+    ) -> list[int]:
+        """Tokens per text (or pair: both texts) that the base runs for ``tasks`` (default:
+        all), special ones included.
 
         A token task reads all of a text (in windows); a sequence task only the base's maximum.
         """
         names = [n for n in self.task_names if tasks is None or n in tasks]
         whole = any(self.runtime.tasks[n].task_type == "token_classification" for n in names)
+        second = list(pairs) if pairs is not None else None
         with self._tokenizer_lock:
-            ids = self._tokenizer(list(texts), verbose=False)["input_ids"]
+            ids = self._tokenizer(list(texts), second, verbose=False)["input_ids"]
         cap = None if whole else self.runtime.max_length
         return [len(row) if cap is None else min(len(row), cap) for row in ids]
+
+    def check_pairs(self, tasks: Sequence[str] | None, pairs: bool) -> None:
+        """Raise :class:`~adalayers.model.PairMismatchError` if ``tasks`` (default: all) do not
+        all take this kind of input (sentence pairs, or single texts)."""
+        names = [n for n in self.task_names if tasks is None or n in tasks]
+        check_pairs({n: self.runtime.tasks[n] for n in names}, pairs)
 
     def predict(
         self,
@@ -152,8 +172,10 @@ class Predictor:
         tasks: Sequence[str] | None = None,
         batch_size: int = 32,
         before_forward: Callable[[], None] | None = None,
+        pairs: list[str] | None = None,
     ) -> list[dict[str, Any]]:
-        """Predictions of ``tasks`` (default: all) for ``texts``, one base forward per batch.
+        """Predictions of ``tasks`` (default: all) for ``texts`` (and the second texts
+        ``pairs`` of sentence pairs), one base forward per batch.
 
         ``before_forward`` is called before each forward; what it raises stops the work.
         """
@@ -167,7 +189,7 @@ class Predictor:
                     subset.add_task(name, self.runtime.tasks[name])
                 self._subsets[names] = subset.eval()
         return self._subsets[names].predict(
-            texts, batch_size=batch_size, before_forward=before_forward
+            texts, pairs, batch_size=batch_size, before_forward=before_forward
         )
 
     def describe(self) -> dict[str, Any]:
@@ -177,6 +199,7 @@ class Predictor:
             tasks[name] = {
                 "task_type": task.task_type,
                 "labels": task.labels,
+                "text_pair": False if task.task_type == "token_classification" else task.text_pair,
                 "base": task.base.name_or_path,
                 "layer_weights": {str(k): v for k, v in task.mixer.layer_weights().items()},
                 "parameters": task.num_parameters(),
@@ -195,13 +218,54 @@ class Predictor:
         }
 
 
+_ONE_INPUT = (
+    "give exactly one of 'texts' (a list of texts) or 'pairs' (a list of [text, text_pair], for "
+    "tasks trained on sentence pairs)"
+)
+
+
 class PredictRequest(BaseModel):
-    """``POST /predict`` body."""
+    """``POST /predict`` body: ``texts``, or ``pairs`` for tasks trained on sentence pairs."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"oneOf": [{"required": ["texts"]}, {"required": ["pairs"]}]},
+    )
 
     texts: list[str] = Field(
-        ..., min_length=1, description="Texts to label.", examples=[["a great film"]]
+        None,  # one of texts / pairs (checked below); not nullable in the schema
+        min_length=1,
+        description="Texts to label.",
+        examples=[["a great film"]],
+    )
+    pairs: list[tuple[str, str]] = Field(
+        None,
+        min_length=1,
+        description="Sentence pairs to label, each [text, text_pair], for tasks trained on pairs.",
+        examples=[[["The cat sat.", "A cat was sitting."]]],
     )
     tasks: list[str] | None = Field(None, description="Tasks to run (default: all).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _texts_or_pairs(cls, values: Any) -> Any:
+        """One of ``texts`` / ``pairs``, and no other field (``text_pairs`` is not ignored)."""
+        if isinstance(values, dict):
+            unknown = sorted(set(values) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(
+                    f"unknown field(s) {unknown}: a request has 'texts' (a list of texts) or "
+                    f"'pairs' (a list of [text, text_pair]), and optionally 'tasks'"
+                )
+            if ("texts" in values) == ("pairs" in values):
+                raise ValueError(_ONE_INPUT)
+        return values
+
+    def inputs(self) -> tuple[list[str], list[str] | None]:
+        """``(texts, second texts or None)``."""
+        if self.pairs is not None:
+            return [a for a, _ in self.pairs], [b for _, b in self.pairs]
+        return self.texts, None
 
 
 class PredictResponse(BaseModel):
@@ -243,6 +307,10 @@ def _request_model(config: ServeConfig, tasks: list[str]) -> type[PredictRequest
         Field(json_schema_extra={"minLength": 1, "maxLength": config.max_chars, "pattern": r"\S"}),
     ]
     name = Annotated[str, Field(json_schema_extra={"enum": tasks})]
+    limits = (
+        f"at most {config.max_texts} of them, at most {config.max_chars} characters a text, and "
+        f"at most {config.max_tokens} tokens in all (413 beyond)"
+    )
     return create_model(
         "PredictRequest",
         __base__=PredictRequest,
@@ -250,14 +318,23 @@ def _request_model(config: ServeConfig, tasks: list[str]) -> type[PredictRequest
         texts=(
             list[text],
             Field(
-                ...,
+                None,
+                min_length=1,
+                description=f"Texts to label: {limits}. Give texts or pairs.",
+                examples=[["a great film"]],
+                json_schema_extra={"maxItems": config.max_texts},
+            ),
+        ),
+        pairs=(
+            list[tuple[text, text]],
+            Field(
+                None,
                 min_length=1,
                 description=(
-                    f"Texts to label: at most {config.max_texts} texts of at most "
-                    f"{config.max_chars} characters, and at most {config.max_tokens} tokens in "
-                    f"all (413 beyond)."
+                    f"Sentence pairs to label, each [text, text_pair], for tasks trained on "
+                    f"pairs: {limits}, counting both texts of a pair. Give texts or pairs."
                 ),
-                examples=[["a great film"]],
+                examples=[[["The cat sat.", "A cat was sitting."]]],
                 json_schema_extra={"maxItems": config.max_texts},
             ),
         ),
@@ -283,6 +360,7 @@ class _Item:
     texts: list[str]
     tasks: list[str] | None
     future: asyncio.Future
+    pairs: list[str] | None = None  # the second texts of sentence pairs
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -334,10 +412,12 @@ class MicroBatcher:
             self.stats["rejected"] += 1
             raise QueueFullError
 
-    async def submit(self, texts: list[str], tasks: list[str] | None) -> list[dict[str, Any]]:
+    async def submit(
+        self, texts: list[str], tasks: list[str] | None, pairs: list[str] | None = None
+    ) -> list[dict[str, Any]]:
         if self.closing:
             raise ShuttingDownError
-        item = _Item(texts, tasks, asyncio.get_running_loop().create_future())
+        item = _Item(texts, tasks, asyncio.get_running_loop().create_future(), pairs)
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -362,7 +442,9 @@ class MicroBatcher:
                     item = await asyncio.wait_for(self.queue.get(), left)
                 except asyncio.TimeoutError:
                     break
-            if size + len(item.texts) > self.max_batch_size:
+            # pairs and single texts run in forwards of their own
+            mixed = (item.pairs is None) != (first.pairs is None)
+            if mixed or size + len(item.texts) > self.max_batch_size:
                 self._carry = item  # opens the next batch
                 break
             batch.append(item)
@@ -375,10 +457,11 @@ class MicroBatcher:
         if all(i.tasks is not None for i in batch):
             tasks = sorted({t for i in batch for t in i.tasks})
         texts = [t for i in batch for t in i.texts]
+        pairs = None if batch[0].pairs is None else [t for i in batch for t in i.pairs or []]
         check = self._check_aborted
         try:
             merged = self.predictor.predict(
-                texts, tasks, batch_size=self.max_batch_size, before_forward=check
+                texts, tasks, batch_size=self.max_batch_size, before_forward=check, pairs=pairs
             )
         except ShuttingDownError:
             raise
@@ -390,7 +473,11 @@ class MicroBatcher:
                 try:
                     out.append(
                         self.predictor.predict(
-                            item.texts, item.tasks, self.max_batch_size, before_forward=check
+                            item.texts,
+                            item.tasks,
+                            self.max_batch_size,
+                            before_forward=check,
+                            pairs=item.pairs,
                         )
                     )
                 except ShuttingDownError:
@@ -634,7 +721,13 @@ def create_app(
                 f"(> {config.max_body_bytes} bytes)."
             ),
         },
-        422: {"model": ErrorResponse, "description": "Malformed request or an empty text."},
+        422: {
+            "model": ErrorResponse,
+            "description": (
+                "Malformed request, an empty text, or input that does not fit a task: texts "
+                "for a task trained on sentence pairs, or pairs for one trained on single texts."
+            ),
+        },
         503: {
             "model": ErrorResponse,
             "description": (
@@ -644,6 +737,20 @@ def create_app(
             "headers": retry,
         },
     }
+
+    def pair_advice(err: PairMismatchError) -> str:
+        """What to send instead, in the request's words."""
+        if err.needs_pairs:
+            return (
+                f"task {err.task!r} was trained on sentence pairs: send 'pairs': [[text, "
+                f"text_pair], ...] instead of 'texts' (GET /tasks: text_pair is true)"
+            )
+        token = predictor.runtime.tasks[err.task].task_type == "token_classification"
+        kind = "labels the words of single texts" if token else "was trained on single texts"
+        return (
+            f"task {err.task!r} {kind}, not sentence pairs: send 'texts' instead of 'pairs', or "
+            f"name in 'tasks' only tasks trained on pairs"
+        )
 
     def refusal(err: QueueFullError | ShuttingDownError) -> Any:
         """503 with Retry-After: the queue is full, or the server is shutting down."""
@@ -656,19 +763,29 @@ def create_app(
             {"detail": detail}, status_code=503, headers={"Retry-After": retry_after}
         )
 
+    def name(i: int, j: int, paired: bool) -> str:
+        """How an error names a text: ``text 3``, or ``pair 3, text_pair``."""
+        return f"pair {i}, {('text', 'text_pair')[j]}" if paired else f"text {i}"
+
     async def predict(request: PredictRequest) -> Any:
-        if len(request.texts) > max_texts:
+        texts, pairs = request.inputs()
+        paired = pairs is not None
+        what = "pairs" if paired else "texts"
+        if len(texts) > max_texts:
             raise HTTPException(
-                413, f"{len(request.texts)} texts in one request; the limit is {max_texts}"
+                413, f"{len(texts)} {what} in one request; the limit is {max_texts}"
             )
-        for i, text in enumerate(request.texts):
-            if len(text) > max_chars:
-                raise HTTPException(
-                    413, f"text {i} has {len(text)} characters; the limit is {max_chars}"
-                )
-            problem = text_problem(text)  # blank, invisible characters only, lone surrogate
-            if problem:
-                raise HTTPException(422, f"text {i} {problem[0]}")
+        for j, column in enumerate((texts, pairs) if paired else (texts,)):
+            for i, text in enumerate(column):
+                if len(text) > max_chars:
+                    raise HTTPException(
+                        413,
+                        f"{name(i, j, paired)} has {len(text)} characters; the limit is "
+                        f"{max_chars}",
+                    )
+                problem = text_problem(text)  # blank, invisible characters only, lone surrogate
+                if problem:
+                    raise HTTPException(422, f"{name(i, j, paired)} {problem[0]}")
         names = None
         if request.tasks is not None:
             unknown = sorted(set(request.tasks) - set(known))
@@ -677,22 +794,27 @@ def create_app(
                     400, f"unknown task(s) {unknown or request.tasks}; this server has {known}"
                 )
             names = list(dict.fromkeys(request.tasks))
+        try:
+            predictor.check_pairs(names, paired)
+        except PairMismatchError as err:
+            raise HTTPException(422, pair_advice(err)) from None
         batcher = state["batcher"]
         try:  # the cheap refusals first: under overload a 503 costs no tokenizing
             batcher.check_open()
         except (QueueFullError, ShuttingDownError) as err:
             return refusal(err)
         # the token budget (off the event loop: a long body takes a while to tokenize)
-        counts = await asyncio.to_thread(predictor.count_tokens, request.texts, names)
+        counts = await asyncio.to_thread(predictor.count_tokens, texts, names, pairs)
         if sum(counts) > max_tokens:
             top = max(range(len(counts)), key=counts.__getitem__)
+            which = f"pair {top}" if paired else f"text {top}"
             raise HTTPException(
                 413,
-                f"the texts make {sum(counts)} tokens for the base (text {top}: {counts[top]}); "
-                f"the limit per request is {max_tokens}: send fewer or shorter texts",
+                f"the {what} make {sum(counts)} tokens for the base ({which}: {counts[top]}); "
+                f"the limit per request is {max_tokens}: send fewer or shorter {what}",
             )
         try:
-            rows = await batcher.submit(request.texts, names)
+            rows = await batcher.submit(texts, names, pairs)
         except (QueueFullError, ShuttingDownError) as err:
             return refusal(err)
         except (TypeError, ValueError) as err:

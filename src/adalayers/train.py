@@ -7,7 +7,8 @@ A run folder holds::
     checkpoint/        the latest resumable state (task, optimiser, scheduler, RNG, counters)
                        as safetensors plus JSON: resuming never unpickles (:mod:`.checkpoint`)
     history.jsonl      one line per epoch: loss, metrics, learning rate, layer distribution
-    metrics.json       final validation and test metrics, parameters added, timings
+    metrics.json       final validation and test metrics, parameters added, timings, and
+                       a few examples of each split with their inputs (:func:`sample_records`)
     predictions_validation.jsonl, predictions_test.jsonl
                        the best task's prediction for every example of the split, in its
                        order (:func:`prediction_records`)
@@ -297,9 +298,17 @@ class TaskModel(nn.Module):
 
 
 def build_task(config: RunConfig, data: TaskData, backbone: Backbone) -> Task:
-    """A new task for ``data`` on ``backbone`` (``head.decoding`` as :func:`head_decoding`)."""
+    """A new task for ``data`` on ``backbone`` (``head.decoding`` as :func:`head_decoding`;
+    ``text_pair`` records whether the data are sentence pairs)."""
     head = dataclasses.replace(config.task.head, decoding=head_decoding(config, data))
-    task_config = TaskConfig(data.task_type, list(data.label_names), config.task.mixer, head)
+    token = data.task_type == "token_classification"
+    task_config = TaskConfig(
+        data.task_type,
+        list(data.label_names),
+        config.task.mixer,
+        head,
+        text_pair=not token and "text_pair" in data.splits["train"].column_names,
+    )
     return Task(task_config, backbone.info())
 
 
@@ -597,6 +606,38 @@ def prediction_records(
     else:
         keys = ("label", "prediction")
     return [{"index": i, keys[0]: g, keys[1]: p} for i, (g, p) in enumerate(zip(gold, predicted))]
+
+
+SAMPLES = 8
+"""Examples of each split kept in ``metrics.json`` (``samples``), for the report."""
+_SAMPLE_CHARS = 300
+
+
+def sample_records(
+    data: TaskData, split: str, records: Sequence[Mapping[str, Any]], size: int = SAMPLES
+) -> list[dict[str, Any]]:
+    """A few of ``records`` (:func:`prediction_records` of ``split``) with their inputs, for the
+    report: the first wrong predictions, then the first right ones, ``size`` in all, in split
+    order. Each gets ``text`` (and ``text_pair`` for sentence pairs; texts cut at 300
+    characters) or, for token tasks, ``tokens``."""
+    keys = ("tags", "predicted_tags") if "tags" in (records[0] if records else {}) else None
+    keys = keys or ("label", "prediction")
+    wrong = [r for r in records if r[keys[0]] != r[keys[1]]]
+    right = [r for r in records if r[keys[0]] == r[keys[1]]]
+    chosen = sorted(wrong[:size] + right[: max(0, size - len(wrong))], key=lambda r: r["index"])
+    rows = data.splits[split]
+    out = []
+    for record in chosen:
+        example = rows[record["index"]]
+        inputs = {}
+        for column in ("text", "text_pair", "tokens"):
+            if column in example:
+                value = example[column]
+                if isinstance(value, str) and len(value) > _SAMPLE_CHARS:
+                    value = value[:_SAMPLE_CHARS] + "..."
+                inputs[column] = value
+        out.append({**inputs, **record})
+    return out
 
 
 def write_predictions(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> Path:
@@ -1064,6 +1105,9 @@ def fit(
             **scoring,
         )
     )
+    results["samples"] = {
+        split: sample_records(data, split, records) for split, records in predictions.items()
+    }
     results["max_length"] = max_length
     results["longest_example_tokens"] = {  # before cutting: to choose data.max_length
         split: found["longest"] for split, found in lengths.items() if "longest" in found
@@ -1262,9 +1306,8 @@ def evaluate_run(
     if data_dir is not None:
         config.data.data_dir = data_dir
     if decoding is not None:
-        saved = task.config
-        head = dataclasses.replace(saved.head, decoding=decoding)
-        task.config = TaskConfig(saved.task_type, saved.labels, saved.mixer, head)  # checks it
+        head = dataclasses.replace(task.config.head, decoding=decoding)
+        task.config = dataclasses.replace(task.config, head=head)  # checks it
     data = _load_data(config)
     if split not in data.splits or len(data.splits[split]) == 0:
         raise ValueError(

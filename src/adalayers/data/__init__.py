@@ -1,5 +1,7 @@
-"""Data: readers for the benchmark formats and user files (see :mod:`adalayers.data.readers`)."""
+"""Data: readers for the benchmark formats and user files (:mod:`adalayers.data.readers`), and
+of the inputs to predict on (:mod:`adalayers.data.inputs`)."""
 
+from adalayers.data.inputs import Inputs, read_inputs
 from adalayers.data.readers import (
     BENCHMARKS,
     ENV_VAR,
@@ -17,11 +19,13 @@ __all__ = [
     "BENCHMARKS",
     "ENV_VAR",
     "SPLITS",
+    "Inputs",
     "TASK_TYPES",
     "USER_FORMATS",
     "TaskData",
     "load_task_data",
     "read_conll",
+    "read_inputs",
     "resolve_data_dir",
     "split_validation",
 ]
