@@ -365,6 +365,7 @@ def test_compare_with_jobs_keeps_the_rows_that_finished_when_one_fails(tmp_path,
     assert set(partial["rows"]) == {"mixer"} and (out / "mixer" / "metrics.json").is_file()
 
 
+@pytest.mark.slow  # four comparisons in spawned processes: about 50 s on 2 cores
 def test_parallel_rows_benchmark_times_both_calls(
     tmp_path, tiny_model_dir, monkeypatch, benchmark_script
 ):
