@@ -14,7 +14,7 @@ test-slow:
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
 lint:
-	ruff check . && ruff format --check .
+	ruff check . && ruff format --check . && lint-imports
 
 style:
 	ruff check --fix . && ruff format .

@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
-from adalayers.config import load_config  # noqa: E402
-from adalayers.train import build_cache, fit  # noqa: E402
+from adalayers.training.config import load_config  # noqa: E402
+from adalayers.training.train import build_cache, fit  # noqa: E402
 
 CONFIGS = {"cola": "configs/minilm-cola.yaml", "conll2003": "configs/minilm-conll2003.yaml"}
 

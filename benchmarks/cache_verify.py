@@ -6,7 +6,8 @@ A ``FOLDER`` is a store, ``<cache.dir>/<key>`` (it holds ``meta.json`` and its s
 or a whole ``cache.dir``, whose stores are all taken. For every shard, in one run: first the full
 check (every checksum read, as the first open after a build does, or ``adalayers cache
 --verify``), then the check that ``adalayers`` makes on every later open
-(:meth:`adalayers.cache._Shard.verify`: files unchanged since their checksums passed are not
+(:meth:`adalayers.training.cache._Shard.verify`: files unchanged since their checksums passed
+are not
 read). Writes ``benchmarks/results/cache_verify[-NAME].json`` with the bytes and seconds of each;
 a store larger than RAM is read from disk by the full check.
 """
@@ -24,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
-from adalayers.cache import _Shard  # noqa: E402
+from adalayers.training.cache import _Shard  # noqa: E402
 
 
 def time_shard(shard: _Shard) -> dict:

@@ -13,7 +13,8 @@ a stratified 10% of train, is all in-domain.
 Each ``--seed-runs S=DIR[,DIR...]`` names the folders holding one seed's rows (folders that
 ``adalayers compare`` wrote, or run folders); a row is a sub-folder with ``metrics.json``. A row
 without ``predictions_test.jsonl`` (runs from before runs wrote them) is evaluated again on
-test through :func:`adalayers.train.evaluate_run`, online, and its overall score is reported
+test through :func:`adalayers.training.train.evaluate_run`, online, and its overall score is
+reported
 beside the one in its metrics.json. Writes ``benchmarks/results/cola_domains.json``: per seed
 and row the MCC and accuracy on all, in-domain and out-of-domain sentences, and per row the
 mean over seeds, with two rows chosen on validation per seed: the best single layer and the
@@ -35,8 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
-from adalayers.metrics import compute_metrics  # noqa: E402
-from adalayers.train import evaluate_run, predictions_file  # noqa: E402
+from adalayers.core.metrics import compute_metrics  # noqa: E402
+from adalayers.training.train import evaluate_run, predictions_file  # noqa: E402
 
 DOMAINS = ("all", "in_domain", "out_of_domain")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
-from adalayers.metrics import primary_metric  # noqa: E402
-from adalayers.train import evaluate_run, load_run  # noqa: E402
+from adalayers.core.metrics import primary_metric  # noqa: E402
+from adalayers.training.train import evaluate_run, load_run  # noqa: E402
 
 
 def main() -> None:

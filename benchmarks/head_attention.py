@@ -2,8 +2,8 @@
 
     python benchmarks/head_attention.py [--batch 32] [--lengths 128 512] [--repeats 5]
 
-Times forward + backward of :func:`adalayers.heads.dropout_attention` (the CPU path, one
-autograd function), of :func:`adalayers.heads.dropout_attention_by_ops` (the same expression op
+Times forward + backward of :func:`adalayers.core.heads.dropout_attention` (the CPU path, one
+autograd function), of :func:`adalayers.core.heads.dropout_attention_by_ops` (the same expression op
 by op, what the head ran before) and of ``scaled_dot_product_attention`` without dropout (what
 evaluation runs), on (batch, 8 heads, T, 8) as in the IMDB config (mixer dim 64, 8 heads),
 a quarter of the batch padded to 3/4 of T. The three are interleaved and each figure is the
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
-from adalayers.heads import dropout_attention, dropout_attention_by_ops  # noqa: E402
+from adalayers.core.heads import dropout_attention, dropout_attention_by_ops  # noqa: E402
 
 
 def step(fn, q, k, v, keep) -> float:

@@ -147,8 +147,8 @@ def phase_result(process: subprocess.Popen, timeout: float) -> dict:
 def make_tasks(folder: Path, n: int, base: str) -> list[str]:
     import torch
 
-    from adalayers.backbone import load_backbone
-    from adalayers.model import Task, TaskConfig
+    from adalayers.core.backbone import load_backbone
+    from adalayers.core.task import Task, TaskConfig
 
     torch.manual_seed(0)
     backbone = load_backbone(base)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         token_task = runs[-1].split("=")[0]
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "adalayers.serve", *runs, "--host", "127.0.0.1"]
+        command = [sys.executable, "-m", "adalayers.serving.serve", *runs, "--host", "127.0.0.1"]
         command += ["--port", str(port), "--log-level", "warning"]
         command += ["--max-batch-size", str(args.max_batch_size)]
         command += ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", str(args.max_queue)]

@@ -70,8 +70,8 @@ class _Mallinfo:
 def child(variant: str, batch: int, length: int, dim: int) -> None:
     import torch
 
-    from adalayers.backbone import load_backbone
-    from adalayers.model import AdaLayers, Task, TaskConfig
+    from adalayers.core.backbone import load_backbone
+    from adalayers.core.task import AdaLayers, Task, TaskConfig
 
     torch.manual_seed(0)
     backbone = load_backbone("all-MiniLM-L6-v2")

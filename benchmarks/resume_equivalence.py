@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 from _common import write_result
 
-from adalayers import train as train_module
-from adalayers.config import load_config
-from adalayers.model import Task
+from adalayers.core.task import Task
+from adalayers.training import train as train_module
+from adalayers.training.config import load_config
 
 
 class _StopAfter(dict):
-    """The signal flag of :func:`adalayers.train._stop_on_signals`, set after ``n`` checks."""
+    """The signal flag of :func:`adalayers.training.train._stop_on_signals`, set after ``n``
+    checks."""
 
     def __init__(self, n: int) -> None:
         super().__init__(stop=False)

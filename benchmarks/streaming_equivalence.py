@@ -19,8 +19,8 @@ sys.path[:0] = [str(ROOT / "tests"), str(Path(__file__).resolve().parent)]
 from _common import write_result  # noqa: E402
 from conftest import build_tiny  # noqa: E402
 
-from adalayers.backbone import load_backbone  # noqa: E402
-from adalayers.model import AdaLayers, Task, TaskConfig  # noqa: E402
+from adalayers.core.backbone import load_backbone  # noqa: E402
+from adalayers.core.task import AdaLayers, Task, TaskConfig  # noqa: E402
 
 TEXTS = ["the movie was very good", "bad plot", "john read a book in london ."]
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adalayers.backbone import Backbone
-from adalayers.model import Task, TaskConfig
-from adalayers.models import smollm2_path
-from adalayers.runtime import attach
+from adalayers.core.backbone import Backbone
+from adalayers.core.models import smollm2_path
+from adalayers.core.task import Task, TaskConfig
+from adalayers.serving.runtime import attach
 
 SENTIMENT = [
     ("I loved this film, the acting was wonderful.", "positive"),

@@ -11,9 +11,9 @@ import torch
 import transformers
 from conftest import FAMILIES
 
-from adalayers import models
-from adalayers.backbone import load_backbone, resolve_model_path
-from adalayers.model import AdaLayers, Task, TaskConfig
+from adalayers.core import models
+from adalayers.core.backbone import load_backbone, resolve_model_path
+from adalayers.core.task import AdaLayers, Task, TaskConfig
 
 CASES = [(f, "encoder") for f in FAMILIES if f != "gpt2" and f != "llama"]
 CASES += [("bart", "decoder"), ("t5", "decoder"), ("gpt2", None), ("llama", None)]
@@ -181,7 +181,7 @@ def test_zero_weight_layers_are_not_tapped(tiny_model_dir, encode, monkeypatch):
 
 def test_embedded_name_resolves_to_the_package(minilm_path, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="adalayers.backbone"):
+    with caplog.at_level(logging.WARNING, logger="adalayers.core.backbone"):
         assert resolve_model_path("all-MiniLM-L6-v2") == str(minilm_path)
     assert caplog.text == ""
 
@@ -192,7 +192,7 @@ def test_local_folder_under_the_embedded_name_is_loaded_with_a_warning(
     shadow = tmp_path / "all-MiniLM-L6-v2"
     shutil.copytree(tiny_model_dir("bert"), shadow)
     monkeypatch.chdir(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="adalayers.backbone"):
+    with caplog.at_level(logging.WARNING, logger="adalayers.core.backbone"):
         backbone = load_backbone("all-MiniLM-L6-v2")  # a local path is a path, as in HF
     assert backbone.name_or_path == "all-MiniLM-L6-v2"
     assert backbone.info().path == str(shadow.resolve())

@@ -12,15 +12,15 @@ import pytest
 import torch
 from test_train import check_token_predictions, write_cola, write_config, write_conll
 
-from adalayers import cache as cache_module
-from adalayers import compare as compare_module
-from adalayers import train as train_module
-from adalayers.backbone import load_backbone
 from adalayers.cli import main
-from adalayers.config import load_config
-from adalayers.data import load_task_data
-from adalayers.mixer import LayerMixer, MixerConfig
-from adalayers.model import AdaLayers, Task, TaskConfig
+from adalayers.core.backbone import load_backbone
+from adalayers.core.mixer import LayerMixer, MixerConfig
+from adalayers.core.task import AdaLayers, Task, TaskConfig
+from adalayers.training import cache as cache_module
+from adalayers.training import compare as compare_module
+from adalayers.training import train as train_module
+from adalayers.training.config import load_config
+from adalayers.training.data import load_task_data
 
 _erf = np.vectorize(math.erf)
 COLA = ["unacceptable", "acceptable"]
@@ -227,7 +227,7 @@ def test_plan_maps_baselines_onto_config_knobs(tmp_path, tiny_model_dir):
 
 
 def test_finetune_token_task_writes_a_run(tmp_path, tiny_model_dir):
-    from adalayers.finetune import finetune
+    from adalayers.training.finetune import finetune
 
     data = write_conll(tmp_path / "data")
     path = write_config(
@@ -306,7 +306,7 @@ def test_compare_again_reuses_finished_runs(compared, monkeypatch, capsys):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(compare_module, "fit", refuse)
-    monkeypatch.setattr("adalayers.finetune.finetune", refuse)
+    monkeypatch.setattr("adalayers.training.finetune.finetune", refuse)
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["rows"]) == ALL_ROWS | {"finetune"}
@@ -355,7 +355,7 @@ def test_compare_with_jobs_keeps_the_rows_that_finished_when_one_fails(tmp_path,
     broken.mkdir(parents=True)  # a run to resume whose checkpoint cannot be read
     (broken / "state.pt").write_bytes(b"not a checkpoint")
     rows_plan = compare_module.plan(config, "uniform,mixer", 4)
-    from adalayers.config import save_config
+    from adalayers.training.config import save_config
 
     save_config(rows_plan["uniform"], out / "uniform" / train_module.CONFIG)
     with pytest.raises(RuntimeError, match=r"state\.pt cannot be read"):

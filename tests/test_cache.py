@@ -15,12 +15,12 @@ import pytest
 import torch
 from test_train import _env, write_cola, write_config
 
-from adalayers import cache as cache_module
-from adalayers import train as train_module
-from adalayers.backbone import load_backbone
-from adalayers.config import load_config
-from adalayers.data import load_task_data
-from adalayers.model import Task, TaskConfig
+from adalayers.core.backbone import load_backbone
+from adalayers.core.task import Task, TaskConfig
+from adalayers.training import cache as cache_module
+from adalayers.training import train as train_module
+from adalayers.training.config import load_config
+from adalayers.training.data import load_task_data
 
 
 @pytest.fixture
@@ -390,7 +390,7 @@ def test_packed_rows_are_the_padded_batch_without_padding(setup, dtype):
 )
 def test_packed_mixer_equals_the_padded_mixer(setup, mixer):
     """The cache's packed path (rows of real tokens only) gives the padded form's features."""
-    from adalayers.mixer import LayerMixer, MixerConfig
+    from adalayers.core.mixer import LayerMixer, MixerConfig
 
     backbone, ds, root = setup
     store = cache_module.open_or_build(backbone, ds, "train", [0, 1, 2, 3], root=root)
@@ -421,7 +421,7 @@ def test_batches_read_only_the_states_the_mixer_uses(setup):
 def test_a_state_that_comes_back_is_read_again(setup):
     """The loader collates one batch ahead; if the mixer weighs a state again that the batch
     lacks (the cutoff had removed it), the batch is read again before the forward."""
-    from adalayers.model import Task, TaskConfig
+    from adalayers.core.task import Task, TaskConfig
 
     backbone, ds, root = setup
     store = cache_module.open_or_build(backbone, ds, "train", [0, 1, 2, 3], root=root)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from test_train import _StopAfter, write_cola, write_config
 
-from adalayers import checkpoint as ckpt
-from adalayers import train as train_module
 from adalayers.cli import main
-from adalayers.config import load_config
+from adalayers.training import checkpoint as ckpt
+from adalayers.training import train as train_module
+from adalayers.training.config import load_config
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 The real bases of the reference setups (RoBERTa-large, BART-large-cnn) cannot be downloaded
 here, so each config's ``base`` is swapped for a tiny random model of the same architecture and
-the task is built and run exactly as :func:`adalayers.train.fit` does. Bad configs must fail
+the task is built and run exactly as :func:`adalayers.training.train.fit` does. Bad configs
+must fail
 with a ``ValueError`` naming the offending key.
 """
 
@@ -15,10 +16,10 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from adalayers.backbone import load_backbone
-from adalayers.config import load_config, save_config
-from adalayers.data import BENCHMARKS, TaskData
-from adalayers.train import TaskModel, build_task, collate, tokenize
+from adalayers.core.backbone import load_backbone
+from adalayers.training.config import load_config, save_config
+from adalayers.training.data import BENCHMARKS, TaskData
+from adalayers.training.train import TaskModel, build_task, collate, tokenize
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml"))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
-from adalayers.config import DataConfig
-from adalayers.data import load_task_data, read_conll, readers, split_validation
+from adalayers.training.config import DataConfig
+from adalayers.training.data import load_task_data, read_conll, readers, split_validation
 
 # --------------------------------------------------------------------------- fixtures
 

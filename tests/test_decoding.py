@@ -3,10 +3,10 @@ import itertools
 import pytest
 import torch
 
-from adalayers.decoding import bio_transitions, check_iob2, decode_words, viterbi
-from adalayers.heads import HeadConfig
-from adalayers.model import TaskConfig
-from adalayers.train import _token_predictions
+from adalayers.core.decoding import bio_transitions, check_iob2, decode_words, viterbi
+from adalayers.core.heads import HeadConfig
+from adalayers.core.task import TaskConfig
+from adalayers.training.train import _token_predictions
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 

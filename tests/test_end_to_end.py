@@ -14,19 +14,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adalayers import train as train_module
 from adalayers.cli import main
-from adalayers.config import load_config
-from adalayers.data import load_task_data
-from adalayers.model import PairMismatchError
+from adalayers.core.task import PairMismatchError
 from adalayers.report import write_report
-from adalayers.runtime import load_runs
+from adalayers.serving.runtime import load_runs
+from adalayers.training import train as train_module
+from adalayers.training.config import load_config
+from adalayers.training.data import load_task_data
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from adalayers.serve import create_app  # noqa: E402
+from adalayers.serving.serve import create_app  # noqa: E402
 
 GOOD = ["the movie was good", "a great story", "mary read the book", "they love this film"]
 BAD = ["the plot was bad", "a terrible actor", "we hate this movie", "not a good story"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import adalayers.heads as heads_module
-from adalayers.dropout import Dropout, dropout, keep_mask
-from adalayers.heads import HeadConfig, SequenceHead, TokenHead, attention
+import adalayers.core.heads as heads_module
+from adalayers.core.dropout import Dropout, dropout, keep_mask
+from adalayers.core.heads import HeadConfig, SequenceHead, TokenHead, attention
 
 
 def _mask() -> torch.Tensor:

@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
-from adalayers.backbone import load_backbone
-from adalayers.encoding import InputError
-from adalayers.model import AdaLayers, Task, TaskConfig
+from adalayers.core.backbone import load_backbone
+from adalayers.core.encoding import InputError
+from adalayers.core.task import AdaLayers, Task, TaskConfig
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_long_token_input_gets_a_prediction_for_every_word(backbone):
 
 
 def test_windows_choose_the_most_central_copy(backbone):
-    from adalayers.encoding import encode_words, word_logits
+    from adalayers.core.encoding import encode_words, word_logits
 
     words = [["john", "acmexyz"] * 50]  # "acmexyz" splits into several sub-tokens
     windows = encode_words(backbone.tokenizer, words, max_length=32, stride=8)
@@ -138,7 +138,7 @@ def _byte_level_tokenizer():
 
 
 def test_words_are_tokenised_as_ordinary_text_for_byte_level_bpe():
-    from adalayers.encoding import tokenize_words
+    from adalayers.core.encoding import tokenize_words
 
     tokenizer = _byte_level_tokenizer()
     words = ["john", "lives", "in", "london"]
@@ -152,7 +152,7 @@ def test_words_are_tokenised_as_ordinary_text_for_byte_level_bpe():
 
 
 def test_words_match_split_into_words_for_wordpiece(backbone):
-    from adalayers.encoding import tokenize_words
+    from adalayers.core.encoding import tokenize_words
 
     words = [["john", "read", "acmexyz", "."], ["mary", "said"]]
     enc, word_ids, starts = tokenize_words(backbone.tokenizer, words)
@@ -211,7 +211,7 @@ def test_pair_texts_are_checked_too(backbone):
 
 
 def test_encoders_refuse_inputs_that_tokenise_to_nothing(backbone):
-    from adalayers.encoding import Windows, encode_sequences, encode_words, word_logits
+    from adalayers.core.encoding import Windows, encode_sequences, encode_words, word_logits
 
     tokenizer = backbone.tokenizer
     with pytest.raises(InputError, match="input at index 1 is empty once tokenized"):
@@ -229,7 +229,7 @@ def test_encoders_refuse_inputs_that_tokenise_to_nothing(backbone):
 
 
 def test_attached_tasks_refuse_a_row_of_special_tokens_only(backbone):
-    from adalayers.runtime import attach
+    from adalayers.serving.runtime import attach
 
     tasks = {"s": seq_runtime(backbone).tasks["s"]}
     inputs = backbone.tokenizer(["good film", "\u200b"], padding=True, return_tensors="pt")
@@ -251,7 +251,7 @@ def keepalive(tiny_model_dir):
     pytest.importorskip("uvicorn")
     import http.client
 
-    from adalayers.serve import BackgroundServer, Predictor, create_app
+    from adalayers.serving.serve import BackgroundServer, Predictor, create_app
 
     class Boom(Predictor):
         def predict(self, texts, *args, **kwargs):
@@ -379,7 +379,7 @@ def test_predict_reads_a_byte_order_mark_as_no_text(ner_run, tmp_path, capsys):
 
 # -- read_inputs: the one reader of predict --input (txt, JSONL, CSV / TSV, sentence pairs) -----
 def test_read_inputs_takes_the_runs_columns_and_pairs(tmp_path):
-    from adalayers.data import read_inputs
+    from adalayers.training.data import read_inputs
 
     columns = {"text": "sentence1", "text_pair": "sentence2", "label": "label"}
     table = tmp_path / "pairs.csv"  # the file a task was trained on, label column and all
@@ -410,7 +410,7 @@ def test_read_inputs_takes_the_runs_columns_and_pairs(tmp_path):
     ],
 )
 def test_read_inputs_names_file_and_line(tmp_path, name, content, message):
-    from adalayers.data import read_inputs
+    from adalayers.training.data import read_inputs
 
     path = tmp_path / name
     path.write_text(content)

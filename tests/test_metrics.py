@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from adalayers.metrics import (
+from adalayers.core.metrics import (
     accuracy,
     compute_metrics,
     f1,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from adalayers.mixer import LayerMixer, MixerConfig, sinusoidal_positions
+from adalayers.core.mixer import LayerMixer, MixerConfig, sinusoidal_positions
 
 _erf = np.vectorize(math.erf)
 
@@ -147,7 +147,7 @@ def test_dropped_layers_are_not_projected_and_the_mix_is_unchanged(monkeypatch):
     """In training with layer dropout, the stacked form projects only the layers kept this
     step (as the streaming taps read only those); the result is the mix over every live layer
     with the dropped ones weighing 0."""
-    from adalayers.cache import StackedStates
+    from adalayers.core.mixer import StackedStates
 
     mixer, states = make(alpha=4.0, layer_dropout=0.5)
     mixer.train()

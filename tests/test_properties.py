@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis): any list of Unicode strings gives one prediction per input
-or an :class:`~adalayers.encoding.InputError` (a ``ValueError``) naming the bad input's index,
+or an :class:`~adalayers.core.encoding.InputError` (a ``ValueError``) naming the bad input's index,
 never another exception: not from ``AdaLayers.predict``, not from the encoders, not from the
 ``predict --input`` reader.
 
@@ -19,8 +19,8 @@ from conftest import WORDS
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from adalayers.backbone import load_backbone
-from adalayers.encoding import (
+from adalayers.core.backbone import load_backbone
+from adalayers.core.encoding import (
     InputError,
     check_texts,
     check_words,
@@ -28,7 +28,7 @@ from adalayers.encoding import (
     encode_words,
     word_logits,
 )
-from adalayers.model import AdaLayers, Task, TaskConfig
+from adalayers.core.task import AdaLayers, Task, TaskConfig
 
 AWKWARD = list(
     " \t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u2028\u2029\u3000"  # whitespace Python knows
@@ -206,7 +206,7 @@ def test_encode_words_covers_every_input_or_names_the_bad_one(tokenizers, name, 
 def test_input_file_lines_are_split_on_newlines_only(tmp_path_factory, lines, crlf):
     """Whatever a line holds besides "\\n", it is one input (blank lines skipped); the reader
     raises only a ValueError naming the file."""
-    from adalayers.data import read_inputs
+    from adalayers.training.data import read_inputs
 
     lines = [line.replace("\n", " ").replace("\r", " ") for line in lines]
     path = tmp_path_factory.mktemp("lines") / "in.txt"

@@ -14,10 +14,10 @@ import pytest
 import yaml
 from test_train import write_cola, write_config, write_conll
 
-from adalayers import train as train_module
 from adalayers.cli import main
-from adalayers.config import load_config
 from adalayers.report import read_run, write_report
+from adalayers.training import train as train_module
+from adalayers.training.config import load_config
 
 RENDER = Path(__file__).resolve().parents[1] / "benchmarks" / "render_report.py"
 

@@ -7,9 +7,9 @@ import torch
 import transformers as T
 import yaml
 
-from adalayers.backbone import load_backbone
-from adalayers.model import AdaLayers, BaseMismatchError, Task, TaskConfig
-from adalayers.runtime import attach, load_runs, resolve_run
+from adalayers.core.backbone import load_backbone
+from adalayers.core.task import AdaLayers, BaseMismatchError, Task, TaskConfig
+from adalayers.serving.runtime import attach, load_runs, resolve_run
 
 PROMPTS = ["the movie was very good and the plot was great", "bad plot", "john read a book"]
 GENERATE = {"max_new_tokens": 6, "do_sample": False, "num_beams": 1}
@@ -238,8 +238,8 @@ def test_shared_taps_equal_separate_mixers_with_different_widths(tiny_model_dir)
 @pytest.mark.slow
 def test_smollm2_generate_with_attached_tasks():
     pytest.importorskip("gguf")
-    from adalayers.backbone import Backbone
-    from adalayers.models import smollm2_path
+    from adalayers.core.backbone import Backbone
+    from adalayers.core.models import smollm2_path
 
     try:
         folder = smollm2_path()
@@ -280,7 +280,7 @@ def test_minilm_attach_keeps_embeddings_bit_identical(minilm_path):
 def test_continuing_sequence_is_found_under_either_cache_name():
     from transformers import DynamicCache
 
-    from adalayers.runtime import _continues_a_sequence
+    from adalayers.serving.runtime import _continues_a_sequence
 
     empty = DynamicCache()
     held = DynamicCache()
@@ -324,7 +324,7 @@ def test_runs_and_attached_tasks_on_cuda_match_the_cpu(tiny_model_dir, tmp_path)
 def test_attached_pair_tasks_read_pairs_as_predict_does(tiny_model_dir):
     from dataclasses import replace
 
-    from adalayers.model import PairMismatchError
+    from adalayers.core.task import PairMismatchError
 
     backbone = load_backbone(tiny_model_dir("bert"))
     single = make_tasks(backbone)["sentiment"]

@@ -16,9 +16,9 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from adalayers.backbone import load_backbone  # noqa: E402
-from adalayers.model import AdaLayers, Task, TaskConfig  # noqa: E402
-from adalayers.serve import (  # noqa: E402
+from adalayers.core.backbone import load_backbone  # noqa: E402
+from adalayers.core.task import AdaLayers, Task, TaskConfig  # noqa: E402
+from adalayers.serving.serve import (  # noqa: E402
     DRAIN_MARGIN,
     BackgroundServer,
     Predictor,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adalayers.backbone import load_backbone
-from adalayers.model import AdaLayers, Task, TaskConfig
+from adalayers.core.backbone import load_backbone
+from adalayers.core.task import AdaLayers, Task, TaskConfig
 
 pytestmark = pytest.mark.slow
 

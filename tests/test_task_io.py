@@ -16,9 +16,9 @@ import time
 import pytest
 import torch
 
-from adalayers import model as model_module
-from adalayers.backbone import load_backbone
-from adalayers.model import AdaLayers, BaseMismatchError, Task, TaskConfig
+from adalayers.core import task as model_module
+from adalayers.core.backbone import load_backbone
+from adalayers.core.task import AdaLayers, BaseMismatchError, Task, TaskConfig
 
 
 @pytest.fixture
@@ -305,7 +305,7 @@ def test_shadowed_base_mismatch_names_paths_and_fingerprints(
     shadow = tmp_path / "cwd" / "all-MiniLM-L6-v2"  # another model under the embedded name
     shutil.copytree(tiny_model_dir("bert", seed=1), shadow)
     monkeypatch.chdir(tmp_path / "cwd")
-    with caplog.at_level(logging.WARNING, logger="adalayers.backbone"):
+    with caplog.at_level(logging.WARNING, logger="adalayers.core.backbone"):
         other = load_backbone("all-MiniLM-L6-v2")
     assert str(shadow.resolve()) in caplog.text
     with pytest.raises(BaseMismatchError) as err:

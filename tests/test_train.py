@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from adalayers import train as train_module
 from adalayers.cli import main
-from adalayers.model import Task
+from adalayers.core.task import Task
+from adalayers.training import train as train_module
 
 GOOD = "the movie was good . a great story . mary read the book .".split(" . ")
 BAD = "movie the was . good a the of . the the the and".split(" . ")
@@ -134,7 +134,7 @@ def test_train_writes_a_complete_run(cola, tmp_path, capsys):
     names = ["unacceptable", "acceptable"]
     assert [r["label"] for r in records] == [names[int(g)] for g in gold]
     assert {r["prediction"] for r in records} <= set(names)
-    from adalayers.metrics import compute_metrics
+    from adalayers.core.metrics import compute_metrics
 
     again = compute_metrics(
         "sequence_classification",
@@ -200,7 +200,7 @@ def test_interrupt_then_resume_loses_nothing(cola, tmp_path, monkeypatch):
     config_path, data = cola
     from contextlib import contextmanager
 
-    from adalayers.config import load_config
+    from adalayers.training.config import load_config
 
     config = load_config(config_path, data_dir=str(data))
     reference = train_module.fit(config, tmp_path / "straight", quiet=True)
@@ -238,7 +238,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def check_token_predictions(run: Path, test: dict) -> None:
     """The run's test predictions: one record a sentence with its gold tags (those of
     ``write_conll``), a predicted tag a word, and the run's test F1."""
-    from adalayers.metrics import compute_metrics
+    from adalayers.core.metrics import compute_metrics
 
     records = read_jsonl(run / "predictions_test.jsonl")
     sents = [["B-PER", "O", "O", "O"], ["B-PER", "O", "O", "B-LOC"], ["B-ORG", "I-ORG", "O"]]
@@ -257,7 +257,7 @@ def test_token_task_end_to_end(tmp_path, tiny_model_dir):
     config = write_config(
         tmp_path / "cfg.yaml", tiny_model_dir("roberta"), task="conll2003", epochs=2
     )
-    from adalayers.config import load_config
+    from adalayers.training.config import load_config
 
     results = train_module.fit(
         load_config(config, data_dir=str(data)), tmp_path / "run", quiet=True
@@ -269,8 +269,8 @@ def test_token_task_end_to_end(tmp_path, tiny_model_dir):
 
 
 def test_token_task_with_bio_decoding_predicts_valid_tags(tmp_path, tiny_model_dir):
-    from adalayers.config import load_config
-    from adalayers.model import AdaLayers
+    from adalayers.core.task import AdaLayers
+    from adalayers.training.config import load_config
 
     data = write_conll(tmp_path / "data")
     config = write_config(

@@ -15,16 +15,16 @@ import pytest
 import yaml
 from datasets import Dataset, DatasetDict
 
-from adalayers import cache as cache_module
-from adalayers import train as train_module
-from adalayers.backbone import load_backbone
-from adalayers.config import load_config
-from adalayers.data import TaskData, load_task_data, read_conll
-from adalayers.decoding import resolve_decoding
-from adalayers.metrics import compute_metrics, f1
-from adalayers.model import Task, TaskConfig
-from adalayers.progress import ProgressLog
-from adalayers.runtime import load_runs
+from adalayers.core.backbone import load_backbone
+from adalayers.core.decoding import resolve_decoding
+from adalayers.core.metrics import compute_metrics, f1
+from adalayers.core.task import Task, TaskConfig
+from adalayers.serving.runtime import load_runs
+from adalayers.training import cache as cache_module
+from adalayers.training import train as train_module
+from adalayers.training.config import load_config
+from adalayers.training.data import TaskData, load_task_data, read_conll
+from adalayers.training.progress import ProgressLog
 
 MODEL = {
     "mixer": {"dim": 8, "alpha": 16, "positional": "learned", "max_positions": 32},
@@ -143,7 +143,7 @@ def test_metrics_of_the_task_type_are_checked():
     assert compute_metrics("regression", [0.0, 1.0, 2.0], [0.0, 1.0, 2.0], names=["spearman"]) == {
         "spearman": pytest.approx(1.0)
     }
-    from adalayers.metrics import check_metrics
+    from adalayers.core.metrics import check_metrics
 
     with pytest.raises(ValueError, match="f1_positive needs two labels, this task has 3"):
         check_metrics("sequence_classification", ["f1_positive"], ["a", "b", "c"])

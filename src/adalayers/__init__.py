@@ -3,11 +3,11 @@
 text -> tokenizer -> frozen backbone (layer taps) -> layer mixer -> task head -> prediction
 """
 
-from adalayers.backbone import DEFAULT_BASE, Backbone, BaseInfo, load_backbone
-from adalayers.encoding import InputError
-from adalayers.heads import HeadConfig
-from adalayers.mixer import LayerMixer, MixerConfig
-from adalayers.model import (
+from adalayers.core.backbone import DEFAULT_BASE, Backbone, BaseInfo, load_backbone
+from adalayers.core.encoding import InputError
+from adalayers.core.heads import HeadConfig
+from adalayers.core.mixer import LayerMixer, MixerConfig
+from adalayers.core.task import (
     AdaLayers,
     BaseMismatchError,
     MultiTaskOutput,
@@ -15,7 +15,7 @@ from adalayers.model import (
     Task,
     TaskConfig,
 )
-from adalayers.runtime import attach, load_runs
+from adalayers.serving.runtime import attach, load_runs
 
 __version__ = "0.1.0"
 

@@ -38,8 +38,8 @@ def _print_json(payload: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from adalayers.config import load_config
-    from adalayers.train import CONFIG, fit
+    from adalayers.training.config import load_config
+    from adalayers.training.train import CONFIG, fit
 
     if args.resume:
         config = load_config(Path(args.output_dir) / CONFIG, args.set, args.data_dir)
@@ -66,8 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from adalayers.config import load_config
-    from adalayers.train import build_cache
+    from adalayers.training.config import load_config
+    from adalayers.training.train import build_cache
 
     config = load_config(args.config, args.set, args.data_dir)
     summary = build_cache(config, quiet=args.quiet, verify=args.verify)
@@ -77,7 +77,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from adalayers.serve import serve
+    from adalayers.serving.serve import serve
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "quiet")}
     serve(options.pop("runs"), **options)
@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from adalayers.train import evaluate_run
+    from adalayers.training.train import evaluate_run
 
     _print_json(
         evaluate_run(
@@ -103,7 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _pair_advice(
     err: Any, run: str, task_type: str, columns: dict[str, Any], path: Path | None
 ) -> str:
-    """The CLI's words for a :class:`~adalayers.model.PairMismatchError`."""
+    """The CLI's words for a :class:`~adalayers.core.task.PairMismatchError`."""
     text = columns.get("text") if isinstance(columns.get("text"), str) else "text"
     pair = columns.get("text_pair") if isinstance(columns.get("text_pair"), str) else "text_pair"
     if err.needs_pairs:
@@ -122,11 +122,11 @@ def _pair_advice(
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from adalayers.config import load_config
-    from adalayers.data import read_inputs
-    from adalayers.encoding import InputError
-    from adalayers.model import AdaLayers, PairMismatchError
-    from adalayers.train import CONFIG, load_run
+    from adalayers.core.encoding import InputError
+    from adalayers.core.task import AdaLayers, PairMismatchError
+    from adalayers.training.config import load_config
+    from adalayers.training.data import read_inputs
+    from adalayers.training.train import CONFIG, load_run
 
     if args.text_pair and len(args.text_pair) != len(args.text or []):
         raise ValueError(
@@ -165,8 +165,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from adalayers.model import Task
-    from adalayers.train import MODEL_DIR, read_metrics
+    from adalayers.core.task import Task
+    from adalayers.training.train import MODEL_DIR, read_metrics
 
     run = Path(args.run)
     folder = run / MODEL_DIR if (run / MODEL_DIR).is_dir() else run
@@ -190,7 +190,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from adalayers.backbone import load_backbone
+    from adalayers.core.backbone import load_backbone
 
     backbone = load_backbone(args.base, states=args.states, gguf_file=args.gguf_file)
     _print_json(
@@ -210,8 +210,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from adalayers.compare import compare, parse_mixer_grid
-    from adalayers.config import load_config
+    from adalayers.training.compare import compare, parse_mixer_grid
+    from adalayers.training.config import load_config
 
     config = load_config(args.config, args.set, args.data_dir)
     result = compare(
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_info)
 
-    from adalayers.serve import add_arguments as serve_arguments
+    from adalayers.serving.serve import add_arguments as serve_arguments
 
     p = sub.add_parser("serve", help="serve runs over HTTP: POST /predict, GET /tasks, /health")
     serve_arguments(p)
@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.quiet)
-    from adalayers.train import TrainingInterrupted
+    from adalayers.training.train import TrainingInterrupted
 
     try:
         return args.func(args)

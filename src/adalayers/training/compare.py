@@ -8,7 +8,7 @@ Every baseline but ``finetune`` is the task of the config with one mixer setting
                 its last row: the same run, not trained twice)
     uniform     fixed equal weights:          task.mixer.freeze_distribution = true (p stays 0)
     scalar_mix  ELMo's scalar mix:            task.mixer.mode = scalar_mix
-    finetune    the whole base fine-tuned under a standard head (:mod:`adalayers.finetune`)
+    finetune    the whole base fine-tuned under a standard head (:mod:`adalayers.training.finetune`)
 
 The config's ``task.mixer.layer_dropout`` applies to every row that mixes several states
 (mixer, uniform, scalar_mix) and is a no-op for the single states.
@@ -46,10 +46,10 @@ from typing import Any
 
 import torch
 
-from adalayers._schema import build
-from adalayers.checkpoint import has_checkpoint
-from adalayers.config import RunConfig, load_config, parse_override
-from adalayers.train import _NESTED, CHECKPOINT_DIR, CONFIG, METRICS, _write_json, fit
+from adalayers.core._schema import build
+from adalayers.training.checkpoint import has_checkpoint
+from adalayers.training.config import RunConfig, load_config, parse_override
+from adalayers.training.train import _NESTED, CHECKPOINT_DIR, CONFIG, METRICS, _write_json, fit
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def num_states(config: RunConfig) -> int:
     """``L + 1`` of the config's base, from its config alone (built on the meta device)."""
     from transformers import AutoConfig, AutoModel
 
-    from adalayers.backbone import Backbone, resolve_model_path
+    from adalayers.core.backbone import Backbone, resolve_model_path
 
     extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     try:
@@ -247,7 +247,7 @@ def compare(
         baselines: names from :data:`BASELINES` (a list or ``"a,b,c"``).
         output_dir: the comparison folder; one run folder per row goes inside.
         finetune_lr: the fine-tuning learning rate (default
-            :data:`adalayers.finetune.DEFAULT_LR`).
+            :data:`adalayers.training.finetune.DEFAULT_LR`).
         mixer_grid: other values of the mixer's own settings to train as extra mixer rows,
             e.g. ``{"alpha": [1, 4, 16]}``; ``mixer_chosen`` names the best on validation.
         quiet: no progress bars.
@@ -356,7 +356,7 @@ def _train_row(
     quiet: bool,
 ) -> tuple[dict[str, Any], float]:
     """Train one row in ``run``: its results and wall time."""
-    from adalayers.finetune import finetune
+    from adalayers.training.finetune import finetune
 
     logger.info("%s: training in %s", name, run)
     start = time.perf_counter()
@@ -397,7 +397,7 @@ def _train_rows(
 
     With ``jobs > 1`` up to ``jobs`` rows train at once, each in a fresh (spawned) process with
     ``torch.get_num_threads() // jobs`` threads and no progress bars. Rows that share a feature
-    store build it once (its lock, :func:`adalayers.cache.open_or_build`). A row that fails
+    store build it once (its lock, :func:`adalayers.training.cache.open_or_build`). A row that fails
     stops the rows not yet started; the running ones finish and are kept, then the error is
     raised. The thread count changes float rounding, so a row can differ from the same row
     trained with ``jobs=1`` in the last digits.

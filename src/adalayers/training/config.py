@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import yaml
 
-from adalayers._schema import build
-from adalayers.backbone import DEFAULT_BASE
-from adalayers.heads import HeadConfig
-from adalayers.mixer import MixerConfig
+from adalayers.core._schema import build
+from adalayers.core.backbone import DEFAULT_BASE
+from adalayers.core.heads import HeadConfig
+from adalayers.core.mixer import MixerConfig
 
 
 @dataclass
@@ -234,7 +234,7 @@ class TaskSection:
 
     def __post_init__(self) -> None:
         if self.metrics is not None:
-            from adalayers.metrics import METRICS  # scikit-learn: only when it is needed
+            from adalayers.core.metrics import METRICS  # scikit-learn: only when it is needed
 
             known = sorted({name for names in METRICS.values() for name in names})
             unknown = [name for name in self.metrics if name not in known]

@@ -1,8 +1,9 @@
-"""Data: readers for the benchmark formats and user files (:mod:`adalayers.data.readers`), and
-of the inputs to predict on (:mod:`adalayers.data.inputs`)."""
+"""Data: readers for the benchmark formats and user files
+(:mod:`adalayers.training.data.readers`), and
+of the inputs to predict on (:mod:`adalayers.training.data.inputs`)."""
 
-from adalayers.data.inputs import Inputs, read_inputs
-from adalayers.data.readers import (
+from adalayers.training.data.inputs import Inputs, read_inputs
+from adalayers.training.data.readers import (
     BENCHMARKS,
     ENV_VAR,
     SPLITS,

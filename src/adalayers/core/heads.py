@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adalayers.dropout import Dropout, dropout, keep_mask, keep_scale
+from adalayers.core.dropout import Dropout, dropout, keep_mask, keep_scale
 
 
 @dataclass
@@ -26,7 +26,7 @@ class HeadConfig:
         ff_dim: feed-forward width of the encoder layers.
         dropout: dropout inside the head.
         decoding: token tasks: how scores become tags. ``argmax`` (each word's best tag),
-            ``bio`` (the best valid IOB2 sequence, see :mod:`adalayers.decoding`) or ``auto``
+            ``bio`` (the best valid IOB2 sequence, see :mod:`adalayers.core.decoding`) or ``auto``
             (the default: ``bio`` where the tags are IOB2, else ``argmax``; the task is saved
             with the one chosen). Used in model selection, evaluation, ``predict`` and
             serving; training is the same for all.
@@ -58,7 +58,7 @@ class HeadConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HeadConfig:
         """Build from a mapping; unknown keys and wrong types raise a ``ValueError``."""
-        from adalayers._schema import build
+        from adalayers.core._schema import build
 
         return build(cls, values, "head")
 
@@ -73,8 +73,8 @@ def _check_heads(dim: int, num_heads: int) -> None:
 
 class _DropoutAttention(torch.autograd.Function):
     """``dropout(softmax(q kᵀ · scale + bias)) v`` over (N, T, d) with one saved product per
-    step (CPU). The mask is :func:`~adalayers.dropout.keep_mask`'s, drawn as
-    :func:`~adalayers.dropout.dropout` draws it, so the output is that of the plain autograd
+    step (CPU). The mask is :func:`~adalayers.core.dropout.keep_mask`'s, drawn as
+    :func:`~adalayers.core.dropout.dropout` draws it, so the output is that of the plain autograd
     expression with the same seed; the gradients equal its own within float rounding.
 
     What autograd would do op by op takes about eight passes over the (N, T, T) weights
@@ -112,7 +112,7 @@ def dropout_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, p: float
 ) -> torch.Tensor:
     """``dropout(softmax(q kᵀ / √d), p) v`` over (B, H, T, d), keys masked where ``keep``
-    (B, 1, 1, T) is ``False``, with :func:`~adalayers.dropout.dropout`'s mask.
+    (B, 1, 1, T) is ``False``, with :func:`~adalayers.core.dropout.dropout`'s mask.
 
     On a CPU (and ``p`` not below 2⁻¹⁷) this is :class:`_DropoutAttention`, tested against
     :func:`dropout_attention_by_ops`. On CUDA it is ``scaled_dot_product_attention`` with
@@ -191,7 +191,7 @@ def encode(
     module: nn.TransformerEncoder, x: torch.Tensor, keep: torch.Tensor, training: bool
 ) -> torch.Tensor:
     """``module(x, src_key_padding_mask=~keep)`` for pre-LN layers, with the same weights and
-    result, through :func:`attention` and :func:`~adalayers.dropout.dropout`. Per layer:
+    result, through :func:`attention` and :func:`~adalayers.core.dropout.dropout`. Per layer:
 
         x = x + drop(attention(LN1(x)))
         x = x + drop(W2 drop(GELU(W1 LN2(x))))

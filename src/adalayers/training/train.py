@@ -42,16 +42,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from adalayers.backbone import Backbone, load_backbone
-from adalayers.cache import FeatureStore, open_or_build, probe_layers
-from adalayers.checkpoint import CheckpointError, load_state, rng_state, save_state, set_rng_state
-from adalayers.config import RunConfig, load_config, save_config
-from adalayers.data import BENCHMARKS, TaskData, load_task_data
-from adalayers.decoding import decode_words, resolve_decoding
-from adalayers.encoding import IGNORE_INDEX, align_labels, tokenize_words
-from adalayers.metrics import check_metrics, compute_metrics, confusion_matrix, primary_metric
-from adalayers.model import AdaLayers, Task, TaskConfig
-from adalayers.progress import ProgressLog
+from adalayers.core.backbone import Backbone, load_backbone
+from adalayers.core.decoding import decode_words, resolve_decoding
+from adalayers.core.encoding import IGNORE_INDEX, align_labels, tokenize_words
+from adalayers.core.metrics import check_metrics, compute_metrics, confusion_matrix, primary_metric
+from adalayers.core.task import AdaLayers, Task, TaskConfig
+from adalayers.training.cache import FeatureStore, open_or_build, probe_layers
+from adalayers.training.checkpoint import (
+    CheckpointError,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
+from adalayers.training.config import RunConfig, load_config, save_config
+from adalayers.training.data import BENCHMARKS, TaskData, load_task_data
+from adalayers.training.progress import ProgressLog
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +201,7 @@ def collate(
     With a feature ``store`` the batch holds the cached hidden states of the real tokens,
     packed without padding, instead of token ids: ``states`` (n, N, d), ``state_layers`` (n,)
     and ``state_rows`` (2, N), each row's example and position (see
-    :meth:`~adalayers.mixer.LayerMixer.forward_rows`). ``layers`` (called per batch) names the
+    :meth:`~adalayers.core.mixer.LayerMixer.forward_rows`). ``layers`` (called per batch) names the
     states to read, e.g. only those the mixer still gives a weight; default: all stored.
     """
     width = max(f["length"] for f in features)
@@ -569,7 +575,8 @@ def _positive_id(task: Any, positive_label: str | None) -> int | None:
 
 def selection_metric(config: RunConfig, data: TaskData) -> str:
     """The validation metric that picks the best epoch: ``train.metric``, else the first of
-    ``task.metrics``, else the task's primary metric (:func:`~adalayers.metrics.primary_metric`).
+    ``task.metrics``, else the task's primary metric
+    (:func:`~adalayers.core.metrics.primary_metric`).
 
     Raises:
         ValueError: a metric the task does not report, or a bad ``task.positive_label``,
@@ -1156,7 +1163,7 @@ def _prepare_cache(
     """Choose the layers worth caching (probe), rebuild the task on them, open the stores.
 
     ``tokenized`` (split -> tokenised dataset) gains the cached splits it lacked. ``verify``
-    reads every checksum of a finished store (:func:`adalayers.cache.open_or_build`).
+    reads every checksum of a finished store (:func:`adalayers.training.cache.open_or_build`).
     """
     cache, mixer = config.cache, config.task.mixer
     layers = task.mixer.layer_indices

@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from adalayers._folders import follow_umask
+from adalayers.core._folders import follow_umask
 from adalayers.errors import CheckpointError
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Every weight of the base trains (AdamW, linear warm-up over the first 10% of steps, then linear
 decay) under ``AutoModelForSequenceClassification`` / ``AutoModelForTokenClassification``. The
 data pipeline, epochs, early stopping and model selection on validation are those of
-:func:`adalayers.train.fit`, and the run folder holds the same files::
+:func:`adalayers.training.train.fit`, and the run folder holds the same files::
 
     config.yaml     the resolved configuration (``train.lr`` is the fine-tuning rate used)
     history.jsonl   one line per epoch: loss, validation metrics, learning rate
@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adalayers.backbone import Backbone, resolve_model_path
-from adalayers.config import RunConfig, save_config
-from adalayers.decoding import check_decoding, resolve_decoding
-from adalayers.encoding import IGNORE_INDEX
-from adalayers.train import (
+from adalayers.core.backbone import Backbone, resolve_model_path
+from adalayers.core.decoding import check_decoding, resolve_decoding
+from adalayers.core.encoding import IGNORE_INDEX
+from adalayers.training.config import RunConfig, save_config
+from adalayers.training.train import (
     _NESTED,
     CONFIG,
     HISTORY,

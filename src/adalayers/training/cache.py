@@ -56,8 +56,9 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from adalayers.backbone import Backbone
-from adalayers.progress import ProgressLog
+from adalayers.core.backbone import Backbone
+from adalayers.core.mixer import StackedStates
+from adalayers.training.progress import ProgressLog
 
 logger = logging.getLogger(__name__)
 
@@ -165,16 +166,6 @@ def _decode(
     else:
         x = torch.from_numpy(np.array(rows))
     return x.float() if convert else x
-
-
-class StackedStates(dict):
-    """State index -> (B, T, d) views of one stacked (n, B, T, d) tensor (``.stacked``), so a
-    mixer that reads them all needs no copy."""
-
-    def __init__(self, layers: Sequence[int], stacked: torch.Tensor) -> None:
-        super().__init__({layer: stacked[j] for j, layer in enumerate(layers)})
-        self.layers = list(layers)
-        self.stacked = stacked
 
 
 # -- one shard -------------------------------------------------------------------------------

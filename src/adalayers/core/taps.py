@@ -4,7 +4,7 @@ When several tasks read the same state ``Z_i``, computing each one's ``f_i = LN(
 on its own repeats ``GELU(Z_i)`` (as wide as the base) and runs one small matrix product per
 task. :func:`stream_taps` computes ``GELU(Z_i)`` once, every reader's projection in one product
 (their ``W_i`` stacked), and the LayerNorms in one call, then adds ``p~_i f_i`` into each
-reader's buffer: the numbers of :meth:`~adalayers.mixer.LayerMixer.accumulate` up to float
+reader's buffer: the numbers of :meth:`~adalayers.core.mixer.LayerMixer.accumulate` up to float
 rounding, at about two thirds of the cost for four readers.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adalayers.mixer import LayerMixer
+from adalayers.core.mixer import LayerMixer
 
 Reader = tuple[str, LayerMixer, int, torch.Tensor]  # (name, mixer, local index, weight p~_i)
 
@@ -47,7 +47,7 @@ def stream_taps(
         enabled: optional ``() -> bool``; the taps do nothing while it returns ``False``.
 
     Returns:
-        State index -> callbacks, as :meth:`adalayers.backbone.Backbone.run` takes them.
+        State index -> callbacks, as :meth:`adalayers.core.backbone.Backbone.run` takes them.
     """
     shared: dict[int, list[Reader]] = {}
     taps: dict[int, list[Callable[[int, torch.Tensor], None]]] = {}

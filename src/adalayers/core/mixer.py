@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adalayers.dropout import Dropout
+from adalayers.core.dropout import Dropout
 
 
 @dataclass
@@ -138,7 +138,7 @@ class MixerConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MixerConfig:
         """Build from a mapping; unknown keys and wrong types raise a ``ValueError``."""
-        from adalayers._schema import build
+        from adalayers.core._schema import build
 
         return build(cls, values, "mixer")
 
@@ -154,6 +154,17 @@ def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(position * freq)
     table[:, 1::2] = torch.cos(position * freq[: dim // 2])
     return table
+
+
+class StackedStates(dict):
+    """State index -> (B, T, d) views of one stacked (n, B, T, d) tensor (``.stacked``), so a
+    mixer that reads them all needs no copy (a feature store hands its batches over this way).
+    """
+
+    def __init__(self, layers: Sequence[int], stacked: torch.Tensor) -> None:
+        super().__init__({layer: stacked[j] for j, layer in enumerate(layers)})
+        self.layers = list(layers)
+        self.stacked = stacked  # (n, B, T, d)
 
 
 class LayerMixer(nn.Module):
@@ -336,7 +347,6 @@ class LayerMixer(nn.Module):
         Returns:
             ``F`` (B, T, k), equal to :meth:`forward` on the padded states.
         """
-        from adalayers.cache import StackedStates
 
         mixed = self.mix(StackedStates(layers, rows.unsqueeze(1)))[0]  # (N, k)
         padded = mixed.new_zeros(*shape, mixed.shape[-1])  # (B, T, k)

@@ -7,7 +7,8 @@ Three ways to run trained tasks next to a base, all with one forward of the base
   early when its own output is not wanted).
 * :func:`attach` puts persistent taps on a model object the caller already holds (a
   ``LlamaForCausalLM``, ``BartForConditionalGeneration``, ``BertModel``, or a
-  :class:`~adalayers.backbone.Backbone`). The caller keeps calling the model as usual; its outputs
+  :class:`~adalayers.core.backbone.Backbone`). The caller keeps calling the model as usual; its
+  outputs
   are bit-identical. :meth:`AttachedTasks.detach` removes every hook.
 * For generating models the usual ``model.generate(...)`` works unchanged: the taps read the
   prompt's states from the pass that already reads the prompt — the prefill of a decoder, the
@@ -34,11 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from adalayers.backbone import Backbone
-from adalayers.decoding import decode_words
-from adalayers.encoding import InputError
-from adalayers.model import CONFIG_NAME, AdaLayers, PairMismatchError, Task, check_base
-from adalayers.taps import stream_taps
+from adalayers.core.backbone import Backbone
+from adalayers.core.decoding import decode_words
+from adalayers.core.encoding import InputError
+from adalayers.core.taps import stream_taps
+from adalayers.core.task import CONFIG_NAME, AdaLayers, PairMismatchError, Task, check_base
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def load_runs(
             folder (``NAME=PATH`` names it explicitly), a mapping gives the names.
         base: the base to load (or an already loaded :class:`Backbone`); by default the base the
             first run's config names (else the one its task recorded).
-        **load_kwargs: passed to :func:`~adalayers.backbone.load_backbone` (``device``,
+        **load_kwargs: passed to :func:`~adalayers.core.backbone.load_backbone` (``device``,
             ``dtype``, ...).
 
     Returns:

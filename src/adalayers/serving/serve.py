@@ -48,14 +48,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Any
 
-from adalayers.encoding import text_problem
-from adalayers.model import AdaLayers, PairMismatchError, check_pairs
+from adalayers.core.encoding import text_problem
+from adalayers.core.task import AdaLayers, PairMismatchError, check_pairs
 
 try:
     from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 except ImportError as err:  # pragma: no cover - the serve extra is not installed
     raise ImportError(
-        "adalayers.serve needs the serve extra: pip install 'adalayers[serve]'"
+        "adalayers.serving.serve needs the serve extra: pip install 'adalayers[serve]'"
     ) from err
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class Predictor:
         return [len(row) if cap is None else min(len(row), cap) for row in ids]
 
     def check_pairs(self, tasks: Sequence[str] | None, pairs: bool) -> None:
-        """Raise :class:`~adalayers.model.PairMismatchError` if ``tasks`` (default: all) do not
+        """Raise :class:`~adalayers.core.task.PairMismatchError` if ``tasks`` (default: all) do not
         all take this kind of input (sentence pairs, or single texts)."""
         names = [n for n in self.task_names if tasks is None or n in tasks]
         check_pairs({n: self.runtime.tasks[n] for n in names}, pairs)
@@ -942,7 +942,7 @@ def serve(
     Raises:
         TypeError, ValueError: a limit that is unknown or out of range (before any loading).
     """
-    from adalayers.runtime import _task_names, load_runs, resolve_run
+    from adalayers.serving.runtime import _task_names, load_runs, resolve_run
 
     unknown = sorted(set(limits) - {f.name for f in fields(ServeConfig)})
     if unknown:
@@ -977,7 +977,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m adalayers.serve RUN [RUN ...] [--host H --port N ...]``."""
+    """``python -m adalayers.serving.serve RUN [RUN ...] [--host H --port N ...]``."""
     parser = add_arguments(argparse.ArgumentParser(prog="adalayers serve", description=__doc__))
     args = vars(parser.parse_args(argv))
     logging.basicConfig(
