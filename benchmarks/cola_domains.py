@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
 from adalayers.core.metrics import compute_metrics  # noqa: E402
-from adalayers.training.train import evaluate_run, predictions_file  # noqa: E402
+from adalayers.training.run import predictions_file  # noqa: E402
+from adalayers.training.train import evaluate_run  # noqa: E402
 
 DOMAINS = ("all", "in_domain", "out_of_domain")
 

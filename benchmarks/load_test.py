@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
         token_task = runs[-1].split("=")[0]
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "adalayers.serving.serve", *runs, "--host", "127.0.0.1"]
-        command += ["--port", str(port), "--log-level", "warning"]
+        command = [sys.executable, "-m", "adalayers.cli", "serve", *runs, "--host", "127.0.0.1"]
+        command += ["--port", str(port), "--log-level", "warning", "--quiet"]
         command += ["--max-batch-size", str(args.max_batch_size)]
         command += ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", str(args.max_queue)]
         command += ["--drain-seconds", str(args.drain_seconds)]

@@ -1,114 +1,26 @@
-"""Tiny random backbones of every supported family, built from configs (no network)."""
+"""The shared fixtures: tiny random backbones of every supported family (no network), tiny
+CoLA data with its config, one finished training run, the benchmark scripts.
+
+The plain functions they use live in ``helpers.py``, which test files import from.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-import transformers as T
+
+# build_tiny is imported here for the fixture and for benchmarks/streaming_equivalence.py,
+# which reads it from this module
+from helpers import build_tiny, write_cola, write_config
+
+if TYPE_CHECKING:
+    from adalayers.training.config import RunConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-WORDS = (
-    "the a an of to and in is was it this that movie film good bad great terrible john mary "
-    "london paris acme corp said he she they we love hate book read not very story plot actor "
-    "on at for with by from new york city sentence pair label"
-).split()
-
-FAMILIES = ("bert", "roberta", "deberta", "mpnet", "bart", "t5", "gpt2", "llama")
-
-
-def make_tokenizer(folder: Path, max_length: int = 64) -> T.PreTrainedTokenizerFast:
-    """A small uncased WordPiece tokenizer: whole words plus single letters as fallback."""
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?", "'"]
-    vocab += WORDS + letters + [f"##{c}" for c in letters]
-    folder.mkdir(parents=True, exist_ok=True)
-    ids = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
-    tokenizer = T.BertTokenizerFast(vocab=ids, model_max_length=max_length)
-    assert len(tokenizer) == len(ids), "the tiny tokenizer lost its vocabulary"
-    return tokenizer
-
-
-def tiny_config(family: str, vocab_size: int) -> T.PretrainedConfig:
-    common = {"vocab_size": vocab_size, "pad_token_id": 0}
-    if family in ("bert", "roberta", "deberta", "mpnet"):
-        cls = {
-            "bert": T.BertConfig,
-            "roberta": T.RobertaConfig,
-            "deberta": T.DebertaV2Config,
-            "mpnet": T.MPNetConfig,
-        }[family]
-        extra = (
-            {"max_position_embeddings": 80}
-            if family != "roberta"
-            else {"max_position_embeddings": 82}
-        )
-        return cls(
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            intermediate_size=37,
-            **extra,
-            **common,
-        )
-    if family == "bart":
-        return T.BartConfig(
-            d_model=32,
-            encoder_layers=3,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=37,
-            decoder_ffn_dim=37,
-            max_position_embeddings=80,
-            decoder_start_token_id=2,
-            bos_token_id=2,
-            eos_token_id=3,
-            forced_eos_token_id=None,
-            **common,
-        )
-    if family == "t5":
-        return T.T5Config(
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=3,
-            num_decoder_layers=2,
-            num_heads=4,
-            decoder_start_token_id=0,
-            eos_token_id=3,
-            **common,
-        )
-    if family == "gpt2":
-        return T.GPT2Config(
-            n_embd=32, n_layer=3, n_head=4, n_positions=80, bos_token_id=2, eos_token_id=3, **common
-        )
-    if family == "llama":
-        return T.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=80,
-            bos_token_id=2,
-            eos_token_id=3,
-            **common,
-        )
-    raise ValueError(family)
-
-
-def build_tiny(family: str, folder: Path, seed: int = 0) -> Path:
-    """Save a tiny random ``family`` model and its tokenizer to ``folder``."""
-    tokenizer = make_tokenizer(folder)
-    torch.manual_seed(seed)
-    model = T.AutoModel.from_config(tiny_config(family, len(tokenizer)))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -152,3 +64,42 @@ def benchmark_script(tmp_path, monkeypatch):
         return module
 
     return load
+
+
+@pytest.fixture
+def cola(tmp_path, tiny_model_dir) -> tuple[Path, Path]:
+    """``(config path, data dir)``: tiny CoLA (``write_cola``) and a config (``write_config``)
+    on the tiny BERT, in this test's own folder."""
+    data = write_cola(tmp_path / "data")
+    return write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert")), data
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A training run that finished, and what it was trained from."""
+
+    config_path: Path
+    data: Path
+    config: RunConfig  # the config it ran
+    results: dict  # what fit() returned
+    folder: Path  # the run folder
+
+
+@pytest.fixture(scope="session")
+def cola_run(tmp_path_factory, tiny_model_dir) -> FinishedRun:
+    """One run trained once a session: ``cola``'s data and config (80 train examples of which 8
+    validate, 30 test, 3 epochs, tiny BERT) through ``fit``.
+
+    For tests that need some finished run, or the uninterrupted reference of that config. The
+    session shares it: read it or copy it (``shutil.copytree``), never write into it; do not
+    change ``config`` or ``results`` either.
+    """
+    from adalayers.training.config import load_config
+    from adalayers.training.train import fit
+
+    root = tmp_path_factory.mktemp("cola-run")
+    data = write_cola(root / "data")
+    path = write_config(root / "cfg.yaml", tiny_model_dir("bert"))
+    config = load_config(path, data_dir=str(data))
+    results = fit(config, root / "run", quiet=True)
+    return FinishedRun(path, data, config, results, root / "run")

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES
+from helpers import FAMILIES
 
 from adalayers.core import models
 from adalayers.core.backbone import load_backbone, resolve_model_path

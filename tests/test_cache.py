@@ -13,12 +13,14 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
-from test_train import _env, write_cola, write_config
+from helpers import child_env, write_cola, write_config
 
 from adalayers.core.backbone import load_backbone
 from adalayers.core.task import Task, TaskConfig
+from adalayers.training import batches
 from adalayers.training import cache as cache_module
 from adalayers.training import train as train_module
+from adalayers.training.build import TaskModel
 from adalayers.training.config import load_config
 from adalayers.training.data import load_task_data
 
@@ -34,7 +36,7 @@ def setup(tmp_path, tiny_model_dir):
         ),
         backbone.info(),
     )
-    ds = train_module.tokenize(data, "train", backbone.tokenizer, task, 32)
+    ds = batches.tokenize(data, "train", backbone.tokenizer, task, 32)
     return backbone, ds, tmp_path / "cache"
 
 
@@ -341,7 +343,7 @@ def test_two_processes_write_their_own_shards(tmp_path, tiny_model_dir):
         ],
         capture_output=True,
         text=True,
-        env=_env(cpu_world=True),
+        env=child_env(cpu_world=True),
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -410,8 +412,8 @@ def test_batches_read_only_the_states_the_mixer_uses(setup):
     backbone, ds, root = setup
     store = cache_module.open_or_build(backbone, ds, "train", [0, 1, 2, 3], root=root)
     features = [ds[i] for i in (2, 4)]
-    full = train_module.collate(features, 0, store)
-    some = train_module.collate(features, 0, store, layers=lambda: [3, 1])
+    full = batches.collate(features, 0, store)
+    some = batches.collate(features, 0, store, layers=lambda: [3, 1])
     assert full["state_layers"].tolist() == [0, 1, 2, 3]
     assert some["state_layers"].tolist() == [1, 3]  # store order
     assert torch.equal(some["states"], full["states"][[1, 3]])
@@ -429,13 +431,13 @@ def test_a_state_that_comes_back_is_read_again(setup):
         TaskConfig("sequence_classification", ["a", "b"], mixer={"dim": 8}), backbone.info()
     )
     features = [ds[i] for i in (2, 4, 7)]
-    stale = train_module.collate(features, 0, store, layers=lambda: [3])  # read with only 3
-    fresh = train_module.collate(features, 0, store)
-    train_module._ensure_states(stale, store, task)  # the mixer weighs all four
+    stale = batches.collate(features, 0, store, layers=lambda: [3])  # read with only 3
+    fresh = batches.collate(features, 0, store)
+    batches.ensure_states(stale, store, task)  # the mixer weighs all four
     assert stale["state_layers"].tolist() == [0, 1, 2, 3]
     assert torch.equal(stale["states"], fresh["states"])
     assert torch.equal(stale["state_rows"], fresh["state_rows"])
-    model = train_module.TaskModel(backbone, task).eval()
+    model = TaskModel(backbone, task).eval()
     batch = {k: v for k, v in stale.items() if k not in ("index", "labels")}
     with torch.no_grad():
         assert model(**batch).shape == (3, 2)
@@ -448,13 +450,13 @@ def test_cached_batches_carry_the_online_batch_mask_and_labels(setup):
 
     backbone, ds, root = setup
     store = cache_module.open_or_build(backbone, ds, "train", [0, 1, 2, 3], root=root)
-    examples = train_module.CachedExamples(ds)
+    examples = batches.CachedExamples(ds)
     assert len(examples) == len(ds)
     assert examples["length"] == ds["length"][:]
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # as training makes it
     kwargs = {"shuffle": True, "seed": 5}
-    online = list(train_module._loader(accelerator, ds, 7, 0, **kwargs))
-    cached = list(train_module._loader(accelerator, examples, 7, 0, store=store, **kwargs))
+    online = list(batches.batch_loader(accelerator, ds, 7, 0, **kwargs))
+    cached = list(batches.batch_loader(accelerator, examples, 7, 0, store=store, **kwargs))
     assert len(online) == len(cached) > 1
     for a, b in zip(online, cached):
         assert torch.equal(a["index"], b["index"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import _StopAfter, write_cola, write_config
+from helpers import StopAfter, write_cola, write_config
 
 from adalayers.cli import main
 from adalayers.training import checkpoint as ckpt
@@ -130,7 +130,7 @@ def test_a_checkpoint_of_the_previous_format_still_resumes(
 
     @contextmanager
     def stop_after_7_steps():
-        yield _StopAfter(7)
+        yield StopAfter(7)
 
     with monkeypatch.context() as m:
         m.setattr(train_module, "_stop_on_signals", stop_after_7_steps)

@@ -17,9 +17,10 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from adalayers.core.backbone import load_backbone
+from adalayers.training.batches import collate, tokenize
+from adalayers.training.build import TaskModel, build_task
 from adalayers.training.config import load_config, save_config
 from adalayers.training.data import BENCHMARKS, TaskData
-from adalayers.training.train import TaskModel, build_task, collate, tokenize
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml"))

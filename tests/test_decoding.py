@@ -6,7 +6,7 @@ import torch
 from adalayers.core.decoding import bio_transitions, check_iob2, decode_words, viterbi
 from adalayers.core.heads import HeadConfig
 from adalayers.core.task import TaskConfig
-from adalayers.training.train import _token_predictions
+from adalayers.training.evaluate import _token_predictions
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 

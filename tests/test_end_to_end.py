@@ -26,7 +26,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from adalayers.serving.serve import create_app  # noqa: E402
+from adalayers.serving.app import create_app  # noqa: E402
 
 GOOD = ["the movie was good", "a great story", "mary read the book", "they love this film"]
 BAD = ["the plot was bad", "a terrible actor", "we hate this movie", "not a good story"]

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from helpers import byte_level_tokenizer
 
 from adalayers.core.backbone import load_backbone
 from adalayers.core.encoding import InputError
@@ -125,22 +126,10 @@ def test_sentence_pairs(backbone):
         runtime.predict(["the movie"], pairs=["a", "b"])
 
 
-def _byte_level_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["john lives in london", "mary read the book", "acme corp said it lives"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<s>")
-
-
 def test_words_are_tokenised_as_ordinary_text_for_byte_level_bpe():
     from adalayers.core.encoding import tokenize_words
 
-    tokenizer = _byte_level_tokenizer()
+    tokenizer = byte_level_tokenizer()
     words = ["john", "lives", "in", "london"]
     enc, word_ids, starts = tokenize_words(tokenizer, [words])
     # the same ids as the sentence itself: every word after the first keeps its leading space
@@ -251,7 +240,9 @@ def keepalive(tiny_model_dir):
     pytest.importorskip("uvicorn")
     import http.client
 
-    from adalayers.serving.serve import BackgroundServer, Predictor, create_app
+    from adalayers.serving.app import create_app
+    from adalayers.serving.predictor import Predictor
+    from adalayers.serving.server import BackgroundServer
 
     class Boom(Predictor):
         def predict(self, texts, *args, **kwargs):

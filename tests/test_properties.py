@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from conftest import WORDS
+from helpers import WORDS, byte_level_tokenizer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -106,9 +106,7 @@ def runtimes(backbone):
 
 @pytest.fixture(scope="module")
 def tokenizers(backbone):
-    from test_inputs import _byte_level_tokenizer
-
-    return {"wordpiece": backbone.tokenizer, "byte-level": _byte_level_tokenizer()}
+    return {"wordpiece": backbone.tokenizer, "byte-level": byte_level_tokenizer()}
 
 
 def assert_names_the_bad_input(err: InputError, inputs: list, check) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train import write_cola, write_config, write_conll
+from helpers import write_config, write_conll
 
 from adalayers.cli import main
 from adalayers.report import read_run, write_report
@@ -23,13 +23,12 @@ RENDER = Path(__file__).resolve().parents[1] / "benchmarks" / "render_report.py"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir):
-    """A CoLA run, a CoNLL run (two epochs each), and two baselines copied from the CoLA run."""
+def runs(tmp_path_factory, tiny_model_dir, cola_run):
+    """A CoLA run (a copy of the session's: the report CLI writes into it), a CoNLL run (two
+    epochs), and two baselines copied from the CoLA run."""
     root = tmp_path_factory.mktemp("report")
     cola = root / "cola"
-    config = write_config(root / "cola.yaml", tiny_model_dir("bert"), epochs=2)
-    data = write_cola(root / "data")
-    train_module.fit(load_config(config, data_dir=str(data)), cola, quiet=True)
+    shutil.copytree(cola_run.folder, cola)
     conll = root / "conll"
     config = write_config(root / "conll.yaml", tiny_model_dir("bert"), task="conll2003", epochs=2)
     data = write_conll(root / "data-conll")

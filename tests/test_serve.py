@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import threading
@@ -16,16 +15,13 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from adalayers.cli import build_parser  # noqa: E402
 from adalayers.core.backbone import load_backbone  # noqa: E402
 from adalayers.core.task import AdaLayers, Task, TaskConfig  # noqa: E402
-from adalayers.serving.serve import (  # noqa: E402
-    DRAIN_MARGIN,
-    BackgroundServer,
-    Predictor,
-    ServeConfig,
-    add_arguments,
-    create_app,
-)
+from adalayers.serving.app import create_app  # noqa: E402
+from adalayers.serving.config import ServeConfig  # noqa: E402
+from adalayers.serving.predictor import Predictor  # noqa: E402
+from adalayers.serving.server import DRAIN_MARGIN, BackgroundServer  # noqa: E402
 
 TEXTS = ["the movie was very good", "bad plot", "john read a book in london ."]
 
@@ -223,8 +219,9 @@ def test_limits_are_checked(runtime):
 
 def test_the_limits_are_one_config_and_the_cli_flags(runtime):
     """ServeConfig: the app's limits, the CLI's flags and the OpenAPI schema's constraints."""
-    parser = add_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["runs/a", "--max-tokens", "512", "--drain-seconds", "2.5"])
+    args = build_parser().parse_args(
+        ["serve", "runs/a", "--max-tokens", "512", "--drain-seconds", "2.5"]
+    )
     limits = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(ServeConfig)}
     assert ServeConfig(**limits) == ServeConfig(max_tokens=512, drain_seconds=2.5)
     with pytest.raises(ValueError, match="max_tokens must be positive"):

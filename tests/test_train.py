@@ -1,107 +1,36 @@
-"""End-to-end training on tiny data through the CLI: run folder, resume, predict, 2 processes."""
+"""Training end to end on tiny data: the run folder, interrupt and resume, token tasks, SIGINT
+and two processes through the CLI."""
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import (
+    StopAfter,
+    check_token_predictions,
+    child_env,
+    read_jsonl,
+    train_args,
+    write_config,
+    write_conll,
+)
 
 from adalayers.cli import main
 from adalayers.core.task import Task
 from adalayers.training import train as train_module
 
-GOOD = "the movie was good . a great story . mary read the book .".split(" . ")
-BAD = "movie the was . good a the of . the the the and".split(" . ")
-
-
-def write_cola(root: Path, n_train: int = 80, n_dev: int = 30, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    folder = root / "glue" / "CoLA"
-    folder.mkdir(parents=True)
-
-    def rows(n):
-        out = []
-        for i in range(n):
-            label = i % 2
-            words = (GOOD if label else BAD)[rng.randrange(3)].split()
-            out.append(f"src\t{label}\t{'' if label else '*'}\t{' '.join(words)} .")
-        return "\n".join(out) + "\n"
-
-    (folder / "train.tsv").write_text(rows(n_train))
-    (folder / "dev.tsv").write_text(rows(n_dev))
-    return root
-
-
-def write_conll(root: Path) -> Path:
-    folder = root / "conll2003"
-    folder.mkdir(parents=True)
-    sents = [
-        [("john", "B-PER"), ("read", "O"), ("a", "O"), ("book", "O")],
-        [("mary", "B-PER"), ("said", "O"), ("in", "O"), ("london", "B-LOC")],
-        [("acme", "B-ORG"), ("corp", "I-ORG"), ("said", "O")],
-    ]
-    for split, n in (("train", 30), ("valid", 9), ("test", 9)):
-        lines = ["-DOCSTART- -X- -X- O", ""]
-        for i in range(n):
-            lines += [f"{w} NN O {t}" for w, t in sents[i % 3]] + [""]
-        (folder / f"{split}.txt").write_text("\n".join(lines))
-    return root
-
-
-def write_config(path: Path, base: Path, task: str = "cola", **train) -> Path:
-    config = {
-        "base": str(base),
-        "data": {"task": task, "max_length": 32},
-        "task": {
-            "mixer": {
-                "dim": 8,
-                "alpha": 16,
-                "dropout": 0.1,
-                "positional": "learned",
-                "max_positions": 32,
-            },
-            "head": {"num_heads": 2, "num_layers": 1, "ff_dim": 16, "dropout": 0.1},
-        },
-        "train": {"epochs": 3, "batch_size": 8, "lr": 3e-3, "early_stopping": 0, **train},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.fixture
-def cola(tmp_path, tiny_model_dir):
-    data = write_cola(tmp_path / "data")
-    return write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert")), data
-
 
 def test_train_writes_a_complete_run(cola, tmp_path, capsys):
     config, data = cola
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(config),
-                "--data-dir",
-                str(data),
-                "--output-dir",
-                str(run),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(config, data, run)) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["metric"] == "mcc" and 1 <= summary["best_epoch"] <= 3
     names = {p.name for p in run.iterdir()}
@@ -168,46 +97,19 @@ def test_existing_run_is_not_overwritten(cola, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "something").write_text("x")
-    code = main(
-        [
-            "train",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data),
-            "--output-dir",
-            str(run),
-            "--quiet",
-        ]
-    )
+    code = main(train_args(config, data, run))
     assert code == 2
     assert "--resume" in capsys.readouterr().err
 
 
-class _StopAfter(dict):
-    """A signal flag that turns on after ``n`` checks (a Ctrl-C in the middle of an epoch)."""
-
-    def __init__(self, n):
-        super().__init__(stop=False)
-        self.n = n
-
-    def __getitem__(self, key):
-        self.n -= 1
-        return self.n < 0
-
-
-def test_interrupt_then_resume_loses_nothing(cola, tmp_path, monkeypatch):
-    config_path, data = cola
+def test_interrupt_then_resume_loses_nothing(cola_run, tmp_path, monkeypatch):
     from contextlib import contextmanager
 
-    from adalayers.training.config import load_config
-
-    config = load_config(config_path, data_dir=str(data))
-    reference = train_module.fit(config, tmp_path / "straight", quiet=True)
+    config, straight = cola_run.config, cola_run.folder  # this config's uninterrupted run
 
     @contextmanager
     def interrupt_after_13_steps():
-        yield _StopAfter(13)
+        yield StopAfter(13)
 
     with monkeypatch.context() as m:
         m.setattr(train_module, "_stop_on_signals", interrupt_after_13_steps)
@@ -216,40 +118,19 @@ def test_interrupt_then_resume_loses_nothing(cola, tmp_path, monkeypatch):
     state = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
     assert state["epoch"] == 1 and state["step_in_epoch"] == 5  # 9 steps an epoch, stop at 14
     resumed = train_module.fit(config, tmp_path / "cut", resume=True, quiet=True)
-    assert resumed["test"] == reference["test"]
-    a = Task.from_pretrained(tmp_path / "straight" / "model").state_dict()
+    assert resumed["test"] == cola_run.results["test"]
+    a = Task.from_pretrained(straight / "model").state_dict()
     b = Task.from_pretrained(tmp_path / "cut" / "model").state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     # every epoch, the ones after the cut included, is the straight run's: the same dropout
     # masks give the same losses, scores and layer weights (the best epoch may come early, so
     # comparing the kept head alone would not see a shifted random stream)
-    straight, cut = (read_jsonl(tmp_path / r / "history.jsonl") for r in ("straight", "cut"))
+    whole, cut = (read_jsonl(r / "history.jsonl") for r in (straight, tmp_path / "cut"))
     assert [h["epoch"] for h in cut] == [1, 2, 3]
-    for h in straight + cut:
+    for h in whole + cut:
         h.pop("seconds")
-    assert cut == straight
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def check_token_predictions(run: Path, test: dict) -> None:
-    """The run's test predictions: one record a sentence with its gold tags (those of
-    ``write_conll``), a predicted tag a word, and the run's test F1."""
-    from adalayers.core.metrics import compute_metrics
-
-    records = read_jsonl(run / "predictions_test.jsonl")
-    sents = [["B-PER", "O", "O", "O"], ["B-PER", "O", "O", "B-LOC"], ["B-ORG", "I-ORG", "O"]]
-    assert [r["tags"] for r in records] == [sents[i % 3] for i in range(9)]
-    assert [len(r["predicted_tags"]) for r in records] == [len(r["tags"]) for r in records]
-    again = compute_metrics(
-        "token_classification",
-        [r["tags"] for r in records],
-        [r["predicted_tags"] for r in records],
-    )
-    assert again["f1"] == pytest.approx(test["f1"], abs=1e-12)
+    assert cut == whole
 
 
 def test_token_task_end_to_end(tmp_path, tiny_model_dir):
@@ -302,16 +183,6 @@ def test_token_task_with_bio_decoding_predicts_valid_tags(tmp_path, tiny_model_d
             assert not tag.startswith("I-") or previous[2:] == tag[2:], tags
 
 
-def _env(cpu_world: bool = False):
-    """The environment of a child ``adalayers`` process; ``cpu_world``: a torchrun world of CPU
-    processes (gloo) even where a GPU is visible, which one GPU could not hold two ranks of."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent)] + sys.path)
-    if cpu_world:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
-
-
 def test_sigint_leaves_a_checkpoint_and_resume_finishes(cola, tmp_path):
     config, data = cola
     run = tmp_path / "run"
@@ -330,7 +201,7 @@ def test_sigint_leaves_a_checkpoint_and_resume_finishes(cola, tmp_path):
         "train.epochs=400",
     ]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
     )
     deadline = time.time() + 120
     while not (run / "history.jsonl").exists() and time.time() < deadline:
@@ -356,7 +227,7 @@ def test_sigint_leaves_a_checkpoint_and_resume_finishes(cola, tmp_path):
         ],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=child_env(),
         timeout=180,
     )
     assert done.returncode == 0, done.stderr
@@ -391,132 +262,10 @@ def test_two_processes_count_every_example_once(cola, tmp_path):
         ],
         capture_output=True,
         text=True,
-        env=_env(cpu_world=True),
+        env=child_env(cpu_world=True),
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["processes"] == 2
     assert metrics["test"]["examples"] == 30 and metrics["validation"]["examples"] == 8
-
-
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("train.lrr=0.1", "train.lrr"),
-        ("train.epochs=many", "train.epochs"),
-        ("data.task=imbd", "imbd"),
-    ],
-)
-def test_cli_config_errors_are_one_line(cola, tmp_path, capsys, override, message):
-    config, data = cola
-    code = main(
-        [
-            "train",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data),
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--set",
-            override,
-            "--quiet",
-        ]
-    )
-    err = capsys.readouterr().err
-    assert code == 2
-    assert message in err and "Traceback" not in err
-    assert not (tmp_path / "run" / "model").exists()
-
-
-def test_cli_missing_data_names_the_file(cola, tmp_path, capsys):
-    config, _ = cola
-    code = main(
-        [
-            "train",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(tmp_path / "nowhere"),
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--quiet",
-        ]
-    )
-    err = capsys.readouterr().err
-    assert code == 2 and "nowhere" in err and "train.tsv" in err
-
-
-def test_cli_label_outside_the_set(cola, tmp_path, capsys):
-    config, data = cola
-    train = data / "glue" / "CoLA" / "train.tsv"
-    train.write_text(train.read_text() + "src\t7\t\tthe movie .\n")
-    code = main(
-        [
-            "train",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data),
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--quiet",
-        ]
-    )
-    err = capsys.readouterr().err
-    assert code == 2 and "7" in err and "train.tsv" in err
-
-
-def test_cli_predict_bad_input_file(cola, tmp_path, capsys):
-    config, data = cola
-    run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(config),
-                "--data-dir",
-                str(data),
-                "--output-dir",
-                str(run),
-                "--quiet",
-                "--set",
-                "train.epochs=1",
-            ]
-        )
-        == 0
-    )
-    capsys.readouterr()
-    bad = tmp_path / "in.jsonl"
-    bad.write_text('{"text": "fine"}\n{not json\n')
-    assert main(["predict", str(run), "--input", str(bad)]) == 2
-    assert "in.jsonl:2" in capsys.readouterr().err
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
-    assert main(["predict", str(run), "--input", str(empty)]) == 2
-    assert "no inputs" in capsys.readouterr().err
-    # a sequence task has no tag sequence to decode
-    assert main(["evaluate", str(run), "--data-dir", str(data), "--decoding", "bio"]) == 2
-    assert "head.decoding=bio is for token-classification" in capsys.readouterr().err
-
-
-def test_cli_has_every_command():
-    from adalayers.cli import build_parser, cmd_serve
-
-    parser = build_parser()
-    args = parser.parse_args(["serve", "runs/a", "runs/b", "--port", "8123"])
-    assert args.func is cmd_serve and args.runs == ["runs/a", "runs/b"] and args.port == 8123
-    commands = parser._subparsers._group_actions[0].choices
-    assert {
-        "train",
-        "evaluate",
-        "predict",
-        "info",
-        "cache",
-        "serve",
-        "compare",
-        "report",
-        "inspect",
-    } <= set(commands)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -76,11 +77,42 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from adalayers.serving.serve import serve
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` command's flags: where to listen, what to load, and one flag per
+    :class:`~adalayers.serving.config.ServeConfig` field (``max_tokens`` -> ``--max-tokens``)."""
+    from adalayers.serving.config import ServeConfig
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "quiet")}
-    serve(options.pop("runs"), **options)
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run or task folder; NAME=PATH")
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--base", default=None, help="override the base the runs name")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    for spec in dataclasses.fields(ServeConfig):  # --max-batch-size ... --drain-seconds
+        parser.add_argument(
+            "--" + spec.name.replace("_", "-"),
+            type=type(spec.default),
+            default=spec.default,
+            help=f"{spec.metadata['help']} (default: %(default)s)",
+        )
+    parser.add_argument("--log-level", default="info", help="uvicorn's log level")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from adalayers.serving.config import ServeConfig
+    from adalayers.serving.server import serve
+
+    config = ServeConfig(
+        **{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(ServeConfig)}
+    )
+    serve(
+        args.runs,
+        host=args.host,
+        port=args.port,
+        base=args.base,
+        device=args.device,
+        config=config,
+        log_level=args.log_level,
+    )
     return 0
 
 
@@ -166,7 +198,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from adalayers.core.task import Task
-    from adalayers.training.train import MODEL_DIR, read_metrics
+    from adalayers.training.run import MODEL_DIR, read_metrics
 
     run = Path(args.run)
     folder = run / MODEL_DIR if (run / MODEL_DIR).is_dir() else run
@@ -388,10 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_info)
 
-    from adalayers.serving.serve import add_arguments as serve_arguments
-
     p = sub.add_parser("serve", help="serve runs over HTTP: POST /predict, GET /tasks, /health")
-    serve_arguments(p)
+    _serve_arguments(p)
     common(p)
     p.set_defaults(func=cmd_serve)
 

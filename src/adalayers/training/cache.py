@@ -45,6 +45,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -389,7 +390,8 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: no clash
+    # one per process and thread: two writers never share a temporary file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         tmp.write_text(text)
         tmp.replace(path)

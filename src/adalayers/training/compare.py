@@ -47,9 +47,12 @@ from typing import Any
 import torch
 
 from adalayers.core._schema import build
+from adalayers.training.cache_prep import with_cache_dir
 from adalayers.training.checkpoint import has_checkpoint
 from adalayers.training.config import RunConfig, load_config, parse_override
-from adalayers.training.train import _NESTED, CHECKPOINT_DIR, CONFIG, METRICS, _write_json, fit
+from adalayers.training.evaluate import NESTED
+from adalayers.training.run import CHECKPOINT_DIR, CONFIG, METRICS, write_json
+from adalayers.training.train import fit
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +213,15 @@ def _kind(name: str) -> str:
     return "single_layer" if name.startswith("layer_") else name
 
 
+def _same_config(saved: RunConfig, planned: RunConfig) -> bool:
+    """Whether a row's saved ``config.yaml`` is the run ``planned`` would make: a cached run
+    records its resolved ``cache.dir`` (:func:`~adalayers.training.cache_prep.with_cache_dir`),
+    and a run saved before it did records none."""
+    if saved.train.cache and planned.train.cache:
+        return with_cache_dir(saved) == with_cache_dir(planned)
+    return saved == planned
+
+
 def _row(name: str, run: Path, results: dict[str, Any], wall: float | None) -> dict[str, Any]:
     row: dict[str, Any] = {
         "run": run.name,
@@ -219,7 +231,7 @@ def _row(name: str, run: Path, results: dict[str, Any], wall: float | None) -> d
     }
     for split in ("validation", "test"):
         if split in results:
-            row[split] = {k: v for k, v in results[split].items() if k not in _NESTED}
+            row[split] = {k: v for k, v in results[split].items() if k not in NESTED}
     for key in ("parameters_added", "percent_of_base", "best_epoch", "epochs_run"):
         row[key] = results.get(key)
     row["train_seconds"] = results.get("train_seconds")
@@ -297,7 +309,7 @@ def compare(
         saved = run / CONFIG
         if (run / METRICS).is_file() and not overwrite:
             expected = cfg if name != "finetune" else None
-            if expected is not None and load_config(saved) != expected:
+            if expected is not None and not _same_config(load_config(saved), expected):
                 raise FileExistsError(
                     f"{run} was trained with another config than this comparison's; pass "
                     f"--overwrite or choose another --output-dir"
@@ -311,7 +323,7 @@ def compare(
             and not overwrite
             and has_checkpoint(run / CHECKPOINT_DIR)
             and saved.is_file()
-            and load_config(saved) == cfg
+            and _same_config(load_config(saved), cfg)
         )
         todo.append((name, cfg, resume))
 
@@ -470,5 +482,5 @@ def _summarize(
                 mixer = rows_plan[name].task.mixer
                 row["settings"] = {k: getattr(mixer, k) for k in mixer_grid}
     if os.environ.get("RANK", "0") == "0":  # one writer under torchrun / accelerate launch
-        _write_json(out / COMPARISON, comparison)
+        write_json(out / COMPARISON, comparison)
     return comparison

@@ -3,7 +3,8 @@
 Every weight of the base trains (AdamW, linear warm-up over the first 10% of steps, then linear
 decay) under ``AutoModelForSequenceClassification`` / ``AutoModelForTokenClassification``. The
 data pipeline, epochs, early stopping and model selection on validation are those of
-:func:`adalayers.training.train.fit`, and the run folder holds the same files::
+:func:`adalayers.training.train.fit`: the same epoch loop (:class:`~adalayers.training.loop.Loop`)
+drives it through :class:`_FinetuneTrainer`, and the run folder holds the same files::
 
     config.yaml     the resolved configuration (``train.lr`` is the fine-tuning rate used)
     history.jsonl   one line per epoch: loss, validation metrics, learning rate
@@ -23,16 +24,13 @@ import inspect
 import logging
 import math
 import os
-import shutil
 import sys
-import time
 import types
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,27 +38,12 @@ from torch import nn
 from adalayers.core.backbone import Backbone, resolve_model_path
 from adalayers.core.decoding import check_decoding, resolve_decoding
 from adalayers.core.encoding import IGNORE_INDEX
-from adalayers.training.config import RunConfig, save_config
-from adalayers.training.train import (
-    _NESTED,
-    CONFIG,
-    HISTORY,
-    METRICS,
-    MODEL_DIR,
-    _accelerator,
-    _append_jsonl,
-    _load_data,
-    _loader,
-    _progress,
-    _seed_everything,
-    _write_json,
-    evaluate_split,
-    evaluate_splits,
-    head_decoding,
-    save_predictions,
-    selection_metric,
-    tokenize,
-)
+from adalayers.training.batches import batch_loader, tokenize
+from adalayers.training.build import head_decoding, load_data, make_accelerator, seed_everything
+from adalayers.training.config import RunConfig
+from adalayers.training.evaluate import evaluate_split, evaluate_splits, selection_metric
+from adalayers.training.loop import Loop
+from adalayers.training.run import MODEL_DIR, open_run, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +90,8 @@ class _Logits(nn.Module):
 
 
 def _loss(task_type: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """:meth:`Task.loss <adalayers.core.task.Task.loss>` without the mixer's entropy term (there
+    is no mixer here); both belong with the task kind's loss once there is one."""
     if task_type == "regression":
         return F.mse_loss(logits.squeeze(-1).float(), targets.float())
     return F.cross_entropy(
@@ -185,182 +170,186 @@ def finetune(
     if lr <= 0:
         raise ValueError(f"the fine-tuning learning rate must be positive, got {lr}")
     config = replace(config, train=replace(config.train, lr=lr))
-    accelerator = _accelerator(config)
-    main = accelerator.is_main_process
-    if run.exists() and any(run.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{run} already holds a run; pass overwrite or another folder")
-        if main:
-            shutil.rmtree(run)
-    accelerator.wait_for_everyone()
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(config, run / CONFIG)
-    progress = main and not quiet and sys.stderr.isatty()
-    train_cfg = config.train
+    accelerator = make_accelerator(config)
+    open_run(
+        run, config, accelerator, overwrite=overwrite, taken="pass overwrite or another folder"
+    )
+    progress = accelerator.is_main_process and not quiet and sys.stderr.isatty()
 
-    _seed_everything(train_cfg.seed)
-    data = _load_data(config)
+    seed_everything(config.train.seed)
+    data = load_data(config)
     space = LabelSpace(data.task_type, list(data.label_names), head_decoding(config, data))
     model, tokenizer = load_model(config, space)
     probe = types.SimpleNamespace(tokenizer=tokenizer, model=model)
     max_length = min(config.data.max_length, Backbone.max_length.fget(probe))  # as fit() does
     metric = selection_metric(config, data)
-    scoring = {"metrics": config.task.metrics, "positive_label": config.task.positive_label}
     with accelerator.main_process_first():
         tokenized = {
             s: tokenize(data, s, tokenizer, space, max_length) for s in ("train", "validation")
         }
-    pad_id = tokenizer.pad_token_id
-
-    wrapped = _Logits(model)
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    named = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
-    groups = [
-        {
-            "params": [p for n, p in named if not n.endswith(no_decay)],
-            "weight_decay": train_cfg.weight_decay,
-        },
-        {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-    unwrapped: _Logits = accelerator.unwrap_model(wrapped)
-
-    def loader(epoch: int) -> Any:
-        seed = train_cfg.seed * 100_003 + epoch
-        return _loader(
-            accelerator, tokenized["train"], train_cfg.batch_size, pad_id, shuffle=True, seed=seed
-        )
-
-    steps = train_cfg.epochs * math.ceil(len(loader(0)) / train_cfg.grad_accumulation)
-    warmup = max(1, int(WARMUP * steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    trainer = _FinetuneTrainer(
+        accelerator, model, tokenizer, space, config, data, tokenized, progress
     )
-    best, best_epoch, bad_epochs, epochs_run = -math.inf, -1, 0, 0
-    best_state: dict[str, torch.Tensor] = {}
-    train_seconds, tokens = 0.0, 0
-    for epoch in range(train_cfg.epochs):
-        wrapped.train()
-        batches = loader(epoch)
-        losses = []
-        start = time.perf_counter()
-        desc = f"finetune {epoch + 1}/{train_cfg.epochs}"
-        for batch in _progress(batches, total=len(batches), desc=desc, enabled=progress):
-            batch.pop("index")
-            labels = batch.pop("labels")
-            with accelerator.accumulate(wrapped):
-                loss = _loss(space.task_type, wrapped(**batch), labels)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and train_cfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(wrapped.parameters(), train_cfg.grad_clip)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            losses.append(loss.item())
-            tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-        train_seconds += time.perf_counter() - start
-        val = evaluate_split(
-            accelerator,
-            wrapped,
-            space,
-            data,
-            tokenized["validation"],
-            "validation",
-            train_cfg.eval_batch_size,
-            pad_id,
-            progress,
-            **scoring,
-        )
-        if metric not in val:
-            raise ValueError(
-                f"train.metric={metric!r} is not a metric of this task; "
-                f"choose from {sorted(k for k in val if k not in _NESTED)}"
-            )
-        score = float(val[metric])
-        improved = score > best
-        epochs_run = epoch + 1
-        if improved:
-            best, best_epoch, bad_epochs = score, epoch + 1, 0
-            best_state = {
-                k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()
-            }
-        else:
-            bad_epochs += 1
-        if main:
-            _append_jsonl(
-                run / HISTORY,
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": float(np.mean(losses)) if losses else None,
-                    "validation": {k: v for k, v in val.items() if k not in _NESTED},
-                    "metric": metric,
-                    "score": score,
-                    "improved": improved,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "seconds": round(train_seconds, 2),
-                },
-            )
-        logger.info(
-            "finetune epoch %d: loss %.4f, validation %s %.4f%s",
-            epoch + 1,
-            np.mean(losses) if losses else float("nan"),
-            metric,
-            score,
-            " (best)" if improved else "",
-        )
-        if train_cfg.early_stopping and bad_epochs >= train_cfg.early_stopping:
-            logger.info("early stopping after %d epochs without improvement", bad_epochs)
-            break
+    loop = Loop(
+        accelerator,
+        trainer,
+        config.train,
+        run,
+        metric=metric,
+        name="finetune epoch",
+        progress=progress,
+    )
+    loop.run()
+    return trainer.finalize(loop, run, metric, max_length, save_model)
 
-    unwrapped.load_state_dict(best_state)
-    total = sum(p.numel() for p in model.parameters())
-    base = sum(p.numel() for p in getattr(model, "base_model", model).parameters())
-    results: dict[str, Any] = {
-        "baseline": "finetune",
-        "task": data.name,
-        "task_type": data.task_type,
-        "base": config.base,
-        "metric": metric,
-        "best_epoch": best_epoch,
-        "epochs_run": epochs_run,
-        "lr": lr,
-    }
-    results.update(
-        evaluate_splits(
+
+class _FinetuneTrainer:
+    """The :class:`~adalayers.training.loop.Steps` of fine-tuning: every weight of the model
+    trains (AdamW, no decay on biases and norms), the learning rate warms up over the first
+    :data:`WARMUP` of the steps then decays linearly, and the best epoch's weights are kept in
+    memory (not resumable); and the end of the run (:meth:`finalize`).
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        model: nn.Module,
+        tokenizer: Any,
+        space: LabelSpace,
+        config: RunConfig,
+        data: Any,
+        tokenized: dict[str, Any],
+        progress: bool,
+    ) -> None:
+        self.accelerator, self.hf_model, self.tokenizer, self.space = (
             accelerator,
-            wrapped,
-            space,
-            data,
-            tokenized,
+            model,
             tokenizer,
-            max_length,
-            train_cfg.eval_batch_size,
-            pad_id,
-            progress,
-            predictions=(predictions := {}),
-            **scoring,
+            space,
         )
-    )
-    results.update(
-        {
-            "parameters_added": total,  # a second, fine-tuned copy of the whole base
-            "trainable_parameters": total,
-            "base_parameters": base,
-            "percent_of_base": 100 * total / base,
-            "train_seconds": round(train_seconds, 2),
-            "train_tokens": tokens,
-            "train_tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
-            "processes": accelerator.num_processes,
+        self.config, self.data, self.tokenized, self.progress = config, data, tokenized, progress
+        self.pad_id = tokenizer.pad_token_id
+        train = config.train
+        wrapped = _Logits(model)
+        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+        named = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
+        groups = [
+            {
+                "params": [p for n, p in named if not n.endswith(no_decay)],
+                "weight_decay": train.weight_decay,
+            },
+            {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
+        self.model, self.optimizer = accelerator.prepare(wrapped, optimizer)
+        self.unwrapped: _Logits = accelerator.unwrap_model(self.model)
+        steps = train.epochs * math.ceil(len(self.loader(0)) / train.grad_accumulation)
+        warmup = max(1, int(WARMUP * steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))),
+        )
+        self.best_state: dict[str, torch.Tensor] = {}
+
+    # -- Steps -------------------------------------------------------------------------------
+    def loader(self, epoch: int) -> Any:
+        train = self.config.train
+        seed = train.seed * 100_003 + epoch
+        return batch_loader(
+            self.accelerator,
+            self.tokenized["train"],
+            train.batch_size,
+            self.pad_id,
+            shuffle=True,
+            seed=seed,
+        )
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k not in ("index", "labels")}
+        return _loss(self.space.task_type, self.model(**inputs), batch["labels"])
+
+    def parameters(self) -> Iterable[torch.Tensor]:
+        return self.model.parameters()
+
+    def stepped(self) -> None:
+        self.scheduler.step()
+
+    def validate(self) -> dict[str, Any]:
+        return evaluate_split(
+            self.accelerator,
+            self.model,
+            self.space,
+            self.data,
+            self.tokenized["validation"],
+            "validation",
+            self.config.train.eval_batch_size,
+            self.pad_id,
+            self.progress,
+            **self.scoring,
+        )
+
+    def validated(self, score: float, improved: bool) -> dict[str, Any]:
+        if improved:
+            self.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.unwrapped.state_dict().items()
+            }
+        return {}
+
+    @property
+    def scoring(self) -> dict[str, Any]:
+        """What :func:`~adalayers.training.evaluate.evaluate_split` reports (``task`` section)."""
+        task = self.config.task
+        return {"metrics": task.metrics, "positive_label": task.positive_label}
+
+    # -- the end -----------------------------------------------------------------------------
+    def finalize(
+        self, loop: Loop, run: Path, metric: str, max_length: int, save_model: bool
+    ) -> dict[str, Any]:
+        """Evaluate the best epoch's model on validation and test, write the predictions and
+        ``metrics.json`` (and the model with ``save_model``); returns the metrics."""
+        accelerator, model, data, config = self.accelerator, self.hf_model, self.data, self.config
+        self.unwrapped.load_state_dict(self.best_state)
+        total = sum(p.numel() for p in model.parameters())
+        base = sum(p.numel() for p in getattr(model, "base_model", model).parameters())
+        results: dict[str, Any] = {
+            "baseline": "finetune",
+            "task": data.name,
+            "task_type": data.task_type,
+            "base": config.base,
+            "metric": metric,
+            "best_epoch": loop.state.best_epoch,
+            "epochs_run": loop.state.epoch,
+            "lr": config.train.lr,
         }
-    )
-    if main:
-        save_predictions(run, predictions)  # before metrics.json, which marks the end
-        _write_json(run / METRICS, results)
-        if save_model:
-            model.save_pretrained(run / MODEL_DIR)
-            tokenizer.save_pretrained(run / MODEL_DIR)
-    accelerator.wait_for_everyone()
-    return results
+        results.update(
+            evaluate_splits(
+                accelerator,
+                self.model,
+                self.space,
+                data,
+                self.tokenized,
+                self.tokenizer,
+                max_length,
+                config.train.eval_batch_size,
+                self.pad_id,
+                self.progress,
+                predictions=(predictions := {}),
+                **self.scoring,
+            )
+        )
+        results.update(
+            {
+                "parameters_added": total,  # a second, fine-tuned copy of the whole base
+                "trainable_parameters": total,
+                "base_parameters": base,
+                "percent_of_base": 100 * total / base,
+                **loop.timings(),
+            }
+        )
+        if accelerator.is_main_process:
+            write_results(run, results, predictions)
+            if save_model:
+                model.save_pretrained(run / MODEL_DIR)
+                self.tokenizer.save_pretrained(run / MODEL_DIR)
+        accelerator.wait_for_everyone()
+        return results

@@ -1,4 +1,5 @@
-"""Progress as log lines, for runs whose stderr is not a terminal (``nohup``, CI, a scheduler).
+"""Progress: a bar on a terminal (:func:`progress_bar`), else log lines, for runs whose stderr
+is not a terminal (``nohup``, CI, a scheduler).
 
 A progress bar draws nothing useful into a file, so where bars are off the training loop and
 the cache build call :meth:`ProgressLog.update` after each step instead: every
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 DEFAULT_EVERY_SECONDS = 30.0
 """Seconds between two progress lines unless the caller says otherwise."""
@@ -89,3 +91,12 @@ class ProgressLog:
         return (
             f"{self.what}: {step}, {rate:.1f} examples/s, {format_seconds(elapsed)} elapsed{left}"
         )
+
+
+def progress_bar(iterable: Any, *, total: int, desc: str, enabled: bool) -> Any:
+    """``iterable`` behind a tqdm bar that is cleared when done (a no-op unless ``enabled``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True
+    )
