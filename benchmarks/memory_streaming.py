@@ -71,7 +71,8 @@ def child(variant: str, batch: int, length: int, dim: int) -> None:
     import torch
 
     from adalayers.core.backbone import load_backbone
-    from adalayers.core.task import AdaLayers, Task, TaskConfig
+    from adalayers.core.multitask import AdaLayers
+    from adalayers.core.task import Task, TaskConfig
 
     torch.manual_seed(0)
     backbone = load_backbone("all-MiniLM-L6-v2")

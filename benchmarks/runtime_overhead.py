@@ -45,8 +45,9 @@ VARIANTS = (
 
 def build(batch: int, length: int, dim: int):
     from adalayers.core.backbone import load_backbone
+    from adalayers.core.multitask import AdaLayers
     from adalayers.core.taps import stream_taps
-    from adalayers.core.task import AdaLayers, Task, TaskConfig
+    from adalayers.core.task import Task, TaskConfig
 
     torch.manual_seed(0)
     backbone = load_backbone("all-MiniLM-L6-v2")

@@ -20,7 +20,8 @@ from _common import write_result  # noqa: E402
 from conftest import build_tiny  # noqa: E402
 
 from adalayers.core.backbone import load_backbone  # noqa: E402
-from adalayers.core.task import AdaLayers, Task, TaskConfig  # noqa: E402
+from adalayers.core.multitask import AdaLayers  # noqa: E402
+from adalayers.core.task import Task, TaskConfig  # noqa: E402
 
 TEXTS = ["the movie was very good", "bad plot", "john read a book in london ."]
 

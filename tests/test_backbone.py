@@ -13,7 +13,8 @@ from helpers import FAMILIES
 
 from adalayers.core import models
 from adalayers.core.backbone import load_backbone, resolve_model_path
-from adalayers.core.task import AdaLayers, Task, TaskConfig
+from adalayers.core.multitask import AdaLayers
+from adalayers.core.task import Task, TaskConfig
 
 CASES = [(f, "encoder") for f in FAMILIES if f != "gpt2" and f != "llama"]
 CASES += [("bart", "decoder"), ("t5", "decoder"), ("gpt2", None), ("llama", None)]

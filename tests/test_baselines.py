@@ -14,7 +14,8 @@ from helpers import write_cola
 
 from adalayers.core.backbone import load_backbone
 from adalayers.core.mixer import LayerMixer, MixerConfig
-from adalayers.core.task import AdaLayers, Task, TaskConfig
+from adalayers.core.multitask import AdaLayers
+from adalayers.core.task import Task, TaskConfig
 from adalayers.training import batches
 from adalayers.training import cache as cache_module
 from adalayers.training.build import TaskModel

@@ -12,7 +12,8 @@ from helpers import byte_level_tokenizer
 
 from adalayers.core.backbone import load_backbone
 from adalayers.core.encoding import InputError
-from adalayers.core.task import AdaLayers, Task, TaskConfig
+from adalayers.core.multitask import AdaLayers
+from adalayers.core.task import Task, TaskConfig
 
 
 @pytest.fixture

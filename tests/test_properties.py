@@ -28,7 +28,8 @@ from adalayers.core.encoding import (
     encode_words,
     word_logits,
 )
-from adalayers.core.task import AdaLayers, Task, TaskConfig
+from adalayers.core.multitask import AdaLayers
+from adalayers.core.task import Task, TaskConfig
 
 AWKWARD = list(
     " \t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u2028\u2029\u3000"  # whitespace Python knows

@@ -8,7 +8,8 @@ import transformers as T
 import yaml
 
 from adalayers.core.backbone import load_backbone
-from adalayers.core.task import AdaLayers, BaseMismatchError, Task, TaskConfig
+from adalayers.core.multitask import AdaLayers
+from adalayers.core.task import BaseMismatchError, Task, TaskConfig
 from adalayers.serving.runtime import attach, load_runs, resolve_run
 
 PROMPTS = ["the movie was very good and the plot was great", "bad plot", "john read a book"]

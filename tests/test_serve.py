@@ -17,7 +17,8 @@ pytest.importorskip("uvicorn")
 
 from adalayers.cli import build_parser  # noqa: E402
 from adalayers.core.backbone import load_backbone  # noqa: E402
-from adalayers.core.task import AdaLayers, Task, TaskConfig  # noqa: E402
+from adalayers.core.multitask import AdaLayers  # noqa: E402
+from adalayers.core.task import Task, TaskConfig  # noqa: E402
 from adalayers.serving.app import create_app  # noqa: E402
 from adalayers.serving.config import ServeConfig  # noqa: E402
 from adalayers.serving.predictor import Predictor  # noqa: E402

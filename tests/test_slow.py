@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from adalayers.core.backbone import load_backbone
-from adalayers.core.task import AdaLayers, Task, TaskConfig
+from adalayers.core.multitask import AdaLayers
+from adalayers.core.task import Task, TaskConfig
 
 pytestmark = pytest.mark.slow
 

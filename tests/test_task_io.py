@@ -18,7 +18,8 @@ import torch
 
 from adalayers.core import task as model_module
 from adalayers.core.backbone import load_backbone
-from adalayers.core.task import AdaLayers, BaseMismatchError, Task, TaskConfig
+from adalayers.core.multitask import AdaLayers
+from adalayers.core.task import BaseMismatchError, Task, TaskConfig
 
 
 @pytest.fixture

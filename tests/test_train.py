@@ -150,7 +150,7 @@ def test_token_task_end_to_end(tmp_path, tiny_model_dir):
 
 
 def test_token_task_with_bio_decoding_predicts_valid_tags(tmp_path, tiny_model_dir):
-    from adalayers.core.task import AdaLayers
+    from adalayers.core.multitask import AdaLayers
     from adalayers.training.config import load_config
 
     data = write_conll(tmp_path / "data")
@@ -247,16 +247,7 @@ def test_two_processes_count_every_example_once(cola, tmp_path):
             "2",
             "-m",
             "adalayers.cli",
-            "train",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data),
-            "--output-dir",
-            str(run),
-            "--quiet",
-            "--set",
-            "train.epochs=1",
+            *train_args(config, data, run, "--set", "train.epochs=1"),
             "--set",
             "train.eval_batch_size=4",
         ],

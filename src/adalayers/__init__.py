@@ -7,10 +7,9 @@ from adalayers.core.backbone import DEFAULT_BASE, Backbone, BaseInfo, load_backb
 from adalayers.core.encoding import InputError
 from adalayers.core.heads import HeadConfig
 from adalayers.core.mixer import LayerMixer, MixerConfig
+from adalayers.core.multitask import AdaLayers, MultiTaskOutput
 from adalayers.core.task import (
-    AdaLayers,
     BaseMismatchError,
-    MultiTaskOutput,
     PairMismatchError,
     Task,
     TaskConfig,

@@ -155,7 +155,8 @@ def _pair_advice(
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from adalayers.core.encoding import InputError
-    from adalayers.core.task import AdaLayers, PairMismatchError
+    from adalayers.core.multitask import AdaLayers
+    from adalayers.core.task import PairMismatchError
     from adalayers.training.config import load_config
     from adalayers.training.data import read_inputs
     from adalayers.training.train import CONFIG, load_run

@@ -42,7 +42,8 @@ import logging
 from typing import Annotated, Any
 
 from adalayers.core.encoding import text_problem
-from adalayers.core.task import AdaLayers, PairMismatchError
+from adalayers.core.multitask import AdaLayers
+from adalayers.core.task import PairMismatchError
 from adalayers.serving.batcher import MicroBatcher, QueueFullError, ShuttingDownError
 from adalayers.serving.config import ServeConfig
 from adalayers.serving.predictor import Predictor

@@ -12,7 +12,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from adalayers.core.task import AdaLayers, check_pairs
+from adalayers.core.multitask import AdaLayers
+from adalayers.core.task import check_pairs
 
 
 class Predictor:

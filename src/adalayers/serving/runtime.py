@@ -38,8 +38,9 @@ from torch import nn
 from adalayers.core.backbone import Backbone
 from adalayers.core.decoding import decode_words
 from adalayers.core.encoding import InputError
+from adalayers.core.multitask import AdaLayers
 from adalayers.core.taps import stream_taps
-from adalayers.core.task import CONFIG_NAME, AdaLayers, PairMismatchError, Task, check_base
+from adalayers.core.task import CONFIG_NAME, PairMismatchError, Task, check_base
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from adalayers.core.backbone import Backbone
 from adalayers.core.decoding import resolve_decoding
-from adalayers.core.task import AdaLayers, Task, TaskConfig
+from adalayers.core.multitask import AdaLayers
+from adalayers.core.task import Task, TaskConfig
 from adalayers.training.config import RunConfig
 from adalayers.training.data import TaskData, load_task_data
 

@@ -27,9 +27,10 @@ from adalayers.training.build import (
     max_tokens,
     seed_everything,
 )
-from adalayers.training.cache import FeatureStore, default_cache_dir, open_or_build, probe_layers
+from adalayers.training.cache import FeatureStore, default_cache_dir, open_or_build
 from adalayers.training.config import RunConfig
 from adalayers.training.data import TaskData
+from adalayers.training.probe import probe_layers
 
 logger = logging.getLogger(__name__)
 
