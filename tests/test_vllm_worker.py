@@ -118,6 +118,7 @@ class Scheduler:
     def add(self, req: str, ids: list[int], extra: dict | None = None) -> None:
         self.runner.requests[req] = SimpleNamespace(
             num_prompt_tokens=len(ids),
+            prompt_token_ids=list(ids),
             all_ids=list(ids),
             computed=0,
             sampling_params=SimpleNamespace(extra_args=extra),

@@ -66,6 +66,7 @@ class _Prompt:
     """One request's prompt while its prefill runs."""
 
     length: int
+    token_ids: list[int]
     names: list[str]
     features: dict[str, torch.Tensor]  # name -> (length, k)
     filled: torch.Tensor  # (length,) bool
@@ -275,7 +276,8 @@ class SideTaskCollector:
             )
             return None
         features = {name: torch.zeros(length, self.tasks[name].mixer.config.dim) for name in wanted}
-        prompt = _Prompt(length, wanted, features, torch.zeros(length, dtype=torch.bool))
+        ids = list(state.prompt_token_ids or [])
+        prompt = _Prompt(length, ids, wanted, features, torch.zeros(length, dtype=torch.bool))
         self.prompts[req] = prompt
         return prompt
 
@@ -303,7 +305,7 @@ class SideTaskCollector:
                 logits[name] = task.head(features, mask)[0].float().tolist()  # (C,) or (T, C)
         del self.prompts[req]
         self.stats["heads"] += 1
-        self._finish(req, {"logits": logits})
+        self._finish(req, {"logits": logits, "token_ids": prompt.token_ids})
 
     def _finish(self, req: str, result: dict[str, Any]) -> None:
         self.done.add(req)
@@ -311,6 +313,12 @@ class SideTaskCollector:
         while len(self.results) > MAX_RESULTS:
             dropped, _ = self.results.popitem(last=False)
             logger.warning("side-task results of request %s were never fetched; dropped", dropped)
+
+    def take_prefix(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Remove and return the results of every request whose engine id starts with
+        ``prefix + "-"`` (the sub-requests of one HTTP request), keyed by engine id."""
+        keys = [key for key in self.results if key.startswith(prefix + "-")]
+        return {key: self.results.pop(key) for key in keys}
 
     def take(self, request_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """Remove and return the results of ``request_ids`` (the ids the client gave; the
@@ -372,6 +380,11 @@ class SideTaskExtension:
         ``{"error": message}`` (all of them, keyed by the engine's ids, without ids)."""
         collector = getattr(self, "_adalayers", None)
         return {} if collector is None else collector.take(request_ids)
+
+    def adalayers_results_prefix(self, prefix: str) -> dict[str, Any]:
+        """Take the results of the requests whose engine id starts with ``prefix + "-"``."""
+        collector = getattr(self, "_adalayers", None)
+        return {} if collector is None else collector.take_prefix(prefix)
 
     def adalayers_stats(self) -> dict[str, int]:
         """Live buffers and step counters (tests check that nothing leaks)."""
