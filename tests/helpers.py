@@ -121,6 +121,20 @@ def build_tiny(family: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_tiny_sentence_transformer(base: Path, folder: Path, max_seq_length: int = 48) -> Path:
+    """Save ``base`` (a tiny model folder) as a sentence-transformers model in ``folder``:
+    ``modules.json``, the transformer, mean pooling (``1_Pooling/``) and normalisation, as
+    all-MiniLM-L6-v2 is laid out. Needs sentence-transformers."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    transformer = Transformer(str(base), max_seq_length=max_seq_length)
+    pooling = Pooling(transformer.get_embedding_dimension(), "mean")
+    model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu")
+    model.save(str(folder))
+    return folder
+
+
 # -- tiny data sets ----------------------------------------------------------------------------
 GOOD = "the movie was good . a great story . mary read the book .".split(" . ")
 BAD = "movie the was . good a the of . the the the and".split(" . ")

@@ -12,7 +12,13 @@ import transformers
 from helpers import FAMILIES
 
 from adalayers.core import models
-from adalayers.core.backbone import load_backbone, resolve_model_path
+from adalayers.core.backbone import (
+    Backbone,
+    fingerprint_files,
+    load_backbone,
+    resolve_model_path,
+    weights_fingerprint,
+)
 from adalayers.core.multitask import AdaLayers
 from adalayers.core.task import Task, TaskConfig
 
@@ -203,6 +209,7 @@ def test_local_folder_under_the_embedded_name_is_loaded_with_a_warning(
         "hidden_size",
         "states",
         "fingerprint",
+        "fingerprint_version",
     }
     (record,) = caplog.records
     assert str(shadow.resolve()) in record.getMessage()
@@ -224,3 +231,63 @@ def test_smollm2_conversion_modes_follow_the_umask(tiny_model_dir, tmp_path, mon
     assert target.stat().st_mode & 0o777 == 0o755
     assert (target / "model.safetensors").stat().st_mode & 0o777 == 0o644
     assert (target / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+# -- the fingerprint: the weights, not the loader -------------------------------------------------
+WRAPPERS = {
+    "bert": transformers.AutoModelForTokenClassification,
+    "roberta": transformers.AutoModelForSequenceClassification,
+    "bart": transformers.AutoModelForSeq2SeqLM,
+    "t5": transformers.AutoModelForSeq2SeqLM,
+    "gpt2": transformers.AutoModelForCausalLM,
+    "llama": transformers.AutoModelForCausalLM,
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fingerprint_of_the_files_is_that_of_the_loaded_model(tiny_model_dir, family, tmp_path):
+    folder = tiny_model_dir(family)
+    backbone = load_backbone(folder)
+    assert fingerprint_files(folder) == backbone.fingerprint()
+    assert len(backbone.fingerprint()) == 16
+    if family in WRAPPERS:  # a *ForXxx wrapper: its head is no part of the base
+        wrapper = WRAPPERS[family].from_pretrained(folder)
+        assert Backbone(wrapper).fingerprint() == backbone.fingerprint()
+        wrapper.save_pretrained(tmp_path / "wrapper")  # `bert.`/`model.` names, tied copies
+        assert fingerprint_files(tmp_path / "wrapper") == backbone.fingerprint()
+
+
+def test_fingerprint_ignores_names_dtype_and_config_but_not_the_weights(tiny_model_dir):
+    folder = tiny_model_dir("bert")
+    backbone = load_backbone(folder)
+    state = backbone.model.state_dict()
+    expected = backbone.fingerprint()
+    assert weights_fingerprint((f"0.auto_model.{k}", v) for k, v in state.items()) == expected
+    assert load_backbone(folder, dtype=torch.bfloat16).fingerprint() == expected
+    other = transformers.BertModel.from_pretrained(
+        folder, use_cache=False, attn_implementation="eager"
+    )
+    assert Backbone(other).fingerprint() == expected  # loader settings are not the weights
+    assert load_backbone(tiny_model_dir("bert", seed=1)).fingerprint() != expected
+    nudged = dict(state)
+    key = "encoder.layer.1.attention.self.query.weight"
+    nudged[key] = state[key] + 1e-2
+    assert weights_fingerprint(nudged.items()) != expected
+    with pytest.raises(ValueError, match="no weight tensors"):
+        weights_fingerprint([("embeddings.position_ids", torch.arange(4))])
+
+
+def test_fingerprint_files_reads_the_index_of_a_sharded_checkpoint(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("llama")
+    model = transformers.AutoModel.from_pretrained(folder)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    # a stray copy beside the shards (e.g. consolidated.safetensors) is not read
+    shutil.copy(folder / "model.safetensors", tmp_path / "sharded" / "consolidated.safetensors")
+    assert fingerprint_files(tmp_path / "sharded") == load_backbone(folder).fingerprint()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        fingerprint_files(tmp_path)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        fingerprint_files(tmp_path / "bad")

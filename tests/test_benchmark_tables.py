@@ -251,11 +251,11 @@ def test_baselines_give_seed_means_with_n_and_bold_the_best_frozen_mean(tables, 
     assert lines[2] == (
         "| CoNLL-2003 × MiniLM | entity F1 | 78.5 ± 0.7 (n = 2) "
         "| **81.0 ± 1.4** (n = 2, α = 1) | 74.5 ± 0.7 (n = 2) | – | 77.5 ± 0.7 (n = 2) "
-        "| 76.5 ± 0.7 (n = 2) | – |"
+        "| 76.5 ± 0.7 (n = 2) | – | – | – | – |"  # no dynamic mixer, probes, fine-tuning
     )
     assert lines[3] == (
         "| CoNLL-2003 × MiniLM (BIO decoding) | entity F1 | **80.0** (n = 1) | – "
-        "| 76.0 (n = 1) | – | 79.0 (n = 1) | 78.0 (n = 1) | – |"
+        "| 76.0 (n = 1) | – | 79.0 (n = 1) | 78.0 (n = 1) | – | – | – | – |"
     )
 
 
@@ -293,9 +293,62 @@ def test_benchmarks_md_is_short_and_answers_each_question_with_a_generated_table
     text = (committed.ROOT / "BENCHMARKS.md").read_text()
     assert len(text.splitlines()) <= 250
     names = {m.group(2) for m in committed.MARKER.finditer(text)}
-    questions = {"streaming", "memory", "cache-speed", "baselines", "runtime", "serving", "resume"}
+    questions = {
+        "streaming",
+        "memory",
+        "cache-speed",
+        "baselines",
+        "runtime",
+        "embed-side-tasks",
+        "serving",
+        "resume",
+    }
     assert questions <= names
     assert "## Integrations" in text
     experiments = committed.ROOT / "docs" / "experiments"
     for link in ("baselines.md", "alpha-and-seeds.md", "variants.md"):
         assert f"docs/experiments/{link}" in text and (experiments / link).exists()
+
+
+def test_the_tune_table_sets_the_search_beside_the_alpha_grid(tables, tmp_path):
+    result = {
+        "config": "configs/minilm-cola.yaml",
+        "space": {
+            "task.mixer.alpha": {"low": 1, "high": 128, "log": True},
+            "task.mixer.dim": {"choices": [32, 64]},
+        },
+        "jobs": 2,
+        "trials": {"complete": 20, "pruned": 10, "fail": 1},
+        "wall_seconds_this_call": 1500.0,
+        "study_seconds": 1490.0,
+        "load_average_1_5_15_min": {"start": [6.5, 6.0, 5.0], "end": [7.25, 7.0, 6.0]},
+        "metric": "mcc",
+        "best": {
+            "params": {"task.mixer.alpha": 3.21, "task.mixer.dim": 64},
+            "validation": 0.301,
+            "test": 0.215,
+        },
+        "alpha_grid": {
+            "source": "benchmarks/results/compare_x.json",
+            "runs": 4,
+            "alphas": [1.0, 4.0, 16.0, 64.0],
+            "settings": {"alpha": 16.0},
+            "validation": 0.2598,
+            "test": 0.1883,
+            "wall_seconds": 78.4,
+        },
+        "machine": {"cores": 2},
+        "command": "python benchmarks/tune_cola.py",
+        "commit": "abc1234",
+    }
+    (tmp_path / "tune_cola.json").write_text(json.dumps(result))
+    lines = tables.tune_table().splitlines()
+    assert "Searched: α 1–128 (log), k {32, 64}." in lines[0]
+    tuned = next(x for x in lines if x.startswith("| `adalayers tune`"))
+    assert "| 30 (20 complete, 10 pruned) | 25.0 min, 2 processes | **30.1** | 21.5 |" in tuned
+    assert tuned.endswith("| α 3.21, k 64 |")
+    grid = next(x for x in lines if x.startswith("| `compare --mixer-grid`"))
+    expected = "| 4 | 1.3 min, 1 process | 26.0 | 18.8 | α 16 |"
+    assert grid == f"| `compare --mixer-grid`: α = 1, 4, 16, 64 {expected}"
+    assert "load average 6.5 when the search began, 7.2 when it ended" in "\n".join(lines)
+    assert lines[-1].startswith("From `benchmarks/results/tune_cola.json`")

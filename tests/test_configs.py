@@ -107,7 +107,9 @@ def test_config_builds_and_trains_on_a_tiny_base(path, tiny_model_dir):
     if config.task.mixer.positional != "none":
         max_length = min(max_length, config.task.mixer.max_positions)
     ds = tokenize(data, "train", backbone.tokenizer, task, max_length)
-    batch = collate([ds[i] for i in range(len(ds))], backbone.tokenizer.pad_token_id)
+    batch = collate(
+        [ds[i] for i in range(len(ds))], backbone.tokenizer.pad_token_id, kind=task.kind
+    )
     batch.pop("index")
     labels = batch.pop("labels")
     model = TaskModel(backbone, task).train()

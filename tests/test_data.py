@@ -251,7 +251,7 @@ def test_label_outside_label_names(tmp_path):
 
 def test_unknown_label_in_benchmark_file(data_dir):
     _write(data_dir / "glue/CoLA/dev.tsv", "gj04\t2\t\tOdd.\n")
-    with pytest.raises(ValueError, match=r"label '2' in .*dev\.tsv is not one of .*\['0', '1'\]"):
+    with pytest.raises(ValueError, match=r"label '2' in .*dev\.tsv:1 is not one of .*\['0', '1'\]"):
         load_task_data("cola", data_dir)
 
 

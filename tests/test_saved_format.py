@@ -3,6 +3,7 @@ and predicts: the saved-run format is an interface, whatever the package layout 
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -63,6 +64,31 @@ LABELS = {
 PARAMETERS = {"sequence_classification": 1590, "token_classification": 1911}
 
 
+def format_1_fingerprint(model) -> str:
+    """The base fingerprint format 1 saved (``Backbone.fingerprint`` at f3474f3, verbatim): the
+    config less a few keys, then each tensor's name, shape and float32 sample."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for key in (
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "architectures",
+        "_attn_implementation_autoset",
+    ):
+        cfg.pop(key, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to(torch.float32).cpu()
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def write_format_1(folder, task_type, base) -> dict[str, torch.Tensor]:
     """A task folder exactly as format 1 laid it out; returns the weights written."""
     folder.mkdir(parents=True)
@@ -81,7 +107,7 @@ def write_format_1(folder, task_type, base) -> dict[str, torch.Tensor]:
             "num_states": info.num_states,
             "hidden_size": info.hidden_size,
             "states": "encoder",
-            "fingerprint": info.fingerprint,
+            "fingerprint": format_1_fingerprint(base.model),  # no fingerprint_version then
         },
         "parameters": PARAMETERS[task_type],
     }
@@ -110,3 +136,35 @@ def test_a_task_saved_by_format_1_loads_and_predicts(tmp_path, tiny_model_dir, t
         assert all(o["t"]["label"] in labels for o in out)
         # saved before tasks recorded text_pair: both kinds of input are accepted
         assert len(runtime.predict(["john read"], ["a book"])) == 1
+
+
+def test_a_format_1_fingerprint_is_compared_with_the_old_algorithm(tmp_path, tiny_model_dir):
+    """A task saved with a version-1 fingerprint (no ``fingerprint_version``) still attaches to
+    its base however that is held, keeps version 1 when saved again, and refuses another."""
+    import transformers as T
+
+    from adalayers import attach
+    from adalayers.core.task import BaseMismatchError
+
+    folder = tiny_model_dir("bert")
+    base = load_backbone(str(folder))
+    write_format_1(tmp_path / "task", "sequence_classification", base)
+    task = Task.from_pretrained(tmp_path / "task", base)
+    assert task.base.fingerprint_version == 1
+    # the same weights through other loaders: a wrapper, use_cache off (sentence-transformers)
+    for held in (
+        T.BertForSequenceClassification.from_pretrained(folder),
+        T.BertModel.from_pretrained(folder, use_cache=False),
+    ):
+        with attach(held, {"t": task}) as side:
+            held(**base.tokenizer(["john read a book"], return_tensors="pt"))
+            assert side.predictions()[0]["t"]["label"] in LABELS["sequence_classification"]
+    again = Task.from_pretrained(task.save_pretrained(tmp_path / "again"), base)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["base"] == {
+        **json.loads((tmp_path / "task" / "config.json").read_text())["base"],
+        "fingerprint_version": 1,
+    }
+    assert again.base == task.base
+    other = load_backbone(str(tiny_model_dir("bert", seed=1)))
+    with pytest.raises(BaseMismatchError, match=r"version 1\).*different weights"):
+        Task.from_pretrained(tmp_path / "task", other)

@@ -16,7 +16,7 @@ import yaml
 from datasets import Dataset, DatasetDict
 
 from adalayers.core.backbone import load_backbone
-from adalayers.core.decoding import resolve_decoding
+from adalayers.core.kinds import kind_of
 from adalayers.core.metrics import compute_metrics, f1
 from adalayers.core.task import Task, TaskConfig
 from adalayers.serving.runtime import load_runs
@@ -252,8 +252,9 @@ def test_decoding_auto_is_bio_for_iob2_tags_only():
     saved = TaskConfig.from_dict({"task_type": "token_classification", "labels": iob2, "head": {}})
     assert saved.head.decoding == "argmax"
     # IOB1 training tags (I-X opens an entity) are scored as they are: argmax
-    assert resolve_decoding("auto", "token_classification", iob2, [["I-PER", "O"]]) == "argmax"
-    assert resolve_decoding("auto", "token_classification", iob2, [["B-PER", "I-PER"]]) == "bio"
+    tokens = kind_of("token_classification")
+    assert tokens.resolve_decoding("auto", iob2, [["I-PER", "O"]]) == "argmax"
+    assert tokens.resolve_decoding("auto", iob2, [["B-PER", "I-PER"]]) == "bio"
 
 
 def test_user_conll_predicts_valid_iob2_by_default(tmp_path, tiny_model_dir, monkeypatch, caplog):

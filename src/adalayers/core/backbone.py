@@ -18,8 +18,8 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +41,21 @@ MAX_HIDDEN_SIZE = 2**18
 _BLOCK_PATHS = ("encoder.layer", "transformer.layer", "layers", "h", "block", "layer")
 _FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "layer_norm")
 
+FINGERPRINT_VERSION = 2
+"""How :func:`weights_fingerprint` identifies a base; a task records it as
+``base.fingerprint_version``. Version 1 (tasks saved before the field existed) hashed the config
+and the tensor names with the weights: :func:`legacy_fingerprints` still computes it."""
+FINGERPRINT_SAMPLE = 4096
+"""Values sampled from each tensor (evenly spaced over the flattened tensor)."""
+# Tensors that are not the weights the hidden states come from: the heads of *ForXxx wrappers
+# (first name component), the pooler (any component), and buffers computed from the config
+# that some files store and loaded models do not (last component; GPT-2's causal mask below).
+_HEAD_TENSORS = frozenset(
+    {"lm_head", "final_logits_bias", "classifier", "classification_head", "score", "qa_outputs"}
+    | {"cls"}  # BERT's pre-training heads (BertForMaskedLM, BertForPreTraining)
+)
+_COMPUTED_BUFFERS = frozenset({"inv_freq", "masked_bias", "position_ids"})
+
 Family = Literal["encoder", "encoder-decoder", "decoder"]
 Tap = Callable[[int, torch.Tensor], None]
 """A tap callback: ``tap(state_index, Z)`` with ``Z`` of shape (B, T, d)."""
@@ -59,7 +74,11 @@ class BaseInfo:
         num_states: number of hidden states (``L + 1``).
         hidden_size: width ``d`` of each hidden state.
         states: ``"encoder"`` or ``"decoder"`` (which stack of an encoder-decoder is read).
-        fingerprint: hash of the base's config and (a fixed sample of) its weights.
+        fingerprint: what identifies the base's weights (:func:`weights_fingerprint`).
+        fingerprint_version: how ``fingerprint`` was computed: 2 (:func:`weights_fingerprint`),
+            or 1 for tasks saved before the key existed (read as 1 when absent; see
+            :func:`legacy_fingerprints`). :meth:`Backbone.info_for` computes a base's
+            fingerprint the way a task's was, so both versions are compared like for like.
         path: where ``name_or_path`` was found on this machine (a resolved folder, or the hub
             id), when the base is loaded; for messages only: not saved, not compared.
     """
@@ -69,6 +88,7 @@ class BaseInfo:
     hidden_size: int
     states: str
     fingerprint: str
+    fingerprint_version: int = FINGERPRINT_VERSION
     path: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +100,11 @@ class BaseInfo:
             )
         if self.states not in ("encoder", "decoder"):
             raise ValueError(f"base.states must be 'encoder' or 'decoder', got {self.states!r}")
+        if self.fingerprint_version not in (1, FINGERPRINT_VERSION):
+            raise ValueError(
+                f"base.fingerprint_version {self.fingerprint_version} is not one this adalayers "
+                f"knows (1, {FINGERPRINT_VERSION}): the task was saved by a newer version"
+            )
 
     @classmethod
     def from_dict(cls, values: Any) -> BaseInfo:
@@ -95,6 +120,7 @@ class BaseInfo:
             raise ValueError(f"base: expected a mapping with keys {saved}, got {values!r}")
         if "path" in values:  # not a saved key: resolved where the base is loaded
             raise ValueError(f"unknown key(s) base.path; known keys in base: {saved}")
+        values = {"fingerprint_version": 1, **values}  # saved before versions: version 1
         missing = [name for name in saved if name not in values]
         if missing:
             raise ValueError(f"base: missing key(s) {missing}")
@@ -115,7 +141,174 @@ class BaseInfo:
             if embedded and Path(self.path).resolve() != Path(embedded).resolve():
                 where += f", a local folder that shadows the embedded base {embedded}"
             where += "; "
-        return f"{self.name_or_path!r} ({where}fingerprint {self.fingerprint})"
+        version = "" if self.fingerprint_version == FINGERPRINT_VERSION else " (version 1)"
+        return f"{self.name_or_path!r} ({where}fingerprint {self.fingerprint}{version})"
+
+
+# -- fingerprints ---------------------------------------------------------------------------------
+def _skipped(name: str, tensor: torch.Tensor) -> bool:
+    """Whether a named tensor is left out of the fingerprint (not a weight the states use)."""
+    if not tensor.is_floating_point():  # position ids, token type ids: integer buffers
+        return True
+    parts = name.split(".")
+    if parts[0] in _HEAD_TENSORS or "pooler" in parts or parts[-1] in _COMPUTED_BUFFERS:
+        return True
+    return parts[-2:] == ["attn", "bias"] and tensor.dim() == 4  # GPT-2's mask in old files
+
+
+def tensor_digest(tensor: torch.Tensor) -> bytes:
+    """SHA-256 of a tensor's shape and :data:`FINGERPRINT_SAMPLE` evenly spaced values.
+
+    The values are taken in float32 and rounded to bfloat16: float32 weights and their
+    bfloat16 copy (what loading float32 files with ``dtype=torch.bfloat16`` makes) have one
+    digest, and so do float16 or bfloat16 files and the float32 model loaded from them. A
+    float16 copy of float32 weights, or quantised weights, have another.
+    """
+    flat = tensor.detach().reshape(-1)  # (N,)
+    step = max(1, flat.numel() // FINGERPRINT_SAMPLE)
+    sample = flat[::step][:FINGERPRINT_SAMPLE].to("cpu", torch.float32).to(torch.bfloat16)
+    digest = hashlib.sha256(str(tuple(tensor.shape)).encode())
+    digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.digest()
+
+
+def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """What identifies a base: a hash of its weight tensors' contents, not of how it was loaded.
+
+    The fingerprint is a pure function of the weights the hidden states are computed from: the
+    sorted set of :func:`tensor_digest` of every floating-point tensor, leaving out heads of
+    ``*ForXxx`` wrappers (``lm_head``, ``classifier``, ``score``, ...; by the first name
+    component), the pooler, and buffers computed from the config (``inv_freq``,
+    ``position_ids``, GPT-2's causal mask). Names are not hashed, so neither a wrapper's prefix
+    (``bert.``, ``model.``, sentence-transformers' ``0.auto_model.``) nor a tied copy saved
+    once or twice nor a renamed tensor changes it; the price is that two models whose tensors
+    differ only in their places (two blocks swapped) share a fingerprint. The config is not
+    hashed either: the keys that change what the same weights compute (heads,
+    activation, norm epsilon, RoPE) are named, defaulted and serialised differently by
+    transformers versions, saved configs, GGUF and vLLM, while every dimension the weights
+    have is in their shapes; a task also records the number of states, the hidden size and the
+    stack it reads, which are compared beside the fingerprint.
+
+    Call it on a loaded model (``model.state_dict().items()``) or on ``(name, tensor)`` pairs
+    read from checkpoint files (:func:`fingerprint_files`); both give the same value when the
+    model holds the files' tensors as stored (true of ``from_pretrained`` for dense
+    transformers; not where loading fuses or converts tensors, e.g. mixture-of-experts weights
+    stacked by transformers 5, or quantisation).
+
+    Args:
+        named_tensors: ``(name, tensor)`` pairs; a tensor may sit on any device, in any dtype.
+
+    Returns:
+        16 hex digits.
+
+    Raises:
+        ValueError: no tensor is left to fingerprint.
+    """
+    digests = {tensor_digest(t) for name, t in named_tensors if not _skipped(name, t)}
+    if not digests:
+        raise ValueError("no weight tensors to fingerprint")
+    h = hashlib.sha256(b"adalayers weights_fingerprint 2")
+    for digest in sorted(digests):  # a set: tied copies count once
+        h.update(digest)
+    return h.hexdigest()[:16]
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The ``*.safetensors`` files that hold a model folder's weights, in a stable order."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # a sharded checkpoint: the shards its index names (not stray files)
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{index} is not a safetensors index ({err!r})") from err
+        return [folder / name for name in names]
+    single = folder / "model.safetensors"
+    if single.is_file():  # ignore e.g. a consolidated.safetensors copy beside it
+        return [single]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def fingerprint_files(folder: str | os.PathLike) -> str:
+    """:func:`weights_fingerprint` of a model folder's safetensors files, without building it.
+
+    Reads ``model.safetensors``, the shards ``model.safetensors.index.json`` names, or else
+    every ``*.safetensors`` in ``folder`` (not in subfolders: a sentence-transformers model's
+    ``2_Dense/`` is not the transformer), one tensor in memory at a time. Equals
+    :meth:`Backbone.fingerprint` of the model loaded from the folder (see
+    :func:`weights_fingerprint` for where loading converts tensors and it cannot).
+
+    Raises:
+        FileNotFoundError: ``folder`` holds no safetensors files.
+        ValueError: a file cannot be read as safetensors, or holds no weights.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    files = _safetensors_files(folder)
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no *.safetensors files to fingerprint")
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                        yield name, f.get_tensor(name)
+            except SafetensorError as err:
+                raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+
+    return weights_fingerprint(tensors())
+
+
+def _legacy_fingerprint(config: dict[str, Any], state: Mapping[str, torch.Tensor]) -> str:
+    """Version 1, as tasks saved before :data:`FINGERPRINT_VERSION` recorded it: the config
+    (less a few keys) and the names, shapes and float32 samples of every tensor."""
+    h = hashlib.sha256()
+    config = dict(config)
+    for key in (
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "architectures",
+        "_attn_implementation_autoset",
+    ):
+        config.pop(key, None)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(state.items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to(torch.float32).cpu()
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def legacy_fingerprints(model: nn.Module) -> list[str]:
+    """The version-1 fingerprints a task trained on ``model``'s weights may have recorded.
+
+    Version 1 hashed the loader's choices with the weights, so one base had several: the first
+    is the model's own (what version 1 computed for it); then the base part of a ``*ForXxx``
+    wrapper (``model.base_model``, or the model without ``lm_head``) as ``attach`` compared it;
+    then each of these with ``use_cache`` flipped (sentence-transformers loads with
+    ``use_cache=False``, ``AutoModel`` with the config's value).
+    """
+    base = getattr(model, "base_model", model)
+    state = model.state_dict()
+    states = [state]
+    if base is not model:
+        states.append(base.state_dict())
+    else:
+        heads = {k: v for k, v in state.items() if k.split(".")[0] not in _HEAD_TENSORS}
+        if len(heads) < len(state):
+            states.append(heads)
+    config = model.config.to_dict()
+    configs = [config]
+    if isinstance(config.get("use_cache"), bool):
+        configs.append({**config, "use_cache": not config["use_cache"]})
+    found = [_legacy_fingerprint(c, s) for c in configs for s in states]
+    return list(dict.fromkeys(found))
 
 
 def _embedded_path(name: str, *, convert: bool) -> str | None:
@@ -273,6 +466,7 @@ class Backbone(nn.Module):
         self.blocks = _find_blocks(self.stack)
         self.final_norm = _find_final_norm(self.stack)
         self._fingerprint: str | None = None
+        self._legacy: list[str] | None = None
         self._accepted: frozenset[str] | None = None
         self.path = path
         freeze(model)
@@ -317,28 +511,14 @@ class Backbone(nn.Module):
         return sum(p.numel() for p in self.model.parameters())
 
     def fingerprint(self) -> str:
-        """A hash of the config and a fixed sample of every weight tensor (computed once)."""
+        """:func:`weights_fingerprint` of the model's weights (computed once).
+
+        The same for the same weights however they were loaded: ``load_backbone``, a
+        ``*ForCausalLM`` wrapper, sentence-transformers' copy, bfloat16 from float32 files, or
+        the files themselves (:func:`fingerprint_files`).
+        """
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            cfg = self.model.config.to_dict()
-            for key in (
-                "_name_or_path",
-                "transformers_version",
-                "torch_dtype",
-                "dtype",
-                "architectures",
-                "_attn_implementation_autoset",
-            ):
-                cfg.pop(key, None)
-            h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-            for name, tensor in sorted(self.model.state_dict().items()):
-                flat = tensor.detach().reshape(-1)
-                step = max(1, flat.numel() // 4096)
-                sample = flat[::step][:4096].to(torch.float32).cpu()
-                h.update(name.encode())
-                h.update(str(tuple(tensor.shape)).encode())
-                h.update(sample.numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = weights_fingerprint(self.model.state_dict().items())
         return self._fingerprint
 
     def info(self) -> BaseInfo:
@@ -350,6 +530,22 @@ class Backbone(nn.Module):
             self.fingerprint(),
             path=self.path,
         )
+
+    def info_for(self, recorded: BaseInfo) -> BaseInfo:
+        """:meth:`info` with the fingerprint computed as ``recorded``'s was (its version), to
+        compare a saved task's base with this one like for like.
+
+        For a version-1 fingerprint the old algorithm runs over this model
+        (:func:`legacy_fingerprints`): a task saved then still attaches to the base it attached
+        to then.
+        """
+        info = self.info()
+        if recorded.fingerprint_version == info.fingerprint_version:
+            return info
+        if self._legacy is None:
+            self._legacy = legacy_fingerprints(self.model)
+        found = recorded.fingerprint if recorded.fingerprint in self._legacy else self._legacy[0]
+        return replace(info, fingerprint=found, fingerprint_version=1)
 
     def train(self, mode: bool = True) -> Backbone:
         """The base stays in eval mode whatever the caller asks (dropout off, frozen stats)."""

@@ -7,7 +7,9 @@ Invalid sequences are what a per-word argmax produces where it is unsure of an e
 start, and the conlleval rules then count a stray ``I-X`` as an entity of its own.
 
 ``auto`` (the default of ``head.decoding``) is ``bio`` for a token task whose tags are IOB2 and
-``argmax`` otherwise; a task is saved with the decoding it resolved to.
+``argmax`` otherwise; a task is saved with the decoding it resolved to. Which decodings a task
+may use is its kind's to say (:meth:`~adalayers.core.kinds.TaskKind.resolve_decoding`,
+:meth:`~adalayers.core.kinds.TaskKind.check_decoding`).
 """
 
 from __future__ import annotations
@@ -47,39 +49,6 @@ def follows_iob2(sequences: Iterable[Sequence[str]]) -> bool:
                 return False
             previous = tag
     return True
-
-
-def resolve_decoding(
-    decoding: str,
-    task_type: str,
-    labels: Sequence[str],
-    sequences: Iterable[Sequence[str]] | None = None,
-) -> str:
-    """``auto`` as ``bio`` for a token task with IOB2 tags, else ``argmax``; others unchanged.
-
-    Args:
-        decoding: ``auto``, ``argmax`` or ``bio``.
-        task_type: the task's type.
-        labels: its label names.
-        sequences: gold tag sequences, if at hand: tags that break IOB2's order (IOB1, where
-            ``I-X`` may open an entity) keep ``argmax``, whose tags they are scored against.
-    """
-    if decoding != AUTO:
-        return decoding
-    if task_type != "token_classification" or not is_iob2(labels):
-        return "argmax"
-    return "bio" if sequences is None or follows_iob2(sequences) else "argmax"
-
-
-def check_decoding(decoding: str, task_type: str, labels: Sequence[str]) -> None:
-    """Raise a ``ValueError`` unless ``decoding`` suits a task of this type and labels."""
-    if decoding == "bio":
-        if task_type != "token_classification":
-            raise ValueError(
-                f"head.decoding=bio is for token-classification tasks; this task is "
-                f"{task_type}: remove the setting"
-            )
-        check_iob2(labels)
 
 
 def bio_transitions(labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

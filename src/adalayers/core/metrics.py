@@ -4,7 +4,12 @@
   MRPC and QQP), Matthews correlation (MCC, the GLUE CoLA metric);
 * regression: Pearson and Spearman correlation (the GLUE STS-B metrics);
 * token classification: entity-level micro precision / recall / F1 the conlleval way (``seqeval``
-  in its default, conlleval-compatible mode) plus a per-type table.
+  in its default, conlleval-compatible mode) plus a per-type table;
+* multi-label classification: micro and macro F1, exact match (subset accuracy).
+
+Which metrics a task type offers, its primary one and how they are computed belong to its kind
+(:mod:`adalayers.core.kinds`); :func:`compute_metrics`, :func:`check_metrics` and
+:func:`primary_metric` ask it.
 """
 
 from __future__ import annotations
@@ -19,12 +24,10 @@ from seqeval import metrics as seqeval
 from seqeval.metrics.sequence_labeling import get_entities
 from sklearn import metrics as skm
 
-METRICS = {
-    "sequence_classification": ("accuracy", "f1_macro", "f1_positive", "mcc"),
-    "regression": ("pearson", "spearman"),
-    "token_classification": ("precision", "recall", "f1", "accuracy"),
-}
-"""The metrics of each task type (``task.metrics`` chooses among them)."""
+from adalayers.core.kinds import KINDS, kind_of
+
+METRICS = {name: kind.metrics for name, kind in KINDS.items()}
+"""The metrics of each task type (a view of :data:`~adalayers.core.kinds.KINDS`)."""
 
 _PRIMARY = {
     "imdb": "accuracy",
@@ -33,10 +36,8 @@ _PRIMARY = {
     "stsb": "pearson",
     "conll2003": "f1",
     "conll": "f1",
-    "sequence_classification": "accuracy",
-    "token_classification": "f1",
-    "regression": "pearson",
 }
+"""Benchmarks whose headline metric is not their task type's primary one (or that name it)."""
 
 
 def _check(y_true: Sequence, y_pred: Sequence) -> None:
@@ -166,34 +167,55 @@ def ner_scores(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict[s
     }
 
 
+def multilabel_scores(y_true: Sequence, y_pred: Sequence) -> dict[str, float]:
+    """Scores of multi-label predictions: one row of 0 / 1 (or booleans) per example, a column
+    per label.
+
+    * ``f1_micro``: ``2 ΣTP / (2 ΣTP + ΣFP + ΣFN)``, counts summed over labels and examples;
+    * ``f1_macro``: the mean over labels of ``2 TP / (2 TP + FP + FN)``, over the labels present
+      in the gold rows or the predictions (as macro F1 of a classification);
+    * ``exact_match``: the share of examples whose predicted label set is the gold set (subset
+      accuracy).
+
+    A score with nothing to count (no gold and no predicted label at all) is 0.
+
+    Raises:
+        ValueError: If the inputs differ in length or shape, are not rows, or are empty.
+    """
+    _check(y_true, y_pred)
+    gold = np.asarray(y_true, dtype=float) > 0.5  # (N, C)
+    pred = np.asarray(y_pred, dtype=float) > 0.5  # (N, C)
+    if gold.ndim != 2 or gold.shape != pred.shape:
+        raise ValueError(
+            f"multi-label scores need rows of one value per label, got shapes {gold.shape} "
+            f"and {pred.shape}"
+        )
+    tp = (gold & pred).sum(0)  # (C,)
+    fp = (~gold & pred).sum(0)  # (C,)
+    fn = (gold & ~pred).sum(0)  # (C,)
+    counted = 2 * tp + fp + fn  # (C,)
+    micro = 2 * tp.sum() / counted.sum() if counted.sum() else 0.0
+    present = counted > 0
+    macro = float(np.mean(2 * tp[present] / counted[present])) if present.any() else 0.0
+    return {
+        "f1_micro": float(micro),
+        "f1_macro": macro,
+        "exact_match": float((gold == pred).all(1).mean()),
+    }
+
+
 def check_metrics(
     task_type: str, names: Sequence[str] | None, labels: Sequence[str] = ()
 ) -> tuple[str, ...]:
     """The metrics a task reports: ``names`` checked against its type and labels, or (``None``)
-    all of its type's (``f1_positive`` only where there are two labels).
+    all of its type's (``f1_positive`` only where there are two labels); see
+    :meth:`~adalayers.core.kinds.TaskKind.check_metrics`.
 
     Raises:
-        ValueError: a metric of another task type, or ``f1_positive`` without two labels; the
-            message names ``task.metrics`` and the choices.
+        ValueError: an unknown task type, a metric of another task type, or ``f1_positive``
+            without two labels; the message names ``task.metrics`` and the choices.
     """
-    if task_type not in METRICS:
-        raise ValueError(f"unknown task type {task_type!r}; use one of {list(METRICS)}")
-    binary = len(labels) == 2
-    usable = [m for m in METRICS[task_type] if m != "f1_positive" or binary]
-    if names is None:
-        return tuple(usable)
-    for name in names:
-        if name == "f1_positive" and task_type == "sequence_classification" and not binary:
-            raise ValueError(
-                f"task.metrics: f1_positive needs two labels, this task has {len(labels)}; "
-                f"use f1_macro"
-            )
-        if name not in usable:
-            raise ValueError(
-                f"task.metrics: {name!r} is not a metric of a {task_type} task; choose from "
-                f"{usable}"
-            )
-    return tuple(names)
+    return kind_of(task_type).check_metrics(names, labels)
 
 
 def compute_metrics(
@@ -204,64 +226,44 @@ def compute_metrics(
     names: Sequence[str] | None = None,
     positive: Any = None,
 ) -> dict[str, Any]:
-    """The metrics of a task type as a flat dict of floats.
+    """The metrics of a task type as a flat dict of floats (see
+    :meth:`~adalayers.core.kinds.TaskKind.compute_metrics`).
 
     Args:
         task_type: ``"sequence_classification"`` -> accuracy, f1_macro, mcc, and f1_positive
             when ``positive`` is given; ``"regression"`` -> pearson, spearman;
             ``"token_classification"`` -> precision, recall, f1, accuracy and the nested
-            ``"per_type"`` table of :func:`ner_scores`.
-        y_true: Gold labels (tag lists for token classification).
+            ``"per_type"`` table of :func:`ner_scores`; ``"multilabel_classification"`` ->
+            f1_micro, f1_macro, exact_match (:func:`multilabel_scores`).
+        y_true: Gold labels (tag lists for token classification, 0 / 1 rows for multi-label).
         y_pred: Predictions, same shape.
-        names: only these metrics, in this order (see :data:`METRICS`; the per-type table of
-            a token task is always kept). Default: all of the type's.
+        names: only these metrics, in this order (the per-type table of a token task is always
+            kept). Default: all of the type's.
         positive: the positive label (as it appears in ``y_true``) of ``f1_positive``.
 
     Raises:
         ValueError: Unknown task type or metric, ``f1_positive`` without ``positive``, or
             mismatched / empty inputs.
     """
-    if task_type == "sequence_classification":
-        if names is None:
-            names = [m for m in METRICS[task_type] if m != "f1_positive" or positive is not None]
-        scores = {
-            "accuracy": lambda: accuracy(y_true, y_pred),
-            "f1_macro": lambda: f1(y_true, y_pred, average="macro"),
-            "f1_positive": lambda: f1(y_true, y_pred, average="binary", pos_label=positive),
-            "mcc": lambda: matthews_corrcoef(y_true, y_pred),
-        }
-        unknown = [name for name in names if name not in scores]
-        if unknown:
-            raise ValueError(f"unknown metric(s) {unknown} of {task_type}; use {list(scores)}")
-        if "f1_positive" in names and positive is None:
-            raise ValueError("f1_positive needs the positive label of a two-label task")
-        _check(y_true, y_pred)
-        return {name: scores[name]() for name in names}
-    if task_type == "regression":
-        result = pearson_spearman(y_true, y_pred)
-    elif task_type == "token_classification":
-        result = ner_scores(y_true, y_pred)
-    else:
-        raise ValueError(f"unknown task type {task_type!r}; use one of {list(METRICS)}")
-    if names is None:
-        return result
-    kept = {name: result[name] for name in check_metrics(task_type, names)}
-    return {**kept, **{k: v for k, v in result.items() if k == "per_type"}}
+    return kind_of(task_type).compute_metrics(y_true, y_pred, names=names, positive=positive)
 
 
 def primary_metric(task_name_or_type: str) -> str:
     """The metric used for model selection and headline results of a task (name or type).
 
-    ``accuracy`` for IMDB / RTE / sequence classification, ``mcc`` for CoLA, ``pearson`` for
-    STS-B / regression, entity ``f1`` for CoNLL-2003 / token classification.
+    ``accuracy`` for IMDB / RTE, ``mcc`` for CoLA, ``pearson`` for STS-B, entity ``f1`` for
+    CoNLL-2003; for a task type, its kind's primary metric (``accuracy`` for sequence
+    classification, ``pearson`` for regression, ``f1`` for token classification, ``f1_micro``
+    for multi-label classification).
 
     Raises:
         ValueError: For an unknown name (e.g. ``"csv"``: pass its task type instead).
     """
-    try:
+    if task_name_or_type in _PRIMARY:
         return _PRIMARY[task_name_or_type]
-    except KeyError:
-        raise ValueError(
-            f"no primary metric for {task_name_or_type!r}; use a task type or one of "
-            f"{list(_PRIMARY)}"
-        ) from None
+    if task_name_or_type in KINDS:
+        return KINDS[task_name_or_type].primary_metric
+    raise ValueError(
+        f"no primary metric for {task_name_or_type!r}; use a task type or one of "
+        f"{[*_PRIMARY, *KINDS]}"
+    )

@@ -24,6 +24,20 @@ project once,
 
 then the same positions, dropout and head. Its streaming buffer holds ``softmax(w)_i Z_i`` and
 is therefore ``d`` wide, not ``k`` (the projection runs once, in :meth:`LayerMixer.finish`).
+
+``mode: dynamic`` gives every token its own layer weights: a learned query ``q`` (k,) scores each
+layer's feature, the static distribution is the prior,
+
+    s_i = q . f_i + log p~_i                  (B, T); log p~_i = alpha p_i - const, so the prior
+                                              is the static mix's alpha p_i (after the cutoff)
+    F   = sum_i softmax_i(s) f_i              a softmax over the layers, per token  (B, T, k)
+
+``q`` starts at zero, where the dynamic mixer is the static one. Streaming keeps the property of
+one buffer: an *online softmax* (as flash attention's over keys, :class:`DynamicState`) holds the
+mix of the layers seen so far (B, T, k), their largest score ``m`` and the sum ``l`` of
+``exp(s_j - m)`` (B, T each), and folds in each layer as it appears
+(:meth:`LayerMixer.accumulate_dynamic`). Layers the prior cuts (weight 0) are not tapped, as in
+the static mixer, so the cutoff and the base's early stop still apply.
 """
 
 from __future__ import annotations
@@ -67,7 +81,10 @@ class MixerConfig:
             one layer draws nothing.
         mode: ``"adalayers"`` (project every layer, then mix) or ``"scalar_mix"`` (the ELMo
             baseline: mix the raw states with ``gamma * softmax(w)``, then one projection;
-            ``alpha`` is not used, ``cutoff`` and ``entropy_weight`` must be 0).
+            ``alpha`` is not used, ``cutoff`` and ``entropy_weight`` must be 0) or
+            ``"dynamic"`` (per-token layer weights ``softmax_i(q . f_i + log p~_i)``: a learned
+            query ``q`` of size ``dim`` scores each layer's features, the static distribution
+            ``p~`` is the prior; cutoff, entropy and layer dropout act on the prior).
     """
 
     dim: int = 64
@@ -81,7 +98,7 @@ class MixerConfig:
     single_layer: int | None = None
     freeze_distribution: bool = False
     layer_dropout: float = 0.0
-    mode: Literal["adalayers", "scalar_mix"] = "adalayers"
+    mode: Literal["adalayers", "scalar_mix", "dynamic"] = "adalayers"
 
     def __post_init__(self) -> None:
         if self.dim <= 0:
@@ -100,8 +117,10 @@ class MixerConfig:
             raise ValueError(
                 f"mixer.positional must be none, learned or sinusoidal, got {self.positional!r}"
             )
-        if self.mode not in ("adalayers", "scalar_mix"):
-            raise ValueError(f"mixer.mode must be adalayers or scalar_mix, got {self.mode!r}")
+        if self.mode not in ("adalayers", "scalar_mix", "dynamic"):
+            raise ValueError(
+                f"mixer.mode must be adalayers, scalar_mix or dynamic, got {self.mode!r}"
+            )
         if self.mode == "scalar_mix" and (self.cutoff > 0 or self.entropy_weight > 0):
             raise ValueError(
                 "mixer.mode=scalar_mix has no cutoff or entropy term: set mixer.cutoff and "
@@ -167,6 +186,59 @@ class StackedStates(dict):
         self.stacked = stacked  # (n, B, T, d)
 
 
+@dataclass
+class DynamicState:
+    """The running online softmax over layers of one streamed ``mode: dynamic`` mix.
+
+    After the layers ``j`` seen so far (scores ``s_j`` (B, T), features ``f_j`` (B, T, k)):
+
+        m     = max_j s_j                              (B, T)
+        l     = sum_j exp(s_j - m)                     (B, T)
+        mixed = sum_j exp(s_j - m) f_j / l             (B, T, k): the mix of those layers
+
+    Adding a layer ``(f, s)`` rescales what is held to the new maximum ``m' = max(m, s)``:
+
+        l'     = l exp(m - m') + exp(s - m')
+        mixed' = (mixed l exp(m - m') + f exp(s - m')) / l'
+
+    so ``mixed`` is at every step the softmax-weighted mean of the layers seen, and after the last
+    one it is ``F`` (the form of flash attention's first version, which keeps its output
+    normalised). The scores, ``m`` and ``l`` are float32 whatever the features' dtype.
+
+    Attributes:
+        mixed: (B, T, k) the mix so far.
+        max: (B, T) ``m``.
+        total: (B, T) ``l``.
+    """
+
+    mixed: torch.Tensor
+    max: torch.Tensor
+    total: torch.Tensor
+
+    @classmethod
+    def start(cls, f: torch.Tensor, s: torch.Tensor) -> DynamicState:
+        """The state after one layer: ``mixed = f``, ``m = s``, ``l = 1``."""
+        return cls(f if f.is_contiguous() else f.contiguous(), s, torch.ones_like(s))
+
+    def add(self, f: torch.Tensor, s: torch.Tensor) -> DynamicState:
+        """Fold in one more layer's features ``f`` (B, T, k) and scores ``s`` (B, T).
+
+        Without a graph to keep (inference) it updates this state in place and returns it; in
+        training it returns a new state.
+        """
+        m = torch.maximum(self.max, s)  # (B, T)
+        old = self.total * torch.exp(self.max - m)  # (B, T)
+        new = torch.exp(s - m)  # (B, T)
+        total = old + new  # (B, T)
+        keep = (old / total).unsqueeze(-1).to(self.mixed.dtype)  # (B, T, 1)
+        take = (new / total).unsqueeze(-1).to(f.dtype)  # (B, T, 1)
+        if torch.is_grad_enabled() and (self.mixed.requires_grad or f.requires_grad):
+            return DynamicState(self.mixed * keep + f * take, m, total)
+        self.mixed.mul_(keep).addcmul_(f, take)  # (B, T, k): no second buffer
+        self.max, self.total = m, total
+        return self
+
+
 class LayerMixer(nn.Module):
     """Projects chosen hidden states to ``k`` dims and mixes them with learned weights.
 
@@ -190,6 +262,8 @@ class LayerMixer(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(n, k, hidden_size))  # (n, k, d): W_i per layer
             nn.init.kaiming_uniform_(self.weight.view(n * k, hidden_size), a=math.sqrt(5))
+        if config.mode == "dynamic":
+            self.query = nn.Parameter(torch.zeros(k))  # (k,): q; at zero the static mix
         self.p = nn.Parameter(torch.zeros(n), requires_grad=not config.freeze_distribution)
         if config.positional == "learned":
             self.positions = nn.Parameter(torch.zeros(config.max_positions, k))
@@ -276,7 +350,12 @@ class LayerMixer(nn.Module):
         """Streaming step: ``buffer + p~_i f_i`` (buffer ``None`` starts the sum).
 
         ``mode: scalar_mix``: ``buffer + softmax(w)_i Z_i``, a (B, T, d) buffer.
+
+        Raises:
+            ValueError: ``mode: dynamic``, which streams with :meth:`accumulate_dynamic`.
         """
+        if self.config.mode == "dynamic":
+            raise ValueError("a dynamic mixer streams with accumulate_dynamic (an online softmax)")
         if self.config.mode == "scalar_mix":
             term = weight * z.to(self.projection.dtype)  # (B, T, d)
         else:
@@ -287,12 +366,46 @@ class LayerMixer(nn.Module):
             return buffer + term
         return buffer.add_(term)  # no graph to keep: add in place, no second buffer
 
-    def finish(self, mixed: torch.Tensor) -> torch.Tensor:
+    def scores(self, f: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``mode: dynamic``: ``s_i = q . f_i + log p~_i`` (float32) of one layer's features
+        ``f`` (..., k) and its prior weight ``p~_i``: shape (...)."""
+        return (f @ self.query.to(f.dtype)).float() + torch.log(weight).float()
+
+    def accumulate_dynamic(
+        self,
+        state: DynamicState | None,
+        layer: int,
+        weight: torch.Tensor,
+        z: torch.Tensor | None = None,
+        *,
+        features: torch.Tensor | None = None,
+    ) -> DynamicState:
+        """Streaming step of ``mode: dynamic``: fold state ``layer`` into the online softmax.
+
+        Args:
+            state: the running state (``None`` starts it).
+            layer: the state index.
+            weight: its prior weight ``p~_i`` (> 0).
+            z: the state (B, T, d), projected here; or
+            features: its ``f_i`` (B, T, k) already projected (the fused taps).
+
+        Returns:
+            The state with this layer in (``state`` itself, updated in place, in inference).
+            :meth:`finish` takes it, or its ``mixed`` buffer.
+        """
+        f = features if features is not None else self.project(layer, z)  # (B, T, k)
+        s = self.scores(f, weight)  # (B, T)
+        return DynamicState.start(f, s) if state is None else state.add(f, s)
+
+    def finish(self, mixed: torch.Tensor | DynamicState) -> torch.Tensor:
         """Add positions and apply dropout to the mixed features ``F`` (B, T, k).
 
         ``mode: scalar_mix``: the buffer is ``sum_i softmax(w)_i Z_i`` (B, T, d); this first
-        computes ``F = LN(GELU(gamma * buffer) W^T)`` (B, T, k).
+        computes ``F = LN(GELU(gamma * buffer) W^T)`` (B, T, k). ``mode: dynamic``: the buffer
+        is the :class:`DynamicState`'s ``mixed`` (or the state itself).
         """
+        if isinstance(mixed, DynamicState):
+            mixed = mixed.mixed
         return self._positions(self._complete(mixed))
 
     def _complete(self, mixed: torch.Tensor) -> torch.Tensor:
@@ -372,7 +485,8 @@ class LayerMixer(nn.Module):
         weights = self.mixing_weights()  # (n,): layers cut or dropped this step weigh 0
         live = (weights > 0).tolist()  # the streaming taps skip the same layers
         active = [(layer, weights[i]) for i, layer in enumerate(self.layer_indices) if live[i]]
-        if self.config.mode == "scalar_mix" or len(active) == 1:
+        dynamic = self.config.mode == "dynamic"
+        if self.config.mode == "scalar_mix" or (len(active) == 1 and not dynamic):
             mixed = None
             for layer, weight in active:
                 mixed = self.accumulate(mixed, layer, weight, hidden_states[layer])
@@ -391,4 +505,8 @@ class LayerMixer(nn.Module):
         h = torch.bmm(F.gelu(z.to(w.dtype)).reshape(n, b * t, d), w.transpose(1, 2))  # (n, BT, k)
         f = F.layer_norm(h, (h.shape[-1],)).reshape(n, b, t, -1)  # (n, B, T, k)
         mixing = torch.stack([weight for _, weight in active])  # (n,)
+        if dynamic:  # per token: softmax over the layers of q . f_i + log p~_i
+            s = self.scores(f, mixing[:, None, None])  # (n, B, T)
+            a = torch.softmax(s, dim=0).to(f.dtype)  # (n, B, T)
+            return torch.einsum("nbt,nbtk->btk", a, f)  # (B, T, k)
         return torch.einsum("n,nbtk->btk", mixing, f)  # (B, T, k)

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from adalayers.core.backbone import Backbone
-from adalayers.core.decoding import decode_words
 from adalayers.core.encoding import (
     check_texts,
     check_words,
@@ -60,7 +59,7 @@ class AdaLayers(nn.Module):
             self.add_task(name, task)
 
     def add_task(self, name: str, task: Task) -> None:
-        check_base(task.base, self.backbone.info(), f"task {name!r}")
+        check_base(task.base, self.backbone.info_for(task.base), f"task {name!r}")
         if name in self.tasks:
             raise ValueError(f"a task named {name!r} is already attached")
         self.tasks[name] = task
@@ -220,8 +219,10 @@ class AdaLayers(nn.Module):
                 prediction and propagates (the server uses it to stop work it cannot answer).
 
         Returns:
-            One dict per input: task name -> ``{"label", "score"}`` (classification),
-            ``{"value"}`` (regression) or ``{"words", "labels", "scores"}`` (token tasks).
+            One dict per input: task name -> its kind's prediction
+            (:meth:`~adalayers.core.kinds.TaskKind.postprocess`): ``{"label", "score"}``
+            (classification), ``{"value"}`` (regression), ``{"words", "labels", "scores"}``
+            (token tasks) or ``{"labels", "scores"}`` (multi-label classification).
 
         Raises:
             TypeError, ValueError: an input is not a string, or is empty: blank, invisible
@@ -235,7 +236,7 @@ class AdaLayers(nn.Module):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         check_pairs(self.tasks, pairs is not None)
-        token_tasks = any(t.task_type == "token_classification" for t in self.tasks.values())
+        token_tasks = any(t.kind.per_token for t in self.tasks.values())
         tokenizer = self.backbone.tokenizer  # refuses inputs that tokenise to nothing, up front
         items: list[Any] = (
             check_words(inputs, tokenizer)
@@ -288,28 +289,18 @@ class AdaLayers(nn.Module):
         if windows is not None:
             first_window = [windows.sample.index(i) for i in range(len(items))]
             if len(windows.sample) > len(items) and any(
-                t.task_type != "token_classification" for t in self.tasks.values()
+                not t.kind.per_token for t in self.tasks.values()
             ):
                 logger.warning(
                     "sequence tasks read only the first %d tokens of long inputs", self.max_length
                 )
         for name, task in self.tasks.items():
-            values = logits[name].float()
-            if task.task_type == "token_classification":
+            values = logits[name].float().cpu()  # (W, T, C) or (W, C)
+            if task.kind.per_token:
                 per_word = word_logits(windows, values, [len(w) for w in items])
-                for i, rows in enumerate(per_word):
-                    tags, scores = decode_words(rows, task.labels, task.decoding)
-                    out[i][name] = {
-                        "words": items[i],
-                        "labels": [task.labels[j] for j in tags],
-                        "scores": scores,
-                    }
-            elif task.task_type == "regression":
-                for i, row in enumerate(first_window):
-                    out[i][name] = {"value": values[row, 0].item()}
+                for i, rows in enumerate(per_word):  # rows (words, C)
+                    out[i][name] = task.kind.postprocess(task, rows, words=items[i])
             else:
-                probs = values[first_window].softmax(-1)
-                score, idx = probs.max(-1)
-                for i in range(len(items)):
-                    out[i][name] = {"label": task.labels[idx[i].item()], "score": score[i].item()}
+                for i, row in enumerate(first_window):
+                    out[i][name] = task.kind.postprocess(task, values[row])  # (C,)
         return out

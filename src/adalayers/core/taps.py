@@ -6,6 +6,11 @@ task. :func:`stream_taps` computes ``GELU(Z_i)`` once, every reader's projection
 (their ``W_i`` stacked), and the LayerNorms in one call, then adds ``p~_i f_i`` into each
 reader's buffer: the numbers of :meth:`~adalayers.core.mixer.LayerMixer.accumulate` up to float
 rounding, at about two thirds of the cost for four readers.
+
+A dynamic mixer (``mode: dynamic``) reads its ``f_i`` from the same fused product and folds it into
+an online softmax (:class:`~adalayers.core.mixer.DynamicState`): its buffer is the state's
+``mixed`` (B, T, k), always the mix of the layers seen so far, beside two (B, T) scalars held by
+the taps. A static reader's path is unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adalayers.core.mixer import LayerMixer
+from adalayers.core.mixer import DynamicState, LayerMixer
 
 Reader = tuple[str, LayerMixer, int, torch.Tensor]  # (name, mixer, local index, weight p~_i)
 
@@ -42,7 +47,8 @@ def stream_taps(
 
     Args:
         mixers: name -> mixer; only the states each gives a non-zero weight are tapped.
-        buffers: name -> running sum (``None`` before the first term); updated in place.
+        buffers: name -> running sum (``None`` before the first term); updated in place. A
+            dynamic mixer's is its mix so far; setting it back to ``None`` starts a new input.
         grad: build a graph for the mixers' parameters (training).
         enabled: optional ``() -> bool``; the taps do nothing while it returns ``False``.
 
@@ -51,6 +57,7 @@ def stream_taps(
     """
     shared: dict[int, list[Reader]] = {}
     taps: dict[int, list[Callable[[int, torch.Tensor], None]]] = {}
+    states: dict[str, DynamicState] = {}  # the dynamic mixers' online softmax
     for name, mixer in mixers.items():
         weights = mixer.mixing_weights()  # (n,): p~, minus the layers dropped this step
         nonzero = (weights > 0).tolist()
@@ -64,7 +71,7 @@ def stream_taps(
             else:
                 shared.setdefault(layer, []).append((name, mixer, local, weights[local]))
     for layer, readers in shared.items():
-        taps.setdefault(layer, []).append(_fused(readers, buffers, grad, enabled))
+        taps.setdefault(layer, []).append(_fused(readers, buffers, grad, enabled, states))
     return taps
 
 
@@ -84,13 +91,31 @@ def _single(
     return tap
 
 
+def _step(
+    buffers: dict[str, torch.Tensor | None],
+    states: dict[str, DynamicState],
+    reader: Reader,
+    index: int,
+    f: torch.Tensor,
+) -> None:
+    """Fold ``f`` into a dynamic reader's online softmax; its buffer is the state's mix."""
+    name, mixer, _, weight = reader
+    state = states.get(name)
+    if state is not None and buffers[name] is not state.mixed:
+        state = None  # the caller reset the buffer: a new input
+    state = mixer.accumulate_dynamic(state, index, weight, features=f)
+    states[name], buffers[name] = state, state.mixed
+
+
 def _fused(
     readers: list[Reader],
     buffers: dict[str, torch.Tensor | None],
     grad: bool,
     enabled: Callable[[], bool] | None,
+    states: dict[str, DynamicState],
 ) -> Callable[[int, torch.Tensor], None]:
     dims = [mixer.config.dim for _, mixer, _, _ in readers]
+    dynamic = [getattr(mixer.config, "mode", None) == "dynamic" for _, mixer, _, _ in readers]
 
     def tap(index: int, z: torch.Tensor) -> None:
         if enabled is not None and not enabled():
@@ -103,7 +128,11 @@ def _fused(
                 parts: Any = F.layer_norm(h.unflatten(-1, (len(dims), k)), (k,)).unbind(-2)
             else:
                 parts = [F.layer_norm(p, (p.shape[-1],)) for p in h.split(dims, -1)]
-            for (name, _, _, weight), f in zip(readers, parts):
-                _add(buffers, name, weight * f)  # (B, T, k)
+            for reader, f, online in zip(readers, parts, dynamic):
+                name, _, _, weight = reader
+                if online:
+                    _step(buffers, states, reader, index, f)
+                else:
+                    _add(buffers, name, weight * f)  # (B, T, k)
 
     return tap

@@ -10,27 +10,24 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adalayers.core._folders import write_folder
 from adalayers.core.backbone import Backbone, BaseInfo
-from adalayers.core.decoding import check_decoding, resolve_decoding
-from adalayers.core.encoding import (
-    IGNORE_INDEX,
-)
-from adalayers.core.heads import HeadConfig, SequenceHead, TokenHead
+from adalayers.core.heads import HeadConfig
+from adalayers.core.kinds import KINDS, TaskKind, kind_of
 from adalayers.core.mixer import LayerMixer, MixerConfig
 
 logger = logging.getLogger(__name__)
 
-TaskType = Literal["sequence_classification", "token_classification", "regression"]
-TASK_TYPES = ("sequence_classification", "token_classification", "regression")
+TaskType = str
+"""A task type: the name of a kind in :data:`~adalayers.core.kinds.KINDS`."""
+TASK_TYPES = tuple(KINDS)
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -82,8 +79,8 @@ class PairMismatchError(ValueError):
 
 def check_pairs(tasks: Mapping[str, Task], pairs: bool) -> None:
     """Refuse input that does not fit a task: single texts for a task trained on sentence
-    pairs, or pairs for a task trained on single texts (token tasks take no pairs). A task
-    saved before :attr:`TaskConfig.text_pair` existed takes either.
+    pairs, or pairs for a task trained on single texts (a kind that reads no pairs, token
+    tasks, takes none). A task saved before :attr:`TaskConfig.text_pair` existed takes either.
 
     Args:
         tasks: task name -> task.
@@ -93,9 +90,10 @@ def check_pairs(tasks: Mapping[str, Task], pairs: bool) -> None:
         PairMismatchError: (a ``ValueError``) naming the first task that does not fit.
     """
     for name, task in tasks.items():
-        if task.task_type == "token_classification":
+        if not task.kind.reads_pairs:
             if pairs:
-                message = f"task {name!r} labels the words of single texts; it takes no pairs"
+                what = "labels the words of" if task.kind.per_token else "reads"
+                message = f"task {name!r} {what} single texts; it takes no pairs"
                 raise PairMismatchError(name, False, message)
             continue
         wants = task.config.text_pair
@@ -108,13 +106,18 @@ class TaskConfig:
     """Everything needed to rebuild a task.
 
     Attributes:
-        task_type: ``sequence_classification``, ``token_classification`` or ``regression``.
+        task_type: the name of its kind (:data:`~adalayers.core.kinds.KINDS`):
+            ``sequence_classification``, ``token_classification``, ``regression`` or
+            ``multilabel_classification``.
         labels: label names, in output order (empty for regression).
         mixer: the layer mixer's hyper-parameters.
         head: the head's hyper-parameters.
         text_pair: whether the task reads sentence pairs (``text``, ``text_pair``): ``True`` or
             ``False`` as training recorded it; ``None`` where unknown (a task saved before the
             field existed), so that it takes either. A token task never reads pairs.
+        options: settings of the kind's own, checked and completed by it
+            (:meth:`~adalayers.core.kinds.TaskKind.check_options`), e.g. a multi-label task's
+            ``thresholds``; the kinds without options have none (and save none).
     """
 
     task_type: TaskType
@@ -122,30 +125,25 @@ class TaskConfig:
     mixer: MixerConfig = field(default_factory=MixerConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     text_pair: bool | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.task_type not in TASK_TYPES:
-            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
+        kind = kind_of(self.task_type)
         if isinstance(self.mixer, dict):
             self.mixer = MixerConfig.from_dict(self.mixer)
         if isinstance(self.head, dict):
             self.head = HeadConfig.from_dict(self.head)
         self.labels = [str(label) for label in self.labels]
-        if self.task_type == "regression":
-            if self.labels:
-                raise ValueError(f"a regression task has no labels, got {self.labels}")
-        elif len(self.labels) < 2:
-            raise ValueError(
-                f"a {self.task_type} task needs at least 2 label names, got {self.labels}"
-            )
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"label names must be distinct, got {self.labels}")
-        if self.text_pair and self.task_type == "token_classification":
-            raise ValueError("text_pair=true contradicts task_type token_classification")
-        decoding = resolve_decoding(self.head.decoding, self.task_type, self.labels)
+        kind.check_labels(self.labels)
+        if self.text_pair and not kind.reads_pairs:
+            raise ValueError(f"text_pair=true contradicts task_type {self.task_type}")
+        decoding = kind.resolve_decoding(self.head.decoding, self.labels)
         if decoding != self.head.decoding:  # `auto`: saved as what it resolved to
             self.head = replace(self.head, decoding=decoding)
-        check_decoding(self.head.decoding, self.task_type, self.labels)
+        kind.check_decoding(self.head.decoding, self.labels)
+        if not isinstance(self.options, Mapping):
+            raise ValueError(f"options must be a mapping, got {self.options!r}")
+        self.options = kind.check_options(dict(self.options), self.labels)
         self._check_sizes()
 
     def _check_sizes(self) -> None:
@@ -169,8 +167,22 @@ class TaskConfig:
             )
 
     @property
+    def kind(self) -> TaskKind:
+        """What the task type means: loss, labels, head, decoding, predictions, metrics."""
+        return kind_of(self.task_type)
+
+    @property
     def num_outputs(self) -> int:
-        return 1 if self.task_type == "regression" else len(self.labels)
+        return self.kind.num_outputs(self.labels)
+
+    @property
+    def decoding(self) -> str:
+        """How a token task's scores become tags (``head.decoding``)."""
+        return self.head.decoding
+
+    def label_ids(self, names: Sequence[str]) -> list[int]:
+        """Label names -> ids; an unknown name raises a ``ValueError`` listing the known ones."""
+        return self.kind.label_ids(self.labels, names)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TaskConfig:
@@ -196,6 +208,8 @@ class TaskConfig:
         }
         if self.text_pair is not None:
             out["text_pair"] = self.text_pair
+        if self.options:
+            out["options"] = dict(self.options)
         return out
 
 
@@ -212,13 +226,21 @@ class Task(nn.Module):
         self.config = config
         self.base = base
         self.mixer = LayerMixer(config.mixer, base.num_states, base.hidden_size)
-        head_cls = TokenHead if config.task_type == "token_classification" else SequenceHead
-        self.head = head_cls(config.mixer.dim, config.num_outputs, config.head)
-        self._label_ids = {name: i for i, name in enumerate(config.labels)}
+        self.head = config.kind.build_head(config.mixer.dim, config.labels, config.head)
 
     @property
     def task_type(self) -> TaskType:
         return self.config.task_type
+
+    @property
+    def kind(self) -> TaskKind:
+        """The task's kind (:mod:`adalayers.core.kinds`)."""
+        return self.config.kind
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Settings of the kind's own (``TaskConfig.options``), e.g. multi-label thresholds."""
+        return self.config.options
 
     @property
     def labels(self) -> list[str]:
@@ -245,29 +267,23 @@ class Task(nn.Module):
         return self.head(self.mixer(hidden_states), attention_mask)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Task loss plus the mixer's entropy term.
+        """The kind's loss (:meth:`~adalayers.core.kinds.TaskKind.loss`) plus the mixer's
+        entropy term.
 
-        Classification targets are label ids (``-100`` ignored for token tasks); regression
-        targets are floats.
+        Targets are those of :meth:`~adalayers.core.kinds.TaskKind.batch_targets`: label ids
+        (``-100`` ignored for token tasks), floats for regression, multi-hot rows for
+        multi-label classification.
         """
-        if self.task_type == "regression":
-            loss = F.mse_loss(logits.squeeze(-1).float(), targets.float())
-        else:
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(),
-                targets.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-            )
-        return loss + self.mixer.regularization()
+        return self.kind.loss(logits, targets) + self.mixer.regularization()
 
     def label_ids(self, names: Sequence[str]) -> list[int]:
         """Label names -> ids; an unknown name raises a ``ValueError`` listing the known ones."""
-        ids = []
-        for name in names:
-            if name not in self._label_ids:
-                raise ValueError(f"label {name!r} is not one of this task's labels {self.labels}")
-            ids.append(self._label_ids[name])
-        return ids
+        return self.config.label_ids(names)
+
+    def postprocess(self, logits: torch.Tensor, **pieces: Any) -> dict[str, Any]:
+        """One input's prediction from its logits (:meth:`~adalayers.core.kinds.TaskKind.
+        postprocess`; token tasks: ``words=`` or ``tokens=``)."""
+        return self.kind.postprocess(self, logits, **pieces)
 
     # -- saving ------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
@@ -292,9 +308,33 @@ class Task(nn.Module):
 
         return write_folder(folder, write)
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the task and a model card to the Hub repository ``repo_id`` (``org/name``),
+        created if needed; see :func:`adalayers.core.hub.push_to_hub` for ``private``,
+        ``token``, ``revision``, ``commit_message``, ``create_pr``, ``metrics`` and ``figure``.
+
+        Returns:
+            The commit (``huggingface_hub.CommitInfo``: ``.commit_url``, ``.oid``).
+        """
+        from adalayers.core.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, backbone: Backbone | None = None) -> Task:
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        backbone: Backbone | None = None,
+        *,
+        revision: str | None = None,
+        **hub: Any,
+    ) -> Task:
         """Load a saved task; with ``backbone``, check it is the base the task was trained on.
+
+        ``folder`` may be a Hugging Face Hub repository ``org/name`` where no such local folder
+        exists: only its task files are downloaded, into the Hugging Face cache
+        (:func:`adalayers.core.hub.resolve_task`; ``revision``, and ``hub`` options
+        ``cache_dir``, ``token``, ``local_files_only``, ``force_download``), and loaded as below.
 
         Nothing is allocated before ``config.json`` has been checked against the tensor names
         and shapes in the header of ``model.safetensors`` (the task is first built on the
@@ -307,7 +347,9 @@ class Task(nn.Module):
             ValueError: a file is unreadable, out of bounds, or disagrees with the other (e.g.
                 label names vs head size); the message names the file and the key.
         """
-        folder = Path(folder)
+        from adalayers.core.hub import resolve_task
+
+        folder = resolve_task(folder, revision=revision, **hub)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (folder / name).is_file():
                 raise FileNotFoundError(
@@ -317,7 +359,7 @@ class Task(nn.Module):
                 )
         config, base = read_task_config(folder / CONFIG_NAME)
         if backbone is not None:
-            check_base(base, backbone.info(), folder)
+            check_base(base, backbone.info_for(base), folder)
         check_weights(config, base, folder / WEIGHTS_NAME, folder / CONFIG_NAME)
         task = cls(config, base)
         try:
@@ -388,9 +430,7 @@ def check_weights(
     # The position table is left out of the skeleton and its shape added by hand: filling it
     # on ``meta`` (arange, normal_) would import torch's symbolic-shape machinery, seconds.
     mixer = config.mixer
-    bare = TaskConfig(
-        config.task_type, config.labels, replace(mixer, positional="none"), config.head
-    )
+    bare = replace(config, mixer=replace(mixer, positional="none"))
     with torch.device("meta"):
         skeleton = Task(bare, base)
     expected = {key: tuple(t.shape) for key, t in skeleton.state_dict().items()}
@@ -421,7 +461,10 @@ def check_weights(
 
 def check_base(expected: BaseInfo, actual: BaseInfo, where: Any = "task") -> None:
     """Raise :class:`BaseMismatchError` unless the bases are the same; the message names both
-    (as recorded and as resolved on disk) with their fingerprints."""
+    (as recorded and as resolved on disk) with their fingerprints.
+
+    Pass ``actual`` as ``backbone.info_for(expected)``: a fingerprint is compared with one of
+    its own version (:attr:`BaseInfo.fingerprint_version`)."""
     problems = []
     if expected.num_states != actual.num_states:
         problems.append(f"{expected.num_states} vs {actual.num_states} hidden states")
@@ -429,7 +472,12 @@ def check_base(expected: BaseInfo, actual: BaseInfo, where: Any = "task") -> Non
         problems.append(f"hidden size {expected.hidden_size} vs {actual.hidden_size}")
     if expected.states != actual.states:
         problems.append(f"{expected.states} vs {actual.states} states")
-    if expected.fingerprint != actual.fingerprint:
+    if expected.fingerprint_version != actual.fingerprint_version:
+        problems.append(
+            f"fingerprints of versions {expected.fingerprint_version} and "
+            f"{actual.fingerprint_version} cannot be compared: use Backbone.info_for"
+        )
+    elif expected.fingerprint != actual.fingerprint:
         problems.append("different weights")
     if problems:
         raise BaseMismatchError(

@@ -343,7 +343,7 @@ def create_app(
                 f"task {err.task!r} was trained on sentence pairs: send 'pairs': [[text, "
                 f"text_pair], ...] instead of 'texts' (GET /tasks: text_pair is true)"
             )
-        token = predictor.runtime.tasks[err.task].task_type == "token_classification"
+        token = predictor.runtime.tasks[err.task].kind.per_token
         kind = "labels the words of single texts" if token else "was trained on single texts"
         return (
             f"task {err.task!r} {kind}, not sentence pairs: send 'texts' instead of 'pairs', or "

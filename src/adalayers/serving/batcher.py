@@ -2,8 +2,9 @@
 
 The worker takes what is waiting, waits at most ``max_wait_ms`` for more, and runs up to
 ``max_batch_size`` texts in one forward, in a model thread, so the event loop keeps accepting.
-Sentence pairs and single texts run in forwards of their own. When ``max_queue`` requests wait,
-a new one is refused (:class:`QueueFullError`). On shutdown it drains: new requests are refused
+Sentence pairs, single texts and ``POST /embed`` requests (``submit(..., embed=...)``) run in
+forwards of their own. When ``max_queue`` requests wait, a new one is refused
+(:class:`QueueFullError`). On shutdown it drains: new requests are refused
 (:class:`ShuttingDownError`), the accepted ones run until ``drain_seconds``, and what is left
 then is answered with :class:`ShuttingDownError` while the model thread stops before its next
 forward. The limits are fields of :class:`~adalayers.serving.config.ServeConfig`; the HTTP app
@@ -42,6 +43,7 @@ class _Item:
     future: asyncio.Future
     pairs: list[str] | None = None  # the second texts of sentence pairs
     enqueued: float = field(default_factory=time.perf_counter)
+    embed: dict[str, Any] | None = None  # a POST /embed request's options (normalize)
 
 
 class MicroBatcher:
@@ -93,11 +95,20 @@ class MicroBatcher:
             raise QueueFullError
 
     async def submit(
-        self, texts: list[str], tasks: list[str] | None, pairs: list[str] | None = None
-    ) -> list[dict[str, Any]]:
+        self,
+        texts: list[str],
+        tasks: list[str] | None,
+        pairs: list[str] | None = None,
+        *,
+        embed: dict[str, Any] | None = None,
+    ) -> Any:
+        """Queue a request and wait for its answer: one prediction dict per text, or with
+        ``embed`` (``{"normalize": bool}``, for a predictor with ``embed()``, such as
+        :class:`~adalayers.serving.integrations.sentence_transformers.EmbeddingPredictor`)
+        ``{"embeddings": [...], "predictions": [...] or None}``."""
         if self.closing:
             raise ShuttingDownError
-        item = _Item(texts, tasks, asyncio.get_running_loop().create_future(), pairs)
+        item = _Item(texts, tasks, asyncio.get_running_loop().create_future(), pairs, embed=embed)
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -122,8 +133,11 @@ class MicroBatcher:
                     item = await asyncio.wait_for(self.queue.get(), left)
                 except asyncio.TimeoutError:
                     break
-            # pairs and single texts run in forwards of their own
-            mixed = (item.pairs is None) != (first.pairs is None)
+            # pairs, single texts and embeddings run in forwards of their own
+            mixed = (item.pairs is None, item.embed is None) != (
+                first.pairs is None,
+                first.embed is None,
+            )
             if mixed or size + len(item.texts) > self.max_batch_size:
                 self._carry = item  # opens the next batch
                 break
@@ -131,8 +145,10 @@ class MicroBatcher:
             size += len(item.texts)
         return [i for i in batch if not i.future.done()]  # drop requests whose client left
 
-    def _run_batch(self, batch: list[_Item]) -> list[list[dict[str, Any]] | BaseException]:
+    def _run_batch(self, batch: list[_Item]) -> list[Any]:
         """In the worker thread: one forward for the whole batch (each item alone on failure)."""
+        if batch[0].embed is not None:
+            return self._run_embed_batch(batch)
         tasks = None
         if all(i.tasks is not None for i in batch):
             tasks = sorted({t for i in batch for t in i.tasks})
@@ -173,6 +189,48 @@ class MicroBatcher:
             if item.tasks is not None:
                 rows = [{name: row[name] for name in item.tasks} for row in rows]
             results.append(rows)
+        return results
+
+    def _run_embed_batch(self, batch: list[_Item]) -> list[Any]:
+        """In the worker thread: embeddings (and the tasks asked) for a batch of ``/embed``
+        requests, one forward per ``max_batch_size`` texts (each item alone on failure)."""
+
+        def run(items: list[_Item]) -> list[dict[str, Any]]:
+            names = sorted({t for i in items for t in i.tasks or ()}) or None
+            texts = [t for i in items for t in i.texts]
+            normalize = [bool(i.embed and i.embed.get("normalize")) for i in items for _ in i.texts]
+            vectors, rows = self.predictor.embed(  # type: ignore[attr-defined]
+                texts,
+                names,
+                normalize=normalize,
+                batch_size=self.max_batch_size,
+                before_forward=self._check_aborted,
+            )
+            out, start = [], 0
+            for item in items:
+                stop = start + len(item.texts)
+                asked = None
+                if item.tasks is not None and rows is not None:
+                    asked = [{name: row[name] for name in item.tasks} for row in rows[start:stop]]
+                out.append({"embeddings": vectors[start:stop], "predictions": asked})
+                start = stop
+            return out
+
+        try:
+            return run(batch)
+        except ShuttingDownError:
+            raise
+        except Exception:  # one bad request must not fail the others
+            if len(batch) == 1:
+                raise
+        results: list[Any] = []
+        for item in batch:
+            try:
+                results.extend(run([item]))
+            except ShuttingDownError:
+                raise
+            except Exception as err:
+                results.append(err)
         return results
 
     def _check_aborted(self) -> None:

@@ -51,7 +51,7 @@ class Predictor:
         A token task reads all of a text (in windows); a sequence task only the base's maximum.
         """
         names = [n for n in self.task_names if tasks is None or n in tasks]
-        whole = any(self.runtime.tasks[n].task_type == "token_classification" for n in names)
+        whole = any(self.runtime.tasks[n].kind.per_token for n in names)
         second = list(pairs) if pairs is not None else None
         with self._tokenizer_lock:
             ids = self._tokenizer(list(texts), second, verbose=False)["input_ids"]
@@ -97,7 +97,7 @@ class Predictor:
             tasks[name] = {
                 "task_type": task.task_type,
                 "labels": task.labels,
-                "text_pair": False if task.task_type == "token_classification" else task.text_pair,
+                "text_pair": task.text_pair if task.kind.reads_pairs else False,
                 "base": task.base.name_or_path,
                 "layer_weights": {str(k): v for k, v in task.mixer.layer_weights().items()},
                 "parameters": task.num_parameters(),

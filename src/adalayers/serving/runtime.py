@@ -26,9 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import types
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,6 @@ import torch
 from torch import nn
 
 from adalayers.core.backbone import Backbone
-from adalayers.core.decoding import decode_words
 from adalayers.core.encoding import InputError
 from adalayers.core.multitask import AdaLayers
 from adalayers.core.taps import stream_taps
@@ -49,10 +46,6 @@ RUN_MODEL_DIR = "model"
 RUN_CONFIG = "config.yaml"
 """The run's config; its ``base`` key names the base."""
 
-# Modules of a *ForXxx wrapper that are not part of the base AutoModel (dropped before the
-# base fingerprint is compared, so a task trained on ``AutoModel`` attaches to the LM).
-_HEAD_MODULES = ("lm_head", "final_logits_bias")
-
 
 # -- finding and loading tasks ------------------------------------------------------------------
 def resolve_run(path: str | os.PathLike) -> tuple[Path, str | None]:
@@ -60,7 +53,9 @@ def resolve_run(path: str | os.PathLike) -> tuple[Path, str | None]:
 
     Args:
         path: a training run folder (``RUN/model/`` holds the task, ``RUN/config.yaml`` its
-            config) or a saved task folder itself.
+            config) or a saved task folder itself; where no such folder exists, a Hugging Face
+            Hub repository ``org/name`` holding a task (:func:`adalayers.core.hub.resolve_task`
+            fetches it into the Hugging Face cache).
 
     Returns:
         ``(task_folder, base)``; ``base`` is ``None`` when no run config names one (the task's
@@ -70,6 +65,10 @@ def resolve_run(path: str | os.PathLike) -> tuple[Path, str | None]:
         FileNotFoundError: ``path`` is neither a run nor a saved task.
         ValueError: the run's ``config.yaml`` cannot be read.
     """
+    from adalayers.core.hub import looks_like_repo_id, resolve_task
+
+    if not Path(path).exists() and looks_like_repo_id(path):
+        return resolve_task(path), None
     path = Path(path)
     if (path / CONFIG_NAME).is_file() and not (path / RUN_MODEL_DIR).is_dir():
         return path, None
@@ -154,27 +153,6 @@ def load_runs(
 
 
 # -- attaching to a model the caller holds ------------------------------------------------------
-def _base_view(model: nn.Module) -> nn.Module:
-    """The part of ``model`` that ``AutoModel`` would have loaded (drops LM / task heads)."""
-    base = getattr(model, "base_model", model)
-    if base is not model:
-        return base
-    names = [n for n, _ in model.named_children() if n not in _HEAD_MODULES]
-    if len(names) == len(list(model.named_children())):
-        return model
-    view = nn.Module()  # same submodules and state-dict keys, without the head
-    for name in names:
-        view.add_module(name, getattr(model, name))
-    view.config = model.config
-    return view
-
-
-def _fingerprint(base: nn.Module) -> str:
-    """The fingerprint :meth:`Backbone.fingerprint` would compute for ``base``."""
-    probe = types.SimpleNamespace(model=base, _fingerprint=None)
-    return Backbone.fingerprint(probe)  # type: ignore[arg-type]
-
-
 def _as_tasks(tasks: Any) -> dict[str, Task]:
     if isinstance(tasks, AdaLayers):
         return dict(tasks.tasks.items())
@@ -333,8 +311,11 @@ class AttachedTasks:
         return self._mask
 
     def predictions(self, tokenizer: Any = None) -> list[dict[str, Any]]:
-        """Per input row: task name -> ``{"label", "score"}``, ``{"value"}``, or for token tasks
-        ``{"tokens", "labels", "scores"}`` (one entry per prompt token, padding dropped).
+        """Per input row: task name -> its kind's prediction
+        (:meth:`~adalayers.core.kinds.TaskKind.postprocess`, as ``AdaLayers.predict`` gives it):
+        ``{"label", "score"}``, ``{"value"}``, ``{"labels", "scores"}`` (multi-label), or for
+        token tasks ``{"tokens", "labels", "scores"}`` (one entry per prompt token, padding
+        dropped).
 
         Args:
             tokenizer: turns token ids into token strings (default: the backbone's).
@@ -369,28 +350,19 @@ class AttachedTasks:
             self._check_pairs(tokenizer, special, lengths)
         out: list[dict[str, Any]] = [{} for _ in lengths]
         for name, task in self.tasks.items():
-            values = logits[name].float()
-            if task.task_type == "regression":
-                for i in range(len(out)):
-                    out[i][name] = {"value": values[i, 0].item()}
-            elif task.task_type == "sequence_classification":
-                score, idx = values.softmax(-1).max(-1)
-                for i in range(len(out)):
-                    out[i][name] = {"label": task.labels[idx[i].item()], "score": score[i].item()}
-            else:
-                for i, n in enumerate(lengths):
-                    tags, scores = decode_words(values[i, :n], task.labels, task.decoding)
-                    ids = self._ids[i, :n].tolist() if self._ids is not None else None
-                    tokens = (
-                        tokenizer.convert_ids_to_tokens(ids)
-                        if tokenizer is not None and ids is not None
-                        else ids
-                    )
-                    out[i][name] = {
-                        "tokens": tokens,
-                        "labels": [task.labels[j] for j in tags],
-                        "scores": scores,
-                    }
+            values = logits[name].float().cpu()  # (B, T, C) or (B, C)
+            kind = task.kind
+            for i, n in enumerate(lengths):
+                if not kind.per_token:
+                    out[i][name] = kind.postprocess(task, values[i])  # (C,)
+                    continue
+                ids = self._ids[i, :n].tolist() if self._ids is not None else None
+                tokens = (
+                    tokenizer.convert_ids_to_tokens(ids)
+                    if tokenizer is not None and ids is not None
+                    else ids
+                )
+                out[i][name] = kind.postprocess(task, values[i, :n], tokens=tokens)  # (n, C)
         return out
 
     def _check_pairs(self, tokenizer: Any, special: set[int], lengths: list[int]) -> None:
@@ -408,8 +380,7 @@ class AttachedTasks:
                 continue  # special tokens of another making (a chat template): not checked
             is_pair = found == pair
             for name, task in self.tasks.items():
-                token = task.task_type == "token_classification"
-                wants = False if token else task.text_pair
+                wants = task.text_pair if task.kind.reads_pairs else False
                 if wants is None or wants == is_pair:
                     continue
                 held = "a sentence pair" if is_pair else "one text"
@@ -476,13 +447,20 @@ def attach(
     trained on sentence pairs reads a pair where the model is called on
     ``tokenizer(texts, text_pairs)`` (see :meth:`AttachedTasks.predictions`).
 
+    A ``SentenceTransformer`` is taken as it is: ``model.encode(...)`` returns the same
+    embeddings, and :meth:`AttachedTasks.predictions` one row per input of the latest
+    ``encode`` call, in its order
+    (:mod:`adalayers.serving.integrations.sentence_transformers`).
+
     Args:
         model: a ``transformers`` model (a base ``AutoModel``, or one with a head such as
-            ``*ForCausalLM`` / ``*ForConditionalGeneration``), or a :class:`Backbone`.
+            ``*ForCausalLM`` / ``*ForConditionalGeneration``), a ``SentenceTransformer``, or a
+            :class:`Backbone`.
         tasks: name -> :class:`Task` or saved folder; a list of run / task folders (named after
             their folders); or an :class:`AdaLayers` whose tasks to attach.
         tokenizer: used by :meth:`AttachedTasks.predictions` to name tokens.
-        check: refuse tasks trained on another base (compares base fingerprints).
+        check: refuse tasks trained on another base (compares base fingerprints: the same
+            weights match however they were loaded).
 
     Returns:
         The :class:`AttachedTasks` (a context manager that detaches on exit).
@@ -490,6 +468,28 @@ def attach(
     Raises:
         BaseMismatchError: ``check`` and a task was trained on another base.
         ValueError: no tasks, or tasks reading different stacks of an encoder-decoder.
+    """
+    from adalayers.serving.integrations import sentence_transformers as st
+
+    if st.is_sentence_transformer(model):
+        return st.attach_sentence_transformer(model, tasks, tokenizer=tokenizer, check=check)
+    backbone, named, restore = prepare_attachment(model, tasks, tokenizer=tokenizer, check=check)
+    return AttachedTasks(backbone, named, restore=restore)
+
+
+def prepare_attachment(
+    model: nn.Module | Backbone,
+    tasks: Mapping[str, Task | str | os.PathLike] | Sequence[str | os.PathLike] | AdaLayers,
+    *,
+    tokenizer: Any = None,
+    check: bool = True,
+) -> tuple[Backbone, dict[str, Task], dict[str, Any]]:
+    """What :func:`attach` does before it puts the taps on: the tasks loaded and checked
+    against the model, moved to its device; the model frozen.
+
+    Returns:
+        ``(backbone, tasks, restore)``: the :class:`Backbone` view of ``model``, task name ->
+        :class:`Task`, and the model's training mode and ``requires_grad`` flags to restore.
     """
     named = _as_tasks(tasks)
     if not named:
@@ -511,16 +511,11 @@ def attach(
         }
         backbone = Backbone(model, tokenizer, states=states.pop())  # type: ignore[arg-type]
     if check:
-        info = backbone.info()
-        view = _base_view(backbone.model)
-        # a task trained on the AutoModel base matches the base part of an LM / task wrapper
-        base_part = _fingerprint(view) if view is not backbone.model else info.fingerprint
+        # the fingerprint leaves out an LM / task wrapper's head: a task trained on the
+        # AutoModel base matches the base part of a *ForCausalLM, *ForConditionalGeneration, ...
         for name, task in named.items():
-            if task.base.fingerprint == base_part:
-                check_base(task.base, replace(info, fingerprint=base_part), f"task {name!r}")
-            else:
-                check_base(task.base, info, f"task {name!r}")
+            check_base(task.base, backbone.info_for(task.base), f"task {name!r}")
     device = backbone.device
     for task in named.values():
         task.to(device).eval()
-    return AttachedTasks(backbone, named, restore=restore)
+    return backbone, named, restore

@@ -99,9 +99,15 @@ def serve(
     device: str | None = None,
     config: ServeConfig | None = None,
     log_level: str = "info",
+    embeddings: str | None = None,
     **limits: Any,
 ) -> None:
     """Load the runs' tasks on one base and serve them until interrupted (Ctrl-C / SIGTERM).
+
+    With ``embeddings`` (a sentence-transformers model) the base is that model's transformer
+    and the server also answers ``POST /embed``: text-embeddings-inference's request and
+    answer, with the side tasks asked in ``tasks`` from the same forward
+    (:func:`~adalayers.serving.integrations.sentence_transformers.add_embed_route`).
 
     On SIGTERM the server stops accepting, finishes the accepted requests for up to
     ``drain_seconds``, answers the rest 503 with ``Retry-After``, and exits.
@@ -114,18 +120,32 @@ def serve(
         device: where to run the base (``"cpu"``, ``"cuda"``).
         config: the server's limits (default: :class:`ServeConfig`'s).
         log_level: uvicorn's log level.
+        embeddings: a sentence-transformers model (folder, hub id, or ``all-MiniLM-L6-v2``)
+            whose embeddings to serve; the runs' tasks must have been trained on its weights.
         **limits: :class:`ServeConfig` fields overriding ``config``'s, e.g.
             ``max_tokens=4096, drain_seconds=60``.
 
     Raises:
-        TypeError, ValueError: a limit that is unknown or out of range (before any loading).
+        TypeError, ValueError: a limit that is unknown or out of range (before any loading);
+            ``base`` and ``embeddings`` both given; ``embeddings`` not a sentence-transformers
+            model.
+        BaseMismatchError: a task was trained on another base (the message names both).
     """
     config = (config or ServeConfig()).updated(**limits)  # checked before any loading
+    if embeddings is not None and base is not None:
+        raise ValueError("--base and --embeddings both name the base: give one of them")
     named = _task_names(runs)
-    runtime = load_runs(named, base=base, device=device)
     info = {
         name: {"run": str(path), "task_folder": str(resolve_run(path)[0])}
         for name, path in named.items()
     }
-    app = create_app(Predictor(runtime, info), config)
+    if embeddings is not None:
+        from adalayers.core.task import Task
+        from adalayers.serving.integrations.sentence_transformers import embeddings_app
+
+        tasks = {name: Task.from_pretrained(resolve_run(path)[0]) for name, path in named.items()}
+        app = embeddings_app(embeddings, tasks, config, device=device, info=info)
+    else:
+        runtime = load_runs(named, base=base, device=device)
+        app = create_app(Predictor(runtime, info), config)
     make_server(app, host=host, port=port, log_level=log_level).run()

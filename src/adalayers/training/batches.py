@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from adalayers.core.encoding import IGNORE_INDEX, align_labels, tokenize_words
-from adalayers.core.task import Task
+from adalayers.core.encoding import align_labels, tokenize_words
+from adalayers.core.kinds import TaskKind
+from adalayers.core.task import Task, TaskConfig
 from adalayers.training.cache import FeatureStore
 from adalayers.training.data import TaskData
 
@@ -29,11 +30,14 @@ def tokenize(
     data: TaskData,
     split: str,
     tokenizer: Any,
-    task: Task,
+    task: Task | TaskConfig,
     max_length: int,
     stats: dict[str, Any] | None = None,
 ) -> Any:
     """Tokenise one split: ``input_ids``, ``attention_mask``, ``labels``, ``index``, ``length``.
+
+    ``labels`` holds each example's targets as the task's kind stores them
+    (:meth:`~adalayers.core.kinds.TaskKind.targets`).
 
     Token tasks: the first sub-token of a word carries its label, the others are ignored. A
     word beyond ``max_length`` is cut, and a word the tokenizer turns into no token at all
@@ -50,9 +54,10 @@ def tokenize(
     ds = ds.add_column("index", list(range(len(ds))))
     found = {"longest": 0, "cut_examples": 0, "cut_words": 0, "empty_words": 0}
     empty_examples: list[str] = []
+    kind = task.kind
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        if task.task_type == "token_classification":
+        if kind.per_token:
             enc, rows, _ = tokenize_words(
                 tokenizer, batch["tokens"], truncation=True, max_length=max_length
             )
@@ -63,7 +68,8 @@ def tokenize(
                 for i, ids, word_ids in zip(full, again["input_ids"], again_rows):
                     uncut[i] = (len(ids), {w for w in word_ids if w is not None})
             labels = []
-            for i, (word_ids, words, tags) in enumerate(zip(rows, batch["tokens"], batch["tags"])):
+            word_targets = kind.targets(task, batch["tags"])  # ids, one per word
+            for i, (word_ids, words, tags) in enumerate(zip(rows, batch["tokens"], word_targets)):
                 seen = {w for w in word_ids if w is not None}
                 missing = set(range(len(tags))) - seen
                 tokens, seen_uncut = uncut.get(i, (len(enc["input_ids"][i]), seen))
@@ -74,7 +80,7 @@ def tokenize(
                 found["longest"] = max(found["longest"], tokens)
                 if len(empty_examples) < 20:
                     empty_examples.extend(words[w] for w in sorted(missing - cut))
-                labels.append(align_labels(word_ids, task.label_ids(tags)))
+                labels.append(align_labels(word_ids, tags))
         else:
             pairs = batch.get("text_pair")
             enc = tokenizer(batch["text"], pairs, truncation=True, max_length=max_length)
@@ -89,10 +95,7 @@ def tokenize(
                     lengths[i] = len(ids)
             found["cut_examples"] += sum(n > max_length for n in lengths)
             found["longest"] = max([found["longest"], *lengths])
-            if task.task_type == "regression":
-                labels = [float(v) for v in batch["label"]]
-            else:
-                labels = task.label_ids(batch["label"])
+            labels = kind.targets(task, batch["label"])
         out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
         out["labels"] = labels
         out["length"] = [len(ids) for ids in enc["input_ids"]]
@@ -145,8 +148,11 @@ def collate(
     pad_id: int,
     store: FeatureStore | None = None,
     layers: Callable[[], Sequence[int] | None] | None = None,
+    kind: TaskKind | None = None,
 ) -> dict[str, Any]:
-    """Pad a list of tokenised examples into tensors.
+    """Pad a list of tokenised examples into tensors; ``labels`` as ``kind`` batches them
+    (:meth:`~adalayers.core.kinds.TaskKind.batch_targets`; without a kind, one number an
+    example).
 
     With a feature ``store`` the batch holds the cached hidden states of the real tokens,
     packed without padding, instead of token ids: ``states`` (n, N, d), ``state_layers`` (n,)
@@ -168,10 +174,10 @@ def collate(
                     [f[key] + [pad] * (width - len(f[key])) for f in features]
                 )
     labels = [f["labels"] for f in features]
-    if isinstance(labels[0], list):
-        batch["labels"] = torch.tensor(
-            [lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]
-        )
+    if kind is not None:
+        batch["labels"] = kind.batch_targets(labels, width)
+    elif isinstance(labels[0], list):
+        raise ValueError("examples with a list of targets each need the task's kind to collate")
     else:
         batch["labels"] = torch.tensor(labels)
     batch["index"] = torch.tensor([f["index"] for f in features])
@@ -234,19 +240,22 @@ def batch_loader(
     seed: int,
     store: FeatureStore | None = None,
     task: Task | None = None,
+    kind: TaskKind | None = None,
 ) -> Any:
-    """Batches of ``ds``; with a ``store`` they read only the states ``task``'s mixer uses."""
+    """Batches of ``ds``, their labels as ``kind`` (default ``task``'s) batches them; with a
+    ``store`` they read only the states ``task``'s mixer uses."""
     if store is not None and not isinstance(ds, CachedExamples):
         ds = CachedExamples(ds)
     batches = length_batches(ds["length"][:], batch_size, shuffle=shuffle, seed=seed)
     layers = None if task is None else (lambda: active_layers(task))
+    kind = kind if kind is not None or task is None else task.kind
     # the loader's own generator: iterating it then draws nothing from the global one, so a
     # run resumed mid-epoch (a new iterator after the RNG is restored) sees the same dropout
     # masks as the run that was not cut
     loader = torch.utils.data.DataLoader(
         ds,
         batch_sampler=batches,
-        collate_fn=lambda f: collate(f, pad_id, store, layers),
+        collate_fn=lambda f: collate(f, pad_id, store, layers, kind),
         generator=torch.Generator().manual_seed(seed),
     )
     return accelerator.prepare_data_loader(loader)

@@ -75,8 +75,8 @@ def prepare_cache(
         scores = probe_layers(
             backbone,
             tokenized["train"],
-            task.task_type,
-            len(task.labels),
+            task.kind,
+            task.config.num_outputs,
             cache.probe_examples,
             seed=config.train.seed,
         )
@@ -123,19 +123,7 @@ def build_cache(config: RunConfig, *, quiet: bool = False, verify: bool = False)
     checksums last passed. Returns a summary: the layers stored, and per split the folder,
     examples and bytes.
     """
-    accelerator = make_accelerator(config)
-    data = load_data(config)
-    backbone = load_backbone(
-        config.base, states=config.base_states, gguf_file=config.gguf_file, dtype=config.dtype
-    )
-    max_length = max_tokens(config, backbone)
-    seed_everything(config.train.seed)
-    task = build_task(config, data, backbone)
-    tokenized = {"train": tokenize(data, "train", backbone.tokenizer, task, max_length)}
-    progress = accelerator.is_main_process and not quiet and sys.stderr.isatty()
-    config, task, stores = prepare_cache(
-        config, accelerator, backbone, data, task, tokenized, max_length, progress, verify
-    )
+    config, task, stores = _build_stores(config, quiet=quiet, verify=verify)
     return {
         "layers": task.mixer.layer_indices,
         "dtype": config.cache.dtype,
@@ -148,3 +136,31 @@ def build_cache(config: RunConfig, *, quiet: bool = False, verify: bool = False)
             for split, store in stores.items()
         },
     }
+
+
+def cached_config(config: RunConfig, *, quiet: bool = False) -> RunConfig:
+    """Build the stores of ``config`` now (where not built yet) and return the config that
+    reads them: ``cache.dir`` resolved, ``task.mixer.layers`` the probe's choice where it ran.
+
+    Runs that train this config (the trials of a search) then open the stores without running
+    the base or the probe again.
+    """
+    return _build_stores(config, quiet=quiet, verify=False)[0]
+
+
+def _build_stores(
+    config: RunConfig, *, quiet: bool, verify: bool
+) -> tuple[RunConfig, Task, dict[str, FeatureStore]]:
+    accelerator = make_accelerator(config)
+    data = load_data(config)
+    backbone = load_backbone(
+        config.base, states=config.base_states, gguf_file=config.gguf_file, dtype=config.dtype
+    )
+    max_length = max_tokens(config, backbone)
+    seed_everything(config.train.seed)
+    task = build_task(config, data, backbone)
+    tokenized = {"train": tokenize(data, "train", backbone.tokenizer, task, max_length)}
+    progress = accelerator.is_main_process and not quiet and sys.stderr.isatty()
+    return prepare_cache(
+        config, accelerator, backbone, data, task, tokenized, max_length, progress, verify
+    )

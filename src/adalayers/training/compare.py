@@ -6,9 +6,15 @@ Every baseline but ``finetune`` is the task of the config with one mixer setting
     sweep       one run per hidden state i:  task.mixer.single_layer = i
     last        the last state only:          task.mixer.single_layer = -1 (with the sweep,
                 its last row: the same run, not trained twice)
-    uniform     fixed equal weights:          task.mixer.freeze_distribution = true (p stays 0)
+    uniform     fixed equal weights:          task.mixer.freeze_distribution = true (p stays 0;
+                a dynamic config's uniform row is static: mode = adalayers)
     scalar_mix  ELMo's scalar mix:            task.mixer.mode = scalar_mix
+    dynamic     per-token layer weights:      task.mixer.mode = dynamic
     finetune    the whole base fine-tuned under a standard head (:mod:`adalayers.training.finetune`)
+    probe       no head, no mixer: a logistic regression on the frozen states
+                (:func:`adalayers.training.probe.probe_baseline`), two rows from one pass of the
+                base: ``probe`` (one state, chosen on validation) and ``probe_concat`` (every
+                state's features concatenated)
 
 The config's ``task.mixer.layer_dropout`` applies to every row that mixes several states
 (mixer, uniform, scalar_mix) and is a no-op for the single states.
@@ -56,7 +62,7 @@ from adalayers.training.train import fit
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("mixer", "sweep", "last", "uniform", "scalar_mix", "finetune")
+BASELINES = ("mixer", "sweep", "last", "uniform", "scalar_mix", "dynamic", "finetune", "probe")
 COMPARISON = "comparison.json"
 REPORT = "report.html"
 GRID_KEYS = ("alpha", "cutoff", "entropy_weight")
@@ -170,7 +176,12 @@ def plan(
         elif name == "last":
             rows[name] = _derive(config, single_layer=-1, layers=None)
         elif name == "uniform":
-            rows[name] = _derive(config, freeze_distribution=True)
+            static = "adalayers" if mixer.mode == "dynamic" else mixer.mode
+            rows[name] = _derive(config, freeze_distribution=True, mode=static)
+        elif name == "dynamic":
+            rows[name] = _derive(config, mode="dynamic")
+        elif name == "probe":  # one fit makes both rows
+            rows["probe"] = rows["probe_concat"] = config
         elif name == "scalar_mix":
             rows[name] = _derive(config, mode="scalar_mix", cutoff=0.0, entropy_weight=0.0)
         else:
@@ -181,17 +192,74 @@ def plan(
 
 
 def _grid_rows(config: RunConfig, grid: Mapping[str, Sequence[Any]]) -> list[tuple[str, RunConfig]]:
-    own = config.task.mixer
     out = []
     for values in itertools.product(*grid.values()):
         settings = dict(zip(grid, values))
-        if all(getattr(own, k) == v for k, v in settings.items()):
+        name = _grid_row(config, grid, settings)
+        if name == "mixer":
             continue  # the config's own setting: the mixer row itself
         try:
-            out.append((_grid_name(settings), _derive(config, **settings)))
+            out.append((name, _derive(config, **settings)))
         except ValueError as err:
             raise ValueError(f"--mixer-grid {settings}: {err}") from None
     return out
+
+
+def _grid_row(
+    config: RunConfig, grid: Mapping[str, Sequence[Any]], settings: Mapping[str, Any]
+) -> str:
+    """The row of a grid point: ``mixer`` where it is the config's own setting, else its name
+    (:func:`_grid_name`, the keys in the grid's order)."""
+    own = config.task.mixer
+    if all(getattr(own, k) == v for k, v in settings.items()):
+        return "mixer"
+    return _grid_name({k: settings[k] for k in grid})
+
+
+def _search_grid(
+    config: RunConfig,
+    grid: Mapping[str, Sequence[Any]],
+    rows: Mapping[str, Mapping[str, Any]],
+    asked: dict[str, tuple[Any, Any]],
+    train_rows: Any,
+) -> None:
+    """Run ``train_rows()`` (every row to train) with the grid's rows as the trials of one
+    Optuna study with a ``GridSampler``, through the search loop of ``adalayers tune``
+    (:func:`adalayers.training.tune.search`). The whole grid is asked for at once, so its rows
+    train beside the other baselines (``jobs``): a row reused from an earlier call is told at
+    once, one trained here when it finishes (``asked``: row -> (trial, tell), which the
+    caller's ``finished`` pops).
+
+    Raises:
+        ImportError: Optuna is not installed (naming its package).
+    """
+    import math
+
+    from adalayers.training import tune  # Optuna: the tune extra
+    from adalayers.training.config import SearchRange
+
+    space = {f"task.mixer.{k}": SearchRange(choices=list(v)) for k, v in grid.items()}
+    sampler = tune.GridSampler(
+        {key: values.choices for key, values in space.items()}, seed=config.train.seed
+    )
+    study = tune.make_study(None, None, seed=None, prune=False, sampler=sampler)
+    points = math.prod(len(values) for values in grid.values())
+
+    def train(proposals: list[Any], tell: Any) -> None:
+        for trial, settings in proposals:
+            point = {key.removeprefix("task.mixer."): v for key, v in settings.items()}
+            name = _grid_row(config, grid, point)
+            if name in rows:
+                tell(trial, _validation_score(rows[name]))
+            else:
+                asked[name] = (trial, tell)
+        train_rows()
+
+    tune.search(study, space, points, train, batch=points)
+
+
+def _validation_score(row: Mapping[str, Any]) -> float:
+    return float(row["validation"][row["metric"]])
 
 
 def choose_mixer(rows: Mapping[str, Mapping[str, Any]], metric: str) -> str | None:
@@ -226,7 +294,7 @@ def _row(name: str, run: Path, results: dict[str, Any], wall: float | None) -> d
     row: dict[str, Any] = {
         "run": run.name,
         "baseline": _kind(name),
-        "layer": int(name.split("_")[1]) if name.startswith("layer_") else None,
+        "layer": int(name.split("_")[1]) if name.startswith("layer_") else results.get("layer"),
         "metric": results.get("metric"),
     }
     for split in ("validation", "test"):
@@ -318,8 +386,10 @@ def compare(
             results = json.loads((run / METRICS).read_text())
             rows[name] = _row(name, run, results, previous.get(name, {}).get("wall_seconds"))
             continue
+        if name == "probe_concat":
+            continue  # fitted by the probe row
         resume = (
-            name != "finetune"
+            name not in ("finetune", "probe")
             and not overwrite
             and has_checkpoint(run / CHECKPOINT_DIR)
             and saved.is_file()
@@ -332,9 +402,17 @@ def compare(
             rows["last"] = {**rows[last_layer], "baseline": "last", "layer": None}
             rows["last"]["same_run_as"] = last_layer
 
+    grid_trials: dict[str, tuple[Any, Any]] = {}  # row -> (trial, tell) of the grid's study
+
     def finished(name: str, results: dict[str, Any], wall: float) -> None:
         rows[name] = _row(name, out / name, results, wall)
         same_run(name)
+        if name == "probe":  # its fit wrote the concatenation's row too
+            concat = json.loads((out / "probe_concat" / METRICS).read_text())
+            rows["probe_concat"] = _row("probe_concat", out / "probe_concat", concat, wall)
+        if name in grid_trials:
+            trial, tell = grid_trials.pop(name)
+            tell(trial, _validation_score(rows[name]))
         if len(rows) < len(rows_plan):  # the rows so far, in case the call is cut off
             _summarize(
                 config, names, _ordered(rows, order), rows_plan, mixer_grid, out, complete=False
@@ -342,7 +420,14 @@ def compare(
 
     if last_layer in rows:  # reused
         same_run(last_layer)
-    _train_rows(todo, out, finished, jobs=jobs, finetune_lr=finetune_lr, quiet=quiet)
+
+    def train_rows() -> None:
+        _train_rows(todo, out, finished, jobs=jobs, finetune_lr=finetune_lr, quiet=quiet)
+
+    if mixer_grid:
+        _search_grid(config, mixer_grid, rows, grid_trials, train_rows)
+    else:
+        train_rows()
     rows = _ordered(rows, order)
     comparison = _summarize(config, names, rows, rows_plan, mixer_grid, out, complete=True)
     if comparison.get("mixer_chosen"):
@@ -369,18 +454,22 @@ def _train_row(
 ) -> tuple[dict[str, Any], float]:
     """Train one row in ``run``: its results and wall time."""
     from adalayers.training.finetune import finetune
+    from adalayers.training.probe import probe_baseline
 
     logger.info("%s: training in %s", name, run)
     start = time.perf_counter()
     if name == "finetune":
         results = finetune(cfg, run, lr=finetune_lr, quiet=quiet, overwrite=True)
+    elif name == "probe":
+        results = probe_baseline(cfg, run, run.parent / "probe_concat")
     else:
         results = fit(cfg, run, resume=resume, quiet=quiet, overwrite=not resume)
     return results, time.perf_counter() - start
 
 
-def _init_worker(threads: int, level: int) -> None:
-    """A ``compare --jobs`` process: its share of the threads, and the parent's log level."""
+def init_worker(threads: int, level: int) -> None:
+    """A process of ``compare --jobs`` (or ``tune --jobs``): its share of the threads, and the
+    parent's log level."""
     torch.set_num_threads(threads)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
@@ -427,7 +516,7 @@ def _train_rows(
     with ProcessPoolExecutor(
         max_workers=min(jobs, len(todo)),
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
+        initializer=init_worker,
         initargs=(threads, level),
     ) as pool:
         futures = {

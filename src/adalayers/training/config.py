@@ -14,7 +14,11 @@ names the key (and the file). ``--set section.key=value`` overrides any value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +28,9 @@ import yaml
 from adalayers.core._schema import build
 from adalayers.core.backbone import DEFAULT_BASE
 from adalayers.core.heads import HeadConfig
+from adalayers.core.kinds import KINDS, kind_of
 from adalayers.core.mixer import MixerConfig
+from adalayers.training.tracking import TRACKERS
 
 
 @dataclass
@@ -37,7 +43,9 @@ class DataConfig:
         data_dir: folder of the official files (else ``$ADALAYERS_DATA_DIR``, else the hub).
         files: user formats: split -> file (``train`` required; ``validation``/``test`` optional).
         columns: user formats: standard column (text, text_pair, label) -> column in the file.
-        task_type: user formats: ``sequence_classification`` (default) or ``regression``.
+        task_type: user formats: ``sequence_classification`` (default), ``regression`` or
+            ``multilabel_classification`` (JSONL labels: lists of names; CSV: names joined by
+            ``|``); ``conll`` files are ``token_classification``.
         name: the task's name in ``metrics.json``, the report and the logs (default:
             ``task``, e.g. ``csv``).
         label_names: user formats: the label set, in id order. A list of names: a label in
@@ -70,6 +78,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.name is not None and not self.name.strip():
             raise ValueError("data.name must not be empty; leave it out to use data.task")
+        try:
+            kind = None if self.task_type is None else kind_of(self.task_type)
+        except ValueError as err:
+            raise ValueError(f"data.task_type: {err}") from None
         if isinstance(self.label_names, dict):  # YAML reads `0: name` with an integer key
             self.label_names = {str(k): str(v) for k, v in self.label_names.items()}
         if self.label_names is not None:
@@ -79,9 +91,9 @@ class DataConfig:
                 raise ValueError(
                     f"data.label_names needs at least 2 distinct names, got {self.label_names}"
                 )
-            if self.task_type == "regression":
+            if kind is not None and not kind.has_labels:
                 raise ValueError(
-                    "data.label_names contradicts data.task_type=regression: set only one"
+                    f"data.label_names contradicts data.task_type={self.task_type}: set only one"
                 )
         if self.max_length < 8:
             raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
@@ -115,7 +127,9 @@ class TrainConfig:
         early_stopping: stop after this many epochs without improvement (0: never).
         grad_clip: clip the gradient norm to this (0: no clipping).
         grad_accumulation: optimiser step every N batches.
-        mixed_precision: ``no``, ``fp16`` or ``bf16`` (CUDA only; ignored with a warning on CPU).
+        mixed_precision: ``no``, ``fp16`` or ``bf16``: autocast the forward through Accelerate
+            (CUDA: both; CPU: ``bf16`` only, fast where the CPU has AVX-512 BF16 or AMX; ``fp16``
+            on a CPU trains in float32 with a warning). Weights and optimiser stay float32.
         seed: seed for initialisation and data order.
         metric: validation metric for model selection (default: the task's primary metric).
         checkpoint_every: also checkpoint every N optimiser steps within an epoch (0: per epoch).
@@ -125,6 +139,11 @@ class TrainConfig:
             progress line this often during an epoch: step, examples per second, elapsed
             time and an estimate of what is left (0: never). A cache build logs such a line
             every 30 seconds.
+        report_to: experiment trackers, through Accelerate's: ``tensorboard``, ``mlflow``,
+            ``wandb``, ``comet_ml``, ``aim``, ``clearml``, ``dvclive``, ``swanlab``,
+            ``trackio``. Each epoch logs the loss, the validation metrics, the learning rate
+            and the layer distribution p~; they write under ``RUN/trackers/``
+            (:mod:`adalayers.training.tracking`). Default: none.
     """
 
     epochs: int = 10
@@ -144,6 +163,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     cache: bool = False
     log_every_seconds: float = 30.0
+    report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "grad_accumulation"):
@@ -163,6 +183,13 @@ class TrainConfig:
         ):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        if unknown:
+            raise ValueError(
+                f"train.report_to: unknown tracker(s) {unknown}; choose from {', '.join(TRACKERS)}"
+            )
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"train.report_to names a tracker twice: {self.report_to}")
 
 
 @dataclass
@@ -220,23 +247,29 @@ class TaskSection:
             classification ``accuracy``, ``f1_macro``, ``f1_positive`` (F1 of the positive
             class, two labels only) and ``mcc``; of a regression ``pearson`` and
             ``spearman``; of a token task ``precision``, ``recall``, ``f1`` (entities) and
-            ``accuracy`` (tokens). The first is the primary metric (model selection and the
-            headline) unless ``train.metric`` names another of them. Default: all of the
-            task type's (``f1_positive`` where there are two labels), and its usual primary.
+            ``accuracy`` (tokens); of a multi-label task ``f1_micro``, ``f1_macro`` and
+            ``exact_match`` (subset accuracy). The first is the primary metric (model
+            selection and the headline) unless ``train.metric`` names another of them.
+            Default: all of the task type's (``f1_positive`` where there are two labels), and
+            its usual primary.
         positive_label: two-label tasks: the label whose F1 is ``f1_positive`` (default: the
             second label, e.g. ``1``, ``positive``, ``paraphrase``).
+        options: settings of the task kind's own, checked by the kind when the task is built
+            and saved with it; a ``multilabel_classification`` task takes ``thresholds`` (one
+            number, or one per label; default 0.5) and ``tune_thresholds`` (default: true unless
+            ``thresholds`` is given: at the end of training each label's threshold is set to
+            maximise its F1 on validation). The other kinds take none.
     """
 
     mixer: MixerConfig = field(default_factory=MixerConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     metrics: list[str] | None = None
     positive_label: str | None = None
+    options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.metrics is not None:
-            from adalayers.core.metrics import METRICS  # scikit-learn: only when it is needed
-
-            known = sorted({name for names in METRICS.values() for name in names})
+            known = sorted({name for kind in KINDS.values() for name in kind.metrics})
             unknown = [name for name in self.metrics if name not in known]
             if unknown or not self.metrics:
                 raise ValueError(
@@ -244,6 +277,102 @@ class TaskSection:
                 )
             if len(set(self.metrics)) != len(self.metrics):
                 raise ValueError(f"task.metrics names a metric twice: {self.metrics}")
+
+
+@dataclass
+class SearchRange:
+    """The values ``adalayers tune`` tries for one setting: an entry of the ``tune`` section,
+    e.g. ``task.mixer.alpha: {low: 1, high: 128, log: true}`` or
+    ``task.mixer.dim: {choices: [32, 64, 128]}``.
+
+    Attributes:
+        low: the smallest value of a range (a number setting; an integer one takes integers).
+        high: the largest value of the range, above ``low``.
+        log: draw the range on a log scale (``low > 0``), e.g. for a learning rate.
+        step: draw only ``low``, ``low + step``, ... (not with ``log``).
+        choices: the values to choose from instead of a range (numbers, strings, booleans).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    def check(self, key: str, kind: Any) -> None:
+        """Check the entry of setting ``key`` (of type ``kind``); an integer setting's range
+        becomes integers.
+
+        Raises:
+            ValueError: naming ``tune.<key>``: choices and a range together, no choices, an
+                empty range, a range for a setting that is not a number, ...
+        """
+        where = f"tune.{key}"
+        ranged = self.low is not None or self.high is not None or self.step is not None
+        if self.choices is not None:
+            if ranged or self.log:
+                raise ValueError(f"{where}: give choices or a range (low, high), not both")
+            if not self.choices:
+                raise ValueError(f"{where}: choices is empty; list the values to try")
+            bad = [c for c in self.choices if not isinstance(c, (bool, int, float, str))]
+            if bad:
+                raise ValueError(f"{where}: choices must be numbers, strings or booleans: {bad}")
+            if len({repr(c) for c in self.choices}) != len(self.choices):
+                raise ValueError(f"{where}: choices lists a value twice: {self.choices}")
+            return
+        if kind not in (int, float):
+            raise ValueError(f"{where}: {key} is not a number; list its values under choices")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{where}: give low and high (a range), or choices")
+        if not self.low < self.high:
+            raise ValueError(
+                f"{where}: the range [{self.low:g}, {self.high:g}] is empty; low must be below "
+                f"high (to fix the setting instead, set it in its section)"
+            )
+        if self.log and self.low <= 0:
+            raise ValueError(f"{where}: a log range needs low > 0, got {self.low:g}")
+        if self.step is not None and (self.log or self.step <= 0):
+            raise ValueError(f"{where}: step must be positive, and not given with log")
+        if kind is int:
+            for name in ("low", "high", "step"):
+                value = getattr(self, name)
+                if value is not None and not float(value).is_integer():
+                    raise ValueError(f"{where}: {key} is an integer; {name} must be one too")
+                if value is not None:
+                    setattr(self, name, int(value))
+
+    def values(self) -> list[Any]:
+        """The values that bound the entry: its choices, or the ends of its range."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+SEARCHED = {"task.mixer": MixerConfig, "task.head": HeadConfig, "train": TrainConfig}
+"""The sections whose settings ``tune`` may search."""
+
+
+def setting_type(key: str) -> Any:
+    """The type of the setting ``key`` (``task.mixer.alpha`` -> ``float``; ``Optional``
+    left out), a setting of one of the :data:`SEARCHED` sections.
+
+    Raises:
+        ValueError: ``key`` is not such a setting (naming it).
+    """
+    section, _, name = key.rpartition(".")
+    if section not in SEARCHED:
+        raise ValueError(
+            f"tune: {key!r} cannot be searched; tune searches the settings of "
+            f"{', '.join(SEARCHED)} (e.g. task.mixer.alpha, train.lr)"
+        )
+    hints = typing.get_type_hints(SEARCHED[section])
+    if name not in hints:
+        close = difflib.get_close_matches(name, list(hints), n=1)
+        hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+        raise ValueError(f"tune: {key!r} is not a setting of {section}{hint}")
+    annotation = hints[name]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None -> X
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = options[0] if len(options) == 1 else annotation
+    return annotation
 
 
 @dataclass
@@ -259,6 +388,9 @@ class RunConfig:
         task: the mixer and head.
         train: the training section.
         cache: the frozen-feature cache section.
+        tune: the search space of ``adalayers tune``: a setting of ``task.mixer``,
+            ``task.head`` or ``train`` (dotted, e.g. ``task.mixer.alpha``) -> the values to try
+            (:class:`SearchRange`). The other commands leave it aside.
     """
 
     base: str = DEFAULT_BASE
@@ -269,6 +401,7 @@ class RunConfig:
     task: TaskSection = field(default_factory=TaskSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    tune: dict[str, SearchRange] | None = None
 
     def __post_init__(self) -> None:
         metric, metrics = self.train.metric, self.task.metrics
@@ -284,9 +417,34 @@ class RunConfig:
                 f"data.max_length={self.data.max_length} with positional "
                 f"embeddings, or inputs would be cut silently"
             )
+        for key, values in (self.tune or {}).items():
+            values.check(key, setting_type(key))
+            for value in values.values():  # the config takes each end (each choice)
+                try:
+                    with_settings(self, {key: value})
+                except ValueError as err:
+                    raise ValueError(f"tune.{key}: {value!r} is refused: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def with_settings(config: RunConfig, settings: Mapping[str, Any]) -> RunConfig:
+    """``config`` with dotted settings changed (``{"task.mixer.alpha": 4.0}``) and no ``tune``
+    section: one trial's config, checked as a config file is.
+
+    Raises:
+        ValueError: a value the config refuses (naming the key).
+    """
+    values = config.to_dict()
+    values["tune"] = None
+    for key, value in settings.items():
+        *sections, name = key.split(".")
+        target = values
+        for section in sections:
+            target = target[section]
+        target[name] = value
+    return build(RunConfig, values)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

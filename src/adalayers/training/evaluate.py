@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,8 +19,9 @@ from torch import nn
 
 from adalayers.core.decoding import decode_words
 from adalayers.core.encoding import IGNORE_INDEX
-from adalayers.core.metrics import check_metrics, compute_metrics, confusion_matrix, primary_metric
-from adalayers.core.task import Task
+from adalayers.core.kinds import TaskKind
+from adalayers.core.metrics import primary_metric
+from adalayers.core.task import Task, TaskConfig
 from adalayers.training.batches import batch_loader, ensure_states, tokenize
 from adalayers.training.build import TaskModel, load_data, make_accelerator, max_tokens
 from adalayers.training.cache import FeatureStore
@@ -61,7 +60,7 @@ def _token_predictions(logits: torch.Tensor, labels: torch.Tensor, task: Any) ->
 def evaluate_split(
     accelerator: Any,
     model: nn.Module,
-    task: Task,
+    task: Task | TaskConfig,
     data: TaskData,
     ds: Any,
     split: str,
@@ -72,21 +71,36 @@ def evaluate_split(
     predictions: list[dict[str, Any]] | None = None,
     metrics: Sequence[str] | None = None,
     positive_label: str | None = None,
+    outputs: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``task`` on one tokenised split; every example is counted exactly once.
 
+    ``task`` is a :class:`Task` run by ``model``, or the :class:`TaskConfig` of the head that
+    ``model`` ends in (fine-tuning). Its kind turns logits into decisions and scores them
+    (:meth:`~adalayers.core.kinds.TaskKind.predict`, ``compute_metrics``, ``tables``).
     With a feature ``store`` the states come from the cache and the base does not run. A
     ``predictions`` list is filled with one record per example, in the split's order
     (:func:`prediction_records`). ``metrics`` names the metrics to report (``task.metrics``;
     default all of the task type's) and ``positive_label`` the class of ``f1_positive``
     (default the second of two labels). A classification also reports ``majority``: the
-    same metrics of always answering the training split's most frequent label.
+    same metrics of always answering the training split's most frequent label. ``outputs``
+    (tasks with a prediction per input) receives ``logits`` (N, C) and ``targets`` in the
+    split's order.
     """
     model.eval()
+    kind = task.kind
     loader = batch_loader(
-        accelerator, ds, batch_size, pad_id, shuffle=False, seed=0, store=store, task=task
+        accelerator,
+        ds,
+        batch_size,
+        pad_id,
+        shuffle=False,
+        seed=0,
+        store=store,
+        task=task if store is not None else None,
+        kind=kind,
     )
-    token_task = task.task_type == "token_classification"
+    token_task = kind.per_token
     decoded = token_task and task.decoding != "argmax"
     indices, preds, golds, argmax = [], [], [], []
     for batch in progress_bar(loader, total=len(loader), desc=f"eval {split}", enabled=progress):
@@ -109,10 +123,9 @@ def evaluate_split(
                 index, pred = _gather(accelerator, index, pred)
                 preds.extend(pred.tolist())
         else:
-            pred = logits.squeeze(-1) if task.task_type == "regression" else logits.argmax(-1)
-            index, pred, labels = _gather(accelerator, index, pred, labels)
-            preds.extend(pred.tolist())
-            golds.extend(labels.tolist())
+            index, values, labels = _gather(accelerator, index, logits.float(), labels)
+            preds.append(values)  # (B, C)
+            golds.append(labels)  # (B,) or (B, C)
         indices.extend(index.tolist())
     first: dict[int, int] = {}
     for position, i in enumerate(indices):  # padding and duplicates of the last batch dropped
@@ -134,64 +147,68 @@ def evaluate_split(
             return out
 
         pred_tags = tags(preds)
-        scores = compute_metrics(task.task_type, true_tags, pred_tags, names=metrics)
+        scores = kind.compute_metrics(true_tags, pred_tags, names=metrics)
         if predictions is not None:
-            predictions.extend(prediction_records(task.task_type, true_tags, pred_tags))
+            predictions.extend(prediction_records(kind, true_tags, pred_tags))
         if decoded:
-            per_word = compute_metrics(task.task_type, true_tags, tags(argmax))
+            per_word = kind.compute_metrics(true_tags, tags(argmax))
             scores["argmax"] = {k: per_word[k] for k in ("precision", "recall", "f1")}
     else:
-        y_pred = [preds[p] for p in order]
-        y_true = [golds[p] for p in order]
-        positive = _positive_id(task, positive_label)
-        scores = compute_metrics(task.task_type, y_true, y_pred, names=metrics, positive=positive)
-        if task.task_type == "sequence_classification":
-            majority = _majority_label(data, task)
-            scores["majority"] = {
-                "label": majority,
-                **compute_metrics(
-                    task.task_type,
-                    y_true,
-                    [task.labels.index(majority)] * len(y_true),
-                    names=metrics,
-                    positive=positive,
-                ),
-            }
+        logits = torch.cat(preds)[order].cpu()  # (N, C), the split's order
+        targets = torch.cat(golds)[order].cpu()  # (N,) or (N, C)
+        if outputs is not None:
+            outputs.update(logits=logits, targets=targets)
+        y_true, y_pred = targets.tolist(), kind.predict(task, logits).tolist()
+        positive = kind.positive_id(task.labels, positive_label)
+        scores = kind.compute_metrics(y_true, y_pred, names=metrics, positive=positive)
+        scores.update(
+            kind.tables(
+                task,
+                y_true,
+                y_pred,
+                names=metrics,
+                positive=positive,
+                train_labels=data.splits["train"]["label"],
+            )
+        )
         if predictions is not None:
-            if task.task_type == "sequence_classification":
-                named = [task.labels[i] for i in y_true], [task.labels[i] for i in y_pred]
-            else:
-                named = y_true, y_pred
-            predictions.extend(prediction_records(task.task_type, *named))
-        if task.task_type == "sequence_classification":
-            scores["confusion_matrix"] = {
-                "labels": list(task.labels),  # rows: gold label, columns: predicted label
-                "counts": confusion_matrix(y_true, y_pred, len(task.labels)),
-            }
+            named = kind.named(task, y_true), kind.named(task, y_pred)
+            predictions.extend(prediction_records(kind, *named))
     scores["examples"] = len(ds)
     return scores
 
 
-def _positive_id(task: Any, positive_label: str | None) -> int | None:
-    """The id of a two-label task's positive class (default the second label), else None.
-
-    ``task`` is anything with ``task_type`` and ``labels``.
-    """
-    labels = list(task.labels)
-    if task.task_type != "sequence_classification" or len(labels) != 2:
-        if positive_label is not None:
-            raise ValueError(
-                f"task.positive_label={positive_label!r} is for two-label classification; "
-                f"this task has labels {labels}: remove the setting"
-            )
+def calibrated_options(
+    accelerator: Any,
+    model: nn.Module,
+    task: Task | TaskConfig,
+    data: TaskData,
+    ds: Any,
+    batch_size: int,
+    pad_id: int,
+    progress: bool = False,
+    store: FeatureStore | None = None,
+) -> dict[str, Any] | None:
+    """The options a kind learns on the validation split ``ds`` at the end of training (a
+    multi-label task's thresholds, :meth:`~adalayers.core.kinds.TaskKind.calibrate`), or
+    ``None`` for a kind that learns none."""
+    if not task.kind.calibrates:
         return None
-    if positive_label is None:
-        return 1
-    if positive_label not in labels:
-        raise ValueError(
-            f"task.positive_label={positive_label!r} is not one of the labels {labels}"
-        )
-    return labels.index(positive_label)
+    seen: dict[str, torch.Tensor] = {}
+    evaluate_split(
+        accelerator,
+        model,
+        task,
+        data,
+        ds,
+        "validation",
+        batch_size,
+        pad_id,
+        progress,
+        store=store,
+        outputs=seen,
+    )
+    return task.kind.calibrate(task, seen["logits"], seen["targets"])
 
 
 def selection_metric(config: RunConfig, data: TaskData) -> str:
@@ -203,11 +220,9 @@ def selection_metric(config: RunConfig, data: TaskData) -> str:
         ValueError: a metric the task does not report, or a bad ``task.positive_label``,
             before any training.
     """
-    names = check_metrics(data.task_type, config.task.metrics, data.label_names)
-    _positive_id(
-        SimpleNamespace(task_type=data.task_type, labels=data.label_names),
-        config.task.positive_label,
-    )
+    kind = data.kind
+    names = kind.check_metrics(config.task.metrics, data.label_names)
+    kind.positive_id(data.label_names, config.task.positive_label)
     benchmark = config.data.task if config.data.task in BENCHMARKS else data.task_type
     metric = config.train.metric or (names[0] if config.task.metrics else primary_metric(benchmark))
     if metric not in names:
@@ -217,19 +232,14 @@ def selection_metric(config: RunConfig, data: TaskData) -> str:
     return metric
 
 
-def _majority_label(data: TaskData, task: Any) -> str:
-    """The most frequent label of the training split (ties: the first in label order)."""
-    counts = Counter(data.splits["train"]["label"])
-    return max(task.labels, key=lambda name: (counts[name], -task.labels.index(name)))
-
-
 def prediction_records(
-    task_type: str, gold: Sequence[Any], predicted: Sequence[Any]
+    kind: TaskKind, gold: Sequence[Any], predicted: Sequence[Any]
 ) -> list[dict[str, Any]]:
     """One JSON-ready record per example, ``index`` its position in the evaluated split (after
     ``data.sample`` / ``data.limit``): ``label`` and ``prediction`` (label names; numbers for
-    regression), or for token tasks ``tags`` and ``predicted_tags`` (one per word)."""
-    if task_type == "token_classification":
+    regression; lists of names for multi-label), or for token tasks ``tags`` and
+    ``predicted_tags`` (one per word)."""
+    if kind.per_token:
         keys = ("tags", "predicted_tags")
     else:
         keys = ("label", "prediction")

@@ -1,7 +1,9 @@
 """Full fine-tuning of the base under a standard head: the costly baseline adalayers avoids.
 
 Every weight of the base trains (AdamW, linear warm-up over the first 10% of steps, then linear
-decay) under ``AutoModelForSequenceClassification`` / ``AutoModelForTokenClassification``. The
+decay) under the standard head of the task's kind (``AutoModelForSequenceClassification`` /
+``AutoModelForTokenClassification``, :meth:`~adalayers.core.kinds.TaskKind.finetune_head`),
+with the kind's loss. The
 data pipeline, epochs, early stopping and model selection on validation are those of
 :func:`adalayers.training.train.fit`: the same epoch loop (:class:`~adalayers.training.loop.Loop`)
 drives it through :class:`_FinetuneTrainer`, and the run folder holds the same files::
@@ -26,22 +28,25 @@ import math
 import os
 import sys
 import types
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adalayers.core.backbone import Backbone, resolve_model_path
-from adalayers.core.decoding import check_decoding, resolve_decoding
-from adalayers.core.encoding import IGNORE_INDEX
+from adalayers.core.task import TaskConfig
 from adalayers.training.batches import batch_loader, tokenize
-from adalayers.training.build import head_decoding, load_data, make_accelerator, seed_everything
+from adalayers.training.build import load_data, make_accelerator, seed_everything, task_config
 from adalayers.training.config import RunConfig
-from adalayers.training.evaluate import evaluate_split, evaluate_splits, selection_metric
+from adalayers.training.evaluate import (
+    calibrated_options,
+    evaluate_split,
+    evaluate_splits,
+    selection_metric,
+)
 from adalayers.training.loop import Loop
 from adalayers.training.run import MODEL_DIR, open_run, write_results
 
@@ -51,27 +56,6 @@ DEFAULT_LR = 2e-5
 """The usual learning rate for fully fine-tuning a BERT-size model."""
 WARMUP = 0.1
 """Fraction of the optimiser steps spent warming the learning rate up."""
-
-
-@dataclass
-class LabelSpace:
-    """The part of a task that tokenising and scoring need: its type and label names."""
-
-    task_type: str
-    labels: list[str]
-    decoding: str = "auto"  # token tasks: head.decoding, as for the mixer's head
-
-    def __post_init__(self) -> None:
-        self.decoding = resolve_decoding(self.decoding, self.task_type, self.labels)
-        check_decoding(self.decoding, self.task_type, self.labels)
-
-    def label_ids(self, names: Sequence[str]) -> list[int]:
-        """Label names -> ids; an unknown name raises a ``ValueError`` listing the known ones."""
-        index = {name: i for i, name in enumerate(self.labels)}
-        unknown = [name for name in names if name not in index]
-        if unknown:
-            raise ValueError(f"label {unknown[0]!r} is not one of this task's labels {self.labels}")
-        return [index[name] for name in names]
 
 
 class _Logits(nn.Module):
@@ -89,43 +73,22 @@ class _Logits(nn.Module):
         return self.model(**kwargs).logits
 
 
-def _loss(task_type: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """:meth:`Task.loss <adalayers.core.task.Task.loss>` without the mixer's entropy term (there
-    is no mixer here); both belong with the task kind's loss once there is one."""
-    if task_type == "regression":
-        return F.mse_loss(logits.squeeze(-1).float(), targets.float())
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
-    )
-
-
-def load_model(config: RunConfig, space: LabelSpace) -> tuple[nn.Module, Any]:
-    """The base with a fresh standard head for ``space``, all weights trainable, and its
+def load_model(config: RunConfig, space: TaskConfig) -> tuple[nn.Module, Any]:
+    """The base with a fresh standard head for the task ``space`` describes (its kind's
+    :meth:`~adalayers.core.kinds.TaskKind.finetune_head`), all weights trainable, and its
     tokenizer.
 
     Raises:
         ValueError: ``transformers`` has no such head for this architecture.
     """
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoTokenizer
 
     path = resolve_model_path(config.base)
     extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    token_task = space.task_type == "token_classification"
-    auto = AutoModelForTokenClassification if token_task else AutoModelForSequenceClassification
-    labels = {"num_labels": 1, "problem_type": "regression"}
-    if space.task_type != "regression":
-        labels = {
-            "num_labels": len(space.labels),
-            "id2label": dict(enumerate(space.labels)),
-            "label2id": {name: i for i, name in enumerate(space.labels)},
-        }
+    auto, labels = space.kind.finetune_head(space.labels)
     if config.dtype not in (None, "float32"):
         logger.info("fine-tuning trains the base in float32 (dtype=%s is ignored)", config.dtype)
     try:
@@ -178,7 +141,7 @@ def finetune(
 
     seed_everything(config.train.seed)
     data = load_data(config)
-    space = LabelSpace(data.task_type, list(data.label_names), head_decoding(config, data))
+    space = task_config(config, data)  # labels, decoding, options: what tokenising and scoring need
     model, tokenizer = load_model(config, space)
     probe = types.SimpleNamespace(tokenizer=tokenizer, model=model)
     max_length = min(config.data.max_length, Backbone.max_length.fget(probe))  # as fit() does
@@ -215,7 +178,7 @@ class _FinetuneTrainer:
         accelerator: Any,
         model: nn.Module,
         tokenizer: Any,
-        space: LabelSpace,
+        space: TaskConfig,
         config: RunConfig,
         data: Any,
         tokenized: dict[str, Any],
@@ -262,11 +225,14 @@ class _FinetuneTrainer:
             self.pad_id,
             shuffle=True,
             seed=seed,
+            kind=self.space.kind,
         )
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The kind's loss (:meth:`Task.loss <adalayers.core.task.Task.loss>` without the
+        mixer's entropy term: there is no mixer here)."""
         inputs = {k: v for k, v in batch.items() if k not in ("index", "labels")}
-        return _loss(self.space.task_type, self.model(**inputs), batch["labels"])
+        return self.space.kind.loss(self.model(**inputs), batch["labels"])
 
     def parameters(self) -> Iterable[torch.Tensor]:
         return self.model.parameters()
@@ -309,6 +275,18 @@ class _FinetuneTrainer:
         ``metrics.json`` (and the model with ``save_model``); returns the metrics."""
         accelerator, model, data, config = self.accelerator, self.hf_model, self.data, self.config
         self.unwrapped.load_state_dict(self.best_state)
+        options = calibrated_options(  # e.g. multi-label thresholds, learnt on validation
+            accelerator,
+            self.model,
+            self.space,
+            data,
+            self.tokenized["validation"],
+            config.train.eval_batch_size,
+            self.pad_id,
+            self.progress,
+        )
+        if options is not None:
+            self.space = replace(self.space, options=options)
         total = sum(p.numel() for p in model.parameters())
         base = sum(p.numel() for p in getattr(model, "base_model", model).parameters())
         results: dict[str, Any] = {

@@ -7,7 +7,9 @@ between the two trainers (the model, its loss, its optimiser schedule, how it is
 the best weights are kept) is a :class:`Steps`. A resumable trainer also gives a checkpoint
 writer and a stop flag: the loop writes a checkpoint every ``train.checkpoint_every`` steps and
 at the end of each epoch, and on a stop signal writes one and raises
-:class:`TrainingInterrupted`.
+:class:`TrainingInterrupted`. Callbacks (:data:`EpochCallback`) see each epoch's record when it
+is written: experiment trackers log it (:mod:`.tracking`), a hyper-parameter search reports the
+score to its pruner and may stop the training by raising (:mod:`.tune`).
 
 Resuming reproduces the uncut run exactly: each epoch's batches come from a loader with its own
 seeded generator (:func:`~adalayers.training.batches.batch_loader`), the steps already done are
@@ -19,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +36,12 @@ from adalayers.training.progress import ProgressLog, progress_bar
 from adalayers.training.run import HISTORY, append_jsonl
 
 logger = logging.getLogger(__name__)
+
+
+EpochCallback = Callable[[dict[str, Any]], None]
+"""Called on every process after each validation with the epoch's ``history.jsonl`` record
+(``epoch``, ``train_loss``, ``validation``, ``metric``, ``score``, ``improved``, ``lr``, what
+:meth:`Steps.validated` added, ``seconds``); an exception it raises ends the training there."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -112,6 +120,7 @@ class Loop:
             training is not resumable, ``train.checkpoint_every`` does not apply.
         signals: ``signals["stop"]`` is read after every step; when it is true (on any process)
             a checkpoint is written and :class:`TrainingInterrupted` raised.
+        callbacks: called with each epoch's record after its checkpoint (:data:`EpochCallback`).
     """
 
     def __init__(
@@ -127,6 +136,7 @@ class Loop:
         state: LoopState | None = None,
         checkpoint: Callable[[LoopState], None] | None = None,
         signals: Mapping[str, bool] | None = None,
+        callbacks: Sequence[EpochCallback] = (),
     ) -> None:
         self.accelerator = accelerator
         self.steps = steps
@@ -138,6 +148,7 @@ class Loop:
         self.state = state if state is not None else LoopState()
         self.checkpoint = checkpoint
         self.signals = signals
+        self.callbacks = list(callbacks)
         self.main = accelerator.is_main_process
 
     def run(self) -> LoopState:
@@ -238,21 +249,19 @@ class Loop:
         state.step_in_epoch = 0
         train_loss = state.loss_sum / state.loss_steps if state.loss_steps else None
         state.loss_sum, state.loss_steps = 0.0, 0
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "validation": {k: v for k, v in val.items() if k not in NESTED},
+            "metric": metric,
+            "score": score,
+            "improved": improved,
+            "lr": self.steps.optimizer.param_groups[0]["lr"],
+            **extra,
+            "seconds": round(state.train_seconds, 2),
+        }
         if self.main:
-            append_jsonl(
-                self.run_dir / HISTORY,
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": train_loss,
-                    "validation": {k: v for k, v in val.items() if k not in NESTED},
-                    "metric": metric,
-                    "score": score,
-                    "improved": improved,
-                    "lr": self.steps.optimizer.param_groups[0]["lr"],
-                    **extra,
-                    "seconds": round(state.train_seconds, 2),
-                },
-            )
+            append_jsonl(self.run_dir / HISTORY, record)
             if self.checkpoint is not None:
                 self.checkpoint(state)
         self.accelerator.wait_for_everyone()
@@ -265,6 +274,8 @@ class Loop:
             score,
             " (best)" if improved else "",
         )
+        for callback in self.callbacks:
+            callback(record)
         stop = self.settings.early_stopping and state.bad_epochs >= self.settings.early_stopping
         if stop:
             logger.info("early stopping after %d epochs without improvement", state.bad_epochs)

@@ -1,42 +1,47 @@
-"""Choosing the hidden states worth caching: a training-free ridge probe per state.
+"""Linear probes on the frozen states: the simplest thing a user would try.
 
-``cache.layers: N`` keeps the N states this probe scores best (:mod:`.cache_prep`), so a store
-holds only what the mixer is likely to use.
+:func:`probe_layers` is a training-free ridge probe per state: ``cache.layers: N`` keeps the N
+states it scores best (:mod:`.cache_prep`), so a store holds only what the mixer is likely to
+use.
+
+:func:`probe_baseline` is the ``probe`` row of ``adalayers compare``: a logistic regression (the
+kind's own loss: cross entropy, squared error for a regression, binary cross entropy for
+multi-label) fitted by L-BFGS on frozen features, on one state chosen on validation and on the
+concatenation of the states. Both read sequence tasks as the masked mean of their tokens and
+token tasks as each word's first sub-token, standardised on the training split:
+
+    minimise  mean_n loss(x_n W + b, y_n) + ||W||^2 / (2 C N)        C = 1: scikit-learn's default
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from adalayers.core.backbone import Backbone
+from adalayers.core.encoding import IGNORE_INDEX
+from adalayers.core.kinds import TaskKind
 from adalayers.training.cache import token_batches
 
+logger = logging.getLogger(__name__)
 
-@torch.inference_mode()
-def probe_layers(
-    backbone: Backbone,
-    ds: Any,
-    task_type: str,
-    num_labels: int,
-    max_examples: int = 2000,
-    seed: int = 0,
-) -> dict[int, float]:
-    """A training-free score per hidden state: held-out quality of a ridge probe.
 
-    Sequence tasks probe the masked mean of the tokens, token tasks each word's first sub-token.
-    Classification scores accuracy, regression the Pearson correlation; 80% fit / 20% score.
-    """
-    rng = np.random.default_rng(seed)
-    picks = rng.permutation(len(ds))[:max_examples].tolist()
-    feats: dict[int, list[torch.Tensor]] = {i: [] for i in range(backbone.num_states)}
-    targets: list[torch.Tensor] = []
+def _state_batches(
+    backbone: Backbone, ds: Any, kind: TaskKind, positions: Sequence[int], max_tokens: int = 8192
+) -> Iterator[tuple[list[int], list[torch.Tensor], torch.Tensor, list[int]]]:
+    """Per batch of similar length: its example positions, each state's features (R, d) float32
+    (sequence tasks: one masked-mean row per example; token tasks: one row per labelled first
+    sub-token), the targets of those rows and the rows of each example."""
     lengths = ds["length"][:]
     pad_id = backbone.tokenizer.pad_token_id
     columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in ds.column_names]
-    for batch in token_batches(lengths, picks, 8192):
+    for batch in token_batches(lengths, list(positions), max_tokens):
         rows = ds.select(batch)
         width = max(lengths[p] for p in batch)
         inputs = {}
@@ -46,18 +51,45 @@ def probe_layers(
         states = backbone.hidden_states({k: v.to(backbone.device) for k, v in inputs.items()})
         labels = rows["labels"][:]
         mask = inputs["attention_mask"].float()
-        if task_type == "token_classification":
-            lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
-            keep = lab != -100
-            targets.append(lab[keep])
-            for i, z in enumerate(states):
-                feats[i].append(z.float().cpu()[keep])
+        feats = []
+        if kind.per_token:
+            lab = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels])
+            keep = lab != IGNORE_INDEX  # (B, T)
+            for z in states:
+                feats.append(z.float().cpu()[keep])  # (R, d)
+            yield batch, feats, lab[keep], keep.sum(1).tolist()
         else:
-            targets.append(torch.tensor(labels, dtype=torch.float32))
-            for i, z in enumerate(states):
+            for z in states:
                 pooled = (z.float().cpu() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-                feats[i].append(pooled)
-    y = torch.cat(targets)
+                feats.append(pooled)  # (B, d)
+            yield batch, feats, kind.batch_targets(labels, width), [1] * len(batch)
+
+
+@torch.inference_mode()
+def probe_layers(
+    backbone: Backbone,
+    ds: Any,
+    kind: TaskKind,
+    num_outputs: int,
+    max_examples: int = 2000,
+    seed: int = 0,
+) -> dict[int, float]:
+    """A training-free score per hidden state: held-out quality of a ridge probe.
+
+    Sequence tasks probe the masked mean of the tokens, token tasks each word's first sub-token.
+    The kind says what the probe fits and how it is scored
+    (:meth:`~adalayers.core.kinds.TaskKind.probe_targets`, ``probe_score``: classification
+    accuracy, the Pearson correlation of a regression, ...); 80% fit / 20% score.
+    """
+    rng = np.random.default_rng(seed)
+    picks = rng.permutation(len(ds))[:max_examples].tolist()
+    feats: dict[int, list[torch.Tensor]] = {i: [] for i in range(backbone.num_states)}
+    targets: list[torch.Tensor] = []
+    for _, states, rows_targets, _ in _state_batches(backbone, ds, kind, picks):
+        targets.append(rows_targets)
+        for i, x in enumerate(states):
+            feats[i].append(x)
+    y = kind.probe_targets(torch.cat(targets), num_outputs)  # (N, K)
     n = len(y)
     split = int(0.8 * n)
     order = torch.from_numpy(rng.permutation(n))
@@ -67,18 +99,211 @@ def probe_layers(
         x = torch.cat(chunks).double()
         x = (x - x[fit_idx].mean(0)) / (x[fit_idx].std(0) + 1e-6)
         x = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
-        if task_type == "regression":
-            target = y.double()[:, None]
-        else:
-            target = torch.nn.functional.one_hot(y.long(), num_labels).double()
         a = x[fit_idx]
         w = torch.linalg.solve(
-            a.T @ a + 10.0 * torch.eye(a.shape[1], dtype=a.dtype), a.T @ target[fit_idx]
+            a.T @ a + 10.0 * torch.eye(a.shape[1], dtype=a.dtype), a.T @ y[fit_idx]
         )
-        pred = x[test_idx] @ w
-        if task_type == "regression":
-            p, t = pred[:, 0], y.double()[test_idx]
-            scores[i] = float(torch.corrcoef(torch.stack([p, t]))[0, 1])
-        else:
-            scores[i] = float((pred.argmax(-1) == y[test_idx].long()).double().mean())
+        pred = x[test_idx] @ w  # (n, K)
+        scores[i] = kind.probe_score(pred, y[test_idx])
     return scores
+
+
+# -- the probe baseline of ``adalayers compare`` ----------------------------------------------
+PROBE_C = 1.0
+"""The inverse L2 strength of the probe's fit (scikit-learn's ``LogisticRegression`` default)."""
+
+
+def _split_features(
+    backbone: Backbone, ds: Any, kind: TaskKind, positions: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``positions`` of a tokenised split -> features (S, R, d) of every state, the targets of
+    the R rows and the rows of each example, all in the order of ``positions``."""
+    parts: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
+    for batch, states, targets, counts in _state_batches(backbone, ds, kind, positions):
+        start = 0
+        for p, count in zip(batch, counts):
+            rows = slice(start, start + count)
+            parts[p] = ([x[rows] for x in states], targets[rows])
+            start += count
+    x = torch.stack([torch.cat([parts[p][0][i] for p in positions]) for i in range(len(states))])
+    targets = torch.cat([parts[p][1] for p in positions])
+    counts = [len(parts[p][1]) for p in positions]
+    return x, targets, counts  # (S, R, d), (R, ...), (len(positions),)
+
+
+def fit_linear(
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    kind: TaskKind,
+    num_outputs: int,
+    c: float = PROBE_C,
+    max_iter: int = 100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W`` (D, K) and ``b`` (K,) minimising ``mean loss(x W + b) + ||W||^2 / (2 c N)`` (the
+    kind's loss) by L-BFGS with a strong-Wolfe line search, from zero: for classification the
+    multinomial logistic regression scikit-learn fits with ``C = c``."""
+    n, dim = x.shape
+    w = torch.zeros(dim, num_outputs, dtype=x.dtype, requires_grad=True)  # (D, K)
+    b = torch.zeros(num_outputs, dtype=x.dtype, requires_grad=True)  # (K,)
+    optimizer = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = kind.loss(x @ w + b, targets) + (w * w).sum() / (2 * c * n)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return w.detach(), b.detach()
+
+
+def probe_baseline(
+    config: Any,
+    output_dir: str | Path,
+    concat_dir: str | Path,
+    *,
+    c: float = PROBE_C,
+    max_iter: int = 100,
+    max_train_rows: int = 100_000,
+) -> dict[str, Any]:
+    """The ``probe`` and ``probe_concat`` rows of a comparison: linear probes on the frozen
+    states of ``config``'s base and data (the module's docstring says what is fitted).
+
+    One state is chosen by the validation score of its probe (``train.metric``, else the
+    task's primary metric); the other probe reads every state at once (their features
+    concatenated). Each is scored on validation and test with the task's metrics and written
+    as a run folder (``config.yaml``, ``metrics.json``; ``baseline`` ``probe`` /
+    ``probe_concat``), ``output_dir`` and ``concat_dir``.
+
+    Args:
+        config: the run configuration (its base, data, ``max_length``, ``task.metrics``,
+            ``task.head.decoding``, ``train.seed``; the mixer's ``layers`` restrict the states).
+        c: the inverse L2 strength.
+        max_iter: L-BFGS iterations.
+        max_train_rows: fit on at most this many training rows (examples; words of a token
+            task), a random subset chosen with ``train.seed`` where there are more.
+
+    Returns:
+        The single-state probe's results (what ``metrics.json`` holds).
+    """
+    from adalayers.core.backbone import load_backbone
+    from adalayers.core.decoding import decode_words
+    from adalayers.training.batches import tokenize
+    from adalayers.training.build import load_data, max_tokens, task_config
+    from adalayers.training.config import save_config
+    from adalayers.training.evaluate import selection_metric
+    from adalayers.training.run import CONFIG, METRICS, write_json
+
+    start = time.perf_counter()
+    data = load_data(config)
+    backbone = load_backbone(
+        config.base, states=config.base_states, gguf_file=config.gguf_file, dtype=config.dtype
+    )
+    task = task_config(config, data)
+    kind, labels = task.kind, task.labels
+    metric = selection_metric(config, data)
+    names = config.task.metrics
+    positive = kind.positive_id(labels, config.task.positive_label)
+    max_length = max_tokens(config, backbone)
+    chosen = config.task.mixer.layer_indices(backbone.num_states)
+    splits = [s for s in ("train", "validation", "test") if len(data.splits.get(s) or []) > 0]
+    features = {}
+    for split in splits:
+        ds = tokenize(data, split, backbone.tokenizer, task, max_length)
+        x, targets, counts = _split_features(backbone, ds, kind, range(len(ds)))
+        features[split] = (x[chosen], targets, counts)
+        logger.info("probe: %s features of %d rows, %d states", split, x.shape[1], len(chosen))
+    extracted = time.perf_counter() - start
+    generator = torch.Generator().manual_seed(config.train.seed)
+    train_rows = features["train"][0].shape[1]
+    fit_rows = torch.randperm(train_rows, generator=generator)[:max_train_rows].sort().values
+    fit_x = features["train"][0][:, fit_rows]  # (S, N, d)
+    mean, sd = fit_x.mean(1, keepdim=True), fit_x.std(1, keepdim=True) + 1e-6  # (S, 1, d) each
+    del fit_x
+    view = {s: features[s][0].sub_(mean).div_(sd) for s in splits}  # (S, R, d) standardised
+    y_fit = features["train"][1][fit_rows]
+    outputs = kind.num_outputs(labels)
+
+    def score(split: str, logits: torch.Tensor) -> dict[str, Any]:
+        _, targets, counts = features[split]
+        if not kind.per_token:
+            predicted = kind.predict(task, logits).tolist()
+            scores = kind.compute_metrics(
+                targets.tolist(), predicted, names=names, positive=positive
+            )
+        else:
+            gold = [list(t) for t in data.splits[split]["tags"]]
+            tags, first = [], 0
+            for count, words in zip(counts, gold):
+                rows = logits[first : first + count]  # (words, C)
+                ids = decode_words(rows, labels, task.decoding)[0] if count else []
+                first += count
+                found = [labels[i] for i in ids]
+                tags.append(found + ["O"] * (len(words) - len(found)))
+            scores = kind.compute_metrics(gold, tags, names=names)
+            scores.pop("per_type", None)
+        return {**scores, "examples": len(counts)}
+
+    def probe(x: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, Any]], int]:
+        w, b = fit_linear(x["train"][fit_rows], y_fit, kind, outputs, c, max_iter)
+        evaluated = {s: score(s, x[s] @ w + b) for s in splits if s != "train"}
+        return evaluated, w.numel() + b.numel()
+
+    by_layer: dict[int, dict[str, dict[str, Any]]] = {}
+    for j, layer in enumerate(chosen):
+        by_layer[layer], size = probe({s: view[s][j] for s in splits})
+        logger.info(
+            "probe: state %d, validation %s %.4f",
+            layer,
+            metric,
+            by_layer[layer]["validation"][metric],
+        )
+    best = max(chosen, key=lambda layer: by_layer[layer]["validation"][metric])  # first on ties
+    concat, concat_size = probe({s: view[s].permute(1, 0, 2).flatten(1) for s in splits})
+    seconds = time.perf_counter() - start
+    base_parameters = backbone.num_parameters()
+    common = {
+        "task": data.name,
+        "task_type": task.task_type,
+        "base": config.base,
+        "metric": metric,
+        "probe": {
+            "c": c,
+            "max_iter": max_iter,
+            "train_rows": len(fit_rows),
+            "states": chosen,
+            "feature_seconds": round(extracted, 2),
+        },
+        "base_parameters": base_parameters,
+        "best_epoch": None,
+        "epochs_run": None,
+        "max_length": max_length,
+    }
+    if kind.per_token:
+        common["decoding"] = task.decoding
+    single = {
+        **common,
+        "baseline": "probe",
+        "layer": best,
+        **by_layer[best],
+        "validation_by_layer": {str(k): v["validation"][metric] for k, v in by_layer.items()},
+        "parameters_added": size,
+        "percent_of_base": 100 * size / base_parameters,
+        "train_seconds": round(seconds, 2),
+    }
+    joined = {
+        **common,
+        "baseline": "probe_concat",
+        **concat,
+        "parameters_added": concat_size,
+        "percent_of_base": 100 * concat_size / base_parameters,
+        "train_seconds": round(seconds, 2),
+    }
+    for folder, results in ((Path(output_dir), single), (Path(concat_dir), joined)):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(config, folder / CONFIG)
+        write_json(folder / METRICS, results)
+    return single

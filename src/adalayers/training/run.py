@@ -15,6 +15,8 @@ A run folder holds::
                        the best task's prediction for every example of the split, in its
                        order (:func:`~adalayers.training.evaluate.prediction_records`)
     layer_weights.png  the learned layer distribution
+    trackers/          what the experiment trackers of ``train.report_to`` write
+                       (:mod:`.tracking`)
 
 Files are replaced through a temporary file beside them, so a crash leaves the old file or the
 new one, never half of one.
@@ -41,6 +43,7 @@ MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoint"
 HISTORY = "history.jsonl"
 METRICS = "metrics.json"
+LAYER_WEIGHTS = "layer_weights.png"
 
 
 def open_run(
@@ -104,6 +107,35 @@ def read_metrics(run_dir: str | os.PathLike) -> Mapping[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the run has not finished")
     return json.loads(path.read_text())
+
+
+def push_run(run_dir: str | os.PathLike, repo_id: str, **kwargs: Any) -> Any:
+    """Push a run's best task to the Hugging Face Hub repository ``repo_id`` (``org/name``):
+    ``RUN/model/`` with a model card holding the scores of ``RUN/metrics.json`` and the figure
+    ``RUN/layer_weights.png`` (:func:`adalayers.core.hub.push_to_hub`). A saved task folder is
+    pushed alone.
+
+    Args:
+        run_dir: a run folder, or a saved task folder.
+        repo_id: ``org/name``.
+        **kwargs: ``private``, ``token``, ``revision``, ``commit_message``, ``create_pr``.
+
+    Returns:
+        The commit (``huggingface_hub.CommitInfo``).
+    """
+    from adalayers.core.hub import push_to_hub
+
+    run = Path(run_dir)
+    folder = run / MODEL_DIR if (run / MODEL_DIR).is_dir() else run
+    metrics = None
+    if (run / METRICS).is_file():
+        metrics = read_metrics(run)
+    elif folder != run:
+        logger.warning("%s has no %s (unfinished?): the card will show no scores", run, METRICS)
+    figure = run / LAYER_WEIGHTS
+    return push_to_hub(
+        folder, repo_id, metrics=metrics, figure=figure if figure.is_file() else None, **kwargs
+    )
 
 
 def write_results(

@@ -13,11 +13,12 @@ base and the task, gradients of the task are all-reduced.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,14 @@ from adalayers.training.checkpoint import (
 from adalayers.training.config import RunConfig, save_config
 from adalayers.training.data import TaskData
 from adalayers.training.evaluate import (
+    calibrated_options,
     evaluate_run,
     evaluate_split,
     evaluate_splits,
     sample_records,
     selection_metric,
 )
-from adalayers.training.loop import Loop, LoopState, TrainingInterrupted
+from adalayers.training.loop import EpochCallback, Loop, LoopState, TrainingInterrupted
 from adalayers.training.run import (
     CHECKPOINT_DIR,
     CONFIG,
@@ -64,6 +66,7 @@ from adalayers.training.run import (
     truncate_history,
     write_results,
 )
+from adalayers.training.tracking import TRACKERS_DIR, trackers
 
 __all__ = ["TrainingInterrupted", "build_cache", "evaluate_run", "fit", "load_run"]
 
@@ -77,6 +80,7 @@ def fit(
     resume: bool = False,
     quiet: bool = False,
     overwrite: bool = False,
+    callbacks: Sequence[EpochCallback] = (),
 ) -> dict[str, Any]:
     """Train a task on the frozen base, keep the best-on-validation head, evaluate on test.
 
@@ -86,6 +90,9 @@ def fit(
         resume: continue from ``output_dir/checkpoint``.
         quiet: no progress bars.
         overwrite: replace an existing run folder.
+        callbacks: called with each epoch's history record (:data:`~.loop.EpochCallback`),
+            after the trackers of ``train.report_to`` (:mod:`.tracking`) have logged it; one
+            that raises ends the training (a search's pruner).
 
     Returns:
         The final metrics (also written to ``metrics.json``).
@@ -95,7 +102,7 @@ def fit(
         TrainingInterrupted: a signal stopped training after a checkpoint was written.
     """
     run = Path(output_dir)
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(config, run / TRACKERS_DIR)
     main = accelerator.is_main_process
     open_run(run, config, accelerator, resume=resume, overwrite=overwrite)
     progress = main and not quiet and sys.stderr.isatty()
@@ -162,20 +169,25 @@ def fit(
     def checkpoint(state: LoopState) -> None:
         _save_checkpoint(run, task, optimizer, scheduler, state)
 
-    with _stop_on_signals() as signals:
-        loop = Loop(
-            accelerator,
-            trainer,
-            config.train,
-            run,
-            metric=metric,
-            progress=progress,
-            state=state,
-            checkpoint=checkpoint,
-            signals=signals,
-        )
-        loop.run()
-    return trainer.finalize(loop, metric, max_length, lengths)
+    with trackers(accelerator, config, run, project=data.name) as tracking:
+        with _stop_on_signals() as signals:
+            loop = Loop(
+                accelerator,
+                trainer,
+                config.train,
+                run,
+                metric=metric,
+                progress=progress,
+                state=state,
+                checkpoint=checkpoint,
+                signals=signals,
+                callbacks=[*([tracking.on_epoch] if tracking else []), *callbacks],
+            )
+            loop.run()
+        results = trainer.finalize(loop, metric, max_length, lengths)
+        if tracking:
+            tracking.finished(results)
+    return results
 
 
 class _MixerTrainer:
@@ -294,6 +306,22 @@ class _MixerTrainer:
         state = loop.state
         best = Task.from_pretrained(run / MODEL_DIR, self.backbone)
         task.load_state_dict(best.state_dict())
+        options = calibrated_options(  # e.g. multi-label thresholds, learnt on validation
+            accelerator,
+            self.model,
+            task,
+            data,
+            self.val_ds,
+            config.train.eval_batch_size,
+            self.pad_id,
+            self.progress,
+            store=self.stores.get("validation"),
+        )
+        if options is not None:
+            task.config = dataclasses.replace(task.config, options=options)
+            logger.info("task options learnt on validation: %s", options)
+            if accelerator.is_main_process:
+                task.save_pretrained(run / MODEL_DIR)
         results: dict[str, Any] = {
             "task": data.name,
             "task_type": data.task_type,
@@ -302,8 +330,10 @@ class _MixerTrainer:
             "best_epoch": state.best_epoch,
             "epochs_run": state.epoch,
         }
-        if data.task_type == "token_classification":
+        if task.kind.per_token:
             results["decoding"] = task.decoding
+        if task.options:
+            results["options"] = task.options
         results.update(
             evaluate_splits(
                 accelerator,

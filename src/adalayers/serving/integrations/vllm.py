@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from adalayers.core.backbone import BaseInfo
+from adalayers.core.backbone import FINGERPRINT_VERSION, BaseInfo, fingerprint_files
 from adalayers.core.task import BaseMismatchError, Task
 from adalayers.serving.integrations.vllm_worker import EXTENSION, TASKS_ARG
 from adalayers.serving.runtime import _task_names, resolve_run
@@ -79,10 +79,6 @@ def check_engine_model(tasks: Mapping[str, Task], model: str | os.PathLike) -> N
     config = config.get("text_config", config)
     layers, width = config.get("num_hidden_layers"), config.get("hidden_size")
     fingerprint = None
-    try:  # a fingerprint of the weights as stored, independent of the loader
-        from adalayers.core.backbone import fingerprint_files  # type: ignore[attr-defined]
-    except ImportError:
-        fingerprint_files = None
     for name, task in tasks.items():
         base: BaseInfo = task.base
         problems = []
@@ -90,10 +86,12 @@ def check_engine_model(tasks: Mapping[str, Task], model: str | os.PathLike) -> N
             problems.append(f"{base.num_states} vs {layers + 1} hidden states")
         if width is not None and base.hidden_size != width:
             problems.append(f"hidden size {base.hidden_size} vs {width}")
-        if not problems and fingerprint_files is not None:
+        # the weights: a task saved with the version-1 fingerprint (which hashed the loaded
+        # model's config) cannot be compared with the files; its states and width were
+        if not problems and base.fingerprint_version == FINGERPRINT_VERSION:
             if fingerprint is None:
                 fingerprint = fingerprint_files(folder)
-            if not _same_weights(base, fingerprint):
+            if base.fingerprint != fingerprint:
                 problems.append("different weights")
         if problems:
             raise BaseMismatchError(
@@ -101,13 +99,6 @@ def check_engine_model(tasks: Mapping[str, Task], model: str | os.PathLike) -> N
                 f"{str(folder)!r} ({'; '.join(problems)}). Attach it to an engine of the base it "
                 f"was trained on, or retrain it on this one."
             )
-
-
-def _same_weights(base: BaseInfo, fingerprint: Any) -> bool:
-    """Whether the folder's fingerprint (a string, or version -> string) is the task's base."""
-    if isinstance(fingerprint, Mapping):
-        return base.fingerprint in fingerprint.values()
-    return base.fingerprint == fingerprint
 
 
 def postprocess(task: Task, logits: Any, tokens: Sequence[str] | None = None) -> dict[str, Any]:

@@ -57,6 +57,9 @@ EXTENSION = "adalayers.serving.integrations.vllm_worker.SideTaskExtension"
 TASKS_ARG = "adalayers_tasks"
 """The ``SamplingParams.extra_args`` key (``vllm_xargs`` over HTTP) naming the tasks a request
 wants: a list of names or a comma-separated string; absent: every task; empty: none."""
+TESTED_VLLM = "0.32.0"
+"""The vLLM version the worker side was written and tested against (its model runner's
+``execute_model``, ``_model_forward``, ``input_batch.req_ids`` and ``requests``)."""
 MAX_RESULTS = 4096
 """Finished requests whose results wait for the client; the oldest are dropped beyond this."""
 
@@ -365,6 +368,16 @@ class SideTaskExtension:
             )
         if config.speculative_config is not None:
             raise ValueError("adalayers side tasks in vLLM do not support speculative decoding")
+        missing = [
+            name
+            for name in ("execute_model", "_model_forward", "input_batch", "requests", "model")
+            if not hasattr(runner, name)
+        ]
+        if missing:
+            raise ValueError(
+                f"this vLLM's model runner ({type(runner).__name__}) lacks {missing}: adalayers "
+                f"side tasks were written against vLLM {TESTED_VLLM}"
+            )
         self.adalayers_close()
         tasks = {name: Task.from_pretrained(folder) for name, folder in folders.items()}
         self._adalayers = SideTaskCollector(tasks, runner)

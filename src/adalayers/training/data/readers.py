@@ -5,8 +5,13 @@ library and checked row by row, so a bad file fails with ``file:line`` and what 
 traceback from deep inside pyarrow. The result is a :class:`datasets.DatasetDict` with the splits
 ``train`` / ``validation`` / ``test`` and standard columns:
 
-* sequence tasks: ``text``, optional ``text_pair``, ``label`` (label name, or float for regression);
+* sequence tasks: ``text``, optional ``text_pair``, ``label`` (a label name; a float for
+  regression; a list of names for multi-label classification);
 * token tasks: ``tokens`` and ``tags`` (lists of strings).
+
+What a label looks like in a file and in the columns is the task kind's to say
+(:mod:`adalayers.core.kinds`: ``parse_label``, ``label_type``, ``per_token``, ...); the readers
+only know the file formats.
 
 Labels stay strings here; encoding them to ids happens later. Without a data directory (argument
 or ``$ADALAYERS_DATA_DIR``) the benchmark tasks are loaded from the Hugging Face hub instead.
@@ -39,12 +44,14 @@ import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
+from adalayers.core.kinds import KINDS, TaskKind, kind_of
+
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "ADALAYERS_DATA_DIR"
 SPLITS = ("train", "validation", "test")
 SEQ, TOK, REG = "sequence_classification", "token_classification", "regression"
-TASK_TYPES = (SEQ, TOK, REG)
+TASK_TYPES = tuple(KINDS)
 USER_FORMATS = ("csv", "jsonl", "conll")
 _MISSING_HINT = f"Point --data-dir (or {ENV_VAR}) at the folder holding the official files."
 
@@ -55,7 +62,8 @@ class TaskData:
 
     Attributes:
         name: Task name, e.g. ``"cola"`` or ``"csv"``.
-        task_type: ``"sequence_classification"``, ``"token_classification"`` or ``"regression"``.
+        task_type: the name of a task kind (:data:`~adalayers.core.kinds.KINDS`), e.g.
+            ``"sequence_classification"``.
         label_names: Label (tag) names in id order; empty for regression.
         splits: ``DatasetDict`` with the splits ``"train"``, ``"validation"``, ``"test"``.
     """
@@ -64,6 +72,11 @@ class TaskData:
     task_type: str
     label_names: list[str]
     splits: DatasetDict
+
+    @property
+    def kind(self) -> TaskKind:
+        """The task's kind (:func:`~adalayers.core.kinds.kind_of` its ``task_type``)."""
+        return kind_of(self.task_type)
 
 
 @dataclass(frozen=True)
@@ -311,10 +324,17 @@ def _iter_rows(
 
 
 def _read_table(
-    path: Path, fmt: str, columns: dict[str, str], fieldnames: Iterable[str] | None = None
+    path: Path,
+    fmt: str,
+    columns: dict[str, str],
+    fieldnames: Iterable[str] | None = None,
+    empty_label: bool = False,
 ) -> dict[str, list]:
-    """Read ``columns`` (standard name -> column in the file) into lists, labels still raw."""
+    """Read ``columns`` (standard name -> column in the file) into lists, labels still raw;
+    ``_line`` holds each row's line number. ``empty_label``: an empty label cell is a label (a
+    multi-label example to which no label applies), not an error."""
     out: dict[str, list] = {key: [] for key in columns}
+    out["_line"] = []
     for lineno, row in _iter_rows(path, fmt, fieldnames):
         for key, col in columns.items():
             if col not in row:
@@ -323,11 +343,12 @@ def _read_table(
                     f"columns present: {sorted(row)}. Fix the column mapping."
                 )
             value = row[col]
-            if value is None or (value == "" and key == "label"):
+            if value is None or (value == "" and key == "label" and not empty_label):
                 raise ValueError(f"{path}:{lineno}: empty value in column {col!r}")
             if key != "label" and not isinstance(value, str):
                 raise ValueError(f"{path}:{lineno}: column {col!r} must hold text, got {value!r}")
             out[key].append(value)
+        out["_line"].append(lineno)
     if not out["label"]:
         raise ValueError(f"{path} contains no examples")
     return out
@@ -336,13 +357,17 @@ def _read_table(
 def _finish_labels(
     raw: dict[str, list],
     source: str,
-    task_type: str,
+    kind: TaskKind,
     raw_to_name: dict[str, str] | None = None,
     allowed: Iterable[str] | None = None,
+    text: bool = False,
 ) -> dict[str, list]:
-    """Map raw labels to names (or floats) and check them against ``allowed`` when given."""
+    """Map raw labels to what the kind keeps (names, floats, lists of names) and check the
+    names against ``allowed`` when given. ``text``: the labels are CSV / TSV cells."""
     allowed = list(allowed or [])
-    if task_type == TOK:
+    raw = dict(raw)
+    lines = raw.pop("_line", None)
+    if kind.per_token:
         bad = {t for seq in raw["tags"] for t in seq} - set(allowed) if allowed else set()
         if bad:
             raise ValueError(
@@ -350,33 +375,36 @@ def _finish_labels(
                 "fix the file or pass the full label_names"
             )
         return raw
-    labels = []
-    for value in raw["label"]:
-        if task_type == REG:
-            try:
-                labels.append(float(value))
-            except (TypeError, ValueError):
-                raise ValueError(f"label {value!r} in {source} is not a number") from None
-            continue
+
+    def name_of(value: Any, where: str) -> str:
         name = str(value) if raw_to_name is None else raw_to_name.get(str(value))
         if name is None or (allowed and name not in allowed):
             expected = list(raw_to_name) if raw_to_name else allowed
             if raw_to_name and allowed and all(raw_to_name.get(a) == a for a in allowed):
                 expected = f"{allowed} (or their numbers 0 to {len(allowed) - 1})"
             raise ValueError(
-                f"label {value!r} in {source} is not one of the allowed labels {expected}; "
+                f"label {value!r} in {where} is not one of the allowed labels {expected}; "
                 "fix the file or pass the full label_names"
             )
-        labels.append(name)
+        return name
+
+    labels = []
+    for i, value in enumerate(raw["label"]):
+        where = f"{source}:{lines[i]}" if lines else source
+        labels.append(kind.parse_label(value, where, lambda v, w=where: name_of(v, w), text))
     return {**raw, "label": labels}
 
 
-def _to_dataset(columns: dict[str, list], task_type: str) -> Dataset:
-    if task_type == TOK:
+_LABEL_FEATURES = {str: Value("string"), float: Value("float64"), list: List(Value("string"))}
+"""The column type of a kind's labels (``TaskKind.label_type``)."""
+
+
+def _to_dataset(columns: dict[str, list], kind: TaskKind) -> Dataset:
+    if kind.per_token:
         features = Features(tokens=List(Value("string")), tags=List(Value("string")))
     else:
         features = Features({k: Value("string") for k in columns if k != "label"})
-        features["label"] = Value("float64" if task_type == REG else "string")
+        features["label"] = _LABEL_FEATURES[kind.label_type]
     return Dataset.from_dict(columns, features=features)
 
 
@@ -392,15 +420,17 @@ def _tag_names(tags: Iterable[str]) -> list[str]:
 def _benchmark_local(spec: _Benchmark, root: Path) -> tuple[dict[str, Dataset], list[str]]:
     """Read the official files: ``(splits, tag names or [] to infer them)``."""
     splits = {}
+    kind = kind_of(spec.task_type)
     for split, rel in spec.files.items():
         path = _require(root / rel, _MISSING_HINT)
-        if spec.task_type == TOK:
+        if kind.per_token:
             raw = read_conll(path)
         else:
             raw = _read_table(path, spec.fmt, spec.columns, spec.fieldnames)
             to_name = dict(zip(spec.raw_labels, spec.label_names)) if spec.raw_labels else None
-            raw = _finish_labels(raw, str(path), spec.task_type, to_name, spec.label_names)
-        splits[split] = _to_dataset(raw, spec.task_type)
+            text = spec.fmt != "jsonl"
+            raw = _finish_labels(raw, str(path), kind, to_name, spec.label_names, text)
+        splits[split] = _to_dataset(raw, kind)
     return splits, []
 
 
@@ -415,29 +445,30 @@ def _benchmark_hub(name: str, spec: _Benchmark) -> tuple[dict[str, Dataset], lis
             f"no data directory given for {name!r} and loading {repo!r} from the Hugging Face hub "
             f"failed ({type(e).__name__}: {e}). {_MISSING_HINT}"
         ) from e
+    kind = kind_of(spec.task_type)
     wanted = {"train": "train", "test": spec.hub_test}
-    if spec.task_type == TOK:
+    if kind.per_token:
         wanted["validation"] = "validation"
     splits, tag_names = {}, []
     for split, hub_split in wanted.items():
         ds, source = hub[hub_split], f"hub:{repo}/{hub_split}"
         hub_columns = spec.hub_columns or spec.columns
         raw = {k: ds[col][:] for k, col in hub_columns.items()}
-        feature = ds.features[hub_columns["tags" if spec.task_type == TOK else "label"]]
-        if spec.task_type == TOK:
+        feature = ds.features[hub_columns["tags" if kind.per_token else "label"]]
+        if kind.per_token:
             inner = getattr(feature, "feature", None)
             names = inner.names if isinstance(inner, ClassLabel) else _CONLL_HUB_TAGS
             raw["tags"] = [[names[i] for i in seq] for seq in raw["tags"]]
             tag_names = _tag_names(names)
-            raw = _finish_labels(raw, source, TOK)
-        elif spec.task_type == REG:
-            raw = _finish_labels(raw, source, REG)
+            raw = _finish_labels(raw, source, kind)
+        elif not kind.has_labels:
+            raw = _finish_labels(raw, source, kind)
         else:
             names = feature.names if isinstance(feature, ClassLabel) else spec.label_names
             to_name = {str(i): _HUB_RENAME.get(n, n) for i, n in enumerate(names)}
             raw["label"] = [str(i) for i in raw["label"]]  # -1 (unlabelled) fails the check
-            raw = _finish_labels(raw, source, SEQ, to_name, spec.label_names)
-        splits[split] = _to_dataset(raw, spec.task_type)
+            raw = _finish_labels(raw, source, kind, to_name, spec.label_names)
+        splits[split] = _to_dataset(raw, kind)
     return splits, tag_names
 
 
@@ -459,11 +490,15 @@ def _user_files(
     else:
         task_type = task_type or SEQ
         defaults = {"text": "text", "text_pair": None, "label": "label"}
-    if (name == "conll") != (task_type == TOK) or task_type not in TASK_TYPES:
-        raise ValueError(f"task_type {task_type!r} does not fit user format {name!r}")
-    if task_type == REG and label_names:
-        raise ValueError("label_names contradicts task_type 'regression'; drop one of them")
-    to_name, names = _label_map(label_names, task_type)
+    kind = KINDS.get(task_type) if isinstance(task_type, str) else None
+    if kind is None or (name == "conll") != kind.per_token:
+        raise ValueError(
+            f"task_type {task_type!r} does not fit user format {name!r}"
+            + ("" if kind else f"; the task types are {list(KINDS)}")
+        )
+    if not kind.has_labels and label_names:
+        raise ValueError(f"label_names contradicts task_type {task_type!r}; drop one of them")
+    to_name, names = _label_map(label_names, kind)
     if unknown := sorted(set(columns or {}) - set(defaults)):
         raise ValueError(f"unknown column key(s) {unknown} for {name!r}; use {list(defaults)}")
     cols = {k: v for k, v in {**defaults, **(columns or {})}.items() if v is not None}
@@ -476,18 +511,21 @@ def _user_files(
         if data_dir is not None and not path.is_absolute():
             path = Path(data_dir) / path
         _require(path, f"Check files[{split!r}]: relative paths start at --data-dir if given.")
-        if task_type == TOK:
+        text = False
+        if kind.per_token:
             raw = read_conll(path, cols["tokens"], cols["tags"])
         else:
-            raw = _read_table(path, _format_of(path, name), cols)
+            fmt = _format_of(path, name)
+            raw = _read_table(path, fmt, cols, empty_label=kind.label_may_be_empty)
+            text = fmt != "jsonl"
         splits[split] = _to_dataset(
-            _finish_labels(raw, str(path), task_type, to_name, names), task_type
+            _finish_labels(raw, str(path), kind, to_name, names, text), kind
         )
     return task_type, splits, names
 
 
 def _label_map(
-    label_names: list[str] | Mapping[Any, str] | None, task_type: str
+    label_names: list[str] | Mapping[Any, str] | None, kind: TaskKind
 ) -> tuple[dict[str, str] | None, list[str]]:
     """``(raw label -> name, names in id order)`` of a user task's ``label_names``.
 
@@ -498,7 +536,7 @@ def _label_map(
     if not label_names:
         return None, []
     if isinstance(label_names, Mapping):
-        if task_type == TOK:
+        if kind.per_token:
             raise ValueError(
                 "label_names for a CoNLL task is the list of tags in id order, not a mapping"
             )
@@ -507,7 +545,7 @@ def _label_map(
     names = [str(name) for name in label_names]
     if len(set(names)) != len(names):
         raise ValueError(f"label_names names a label twice: {names}")
-    if task_type == TOK:
+    if kind.per_token:
         return None, names
     to_name = {name: name for name in names}
     for i, name in enumerate(names):
@@ -562,8 +600,9 @@ def load_task_data(
         sample: Keep a random subset of every split (after splitting), drawn with ``seed`` and
             kept in file order: a number of examples for every split, or ``{split: number}``
             (splits not named stay whole). A split smaller than the number stays whole.
-        task_type: User CSV / JSONL only: ``"sequence_classification"`` (default) or
-            ``"regression"`` (labels parsed as floats).
+        task_type: User CSV / JSONL only: ``"sequence_classification"`` (default),
+            ``"regression"`` (labels parsed as floats) or ``"multilabel_classification"``
+            (JSONL: a list of label names; CSV: names joined by ``|``).
         label_names: User tasks only: the full label set, in id order; labels outside it raise.
             A list of names (a label that is one of them stays itself; CSV / JSONL: an
             integer ``i`` stands for the i-th name, so ``["neg", "pos"]`` names 0 and 1), or
@@ -604,22 +643,24 @@ def load_task_data(
     else:
         raise ValueError(f"unknown task {name!r}; use one of {[*BENCHMARKS, *USER_FORMATS]}")
 
+    kind = kind_of(task_type)
     if "validation" not in splits:
-        stratify = "label" if task_type == SEQ else None
+        stratify = "label" if kind.stratify else None
         splits["train"], splits["validation"] = split_validation(
             splits["train"], seed=seed, stratify_by=stratify
         )
     if "test" not in splits:
         logger.warning("%s: no test file given; the test split repeats the validation split", name)
         splits["test"] = splits["validation"]
-    if task_type == REG:
+    if not kind.has_labels:
         label_names = []
     elif not label_names:  # benchmark's fixed set, else every label found (before `limit`)
         label_names = list(BENCHMARKS[name].label_names) if name in BENCHMARKS else []
-        if not label_names and task_type == TOK:
+        if not label_names and kind.per_token:
             label_names = _tag_names(t for ds in splits.values() for seq in ds["tags"] for t in seq)
         elif not label_names:
-            label_names = sorted({x for ds in splits.values() for x in ds["label"]})
+            found = {n for ds in splits.values() for x in ds["label"] for n in kind.names_in(x)}
+            label_names = sorted(found)
     if limit is not None:
         splits = {s: ds.select(range(min(limit, len(ds)))) for s, ds in splits.items()}
     for split, size in sizes.items():

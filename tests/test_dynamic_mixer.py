@@ -1,0 +1,256 @@
+"""``mixer.mode: dynamic``: the online softmax against NumPy, the mixer against its formula,
+streaming = stacked on every family, cutoff and early stop, saving and loading."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import FAMILIES
+
+from adalayers.core.backbone import load_backbone
+from adalayers.core.mixer import DynamicState, LayerMixer, MixerConfig, StackedStates
+from adalayers.core.multitask import AdaLayers
+from adalayers.core.task import Task, TaskConfig
+
+CASES = [(f, "encoder") for f in FAMILIES if f != "gpt2" and f != "llama"]
+CASES += [("bart", "decoder"), ("t5", "decoder"), ("gpt2", None), ("llama", None)]
+TEXTS = ["the movie was very good", "bad plot", "john read a book in london ."]
+_erf = np.vectorize(math.erf)
+
+
+def numpy_softmax_mix(f: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Reference: sum_i softmax_i(s) f_i, all layers at once. f (n, B, T, k), s (n, B, T)."""
+    e = np.exp(s - s.max(0, keepdims=True))
+    a = e / e.sum(0, keepdims=True)
+    return (a[..., None] * f).sum(0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_online_softmax_matches_numpy(scale):
+    """One layer at a time (the taps) = the softmax over all layers, also for scores that
+    overflow exp() unless rescaled to the running maximum."""
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(6, 2, 5, 4))  # (n, B, T, k)
+    s = scale * rng.normal(size=(6, 2, 5))  # (n, B, T)
+    state = None
+    with torch.inference_mode():
+        for fi, si in zip(torch.tensor(f), torch.tensor(s)):
+            state = DynamicState.start(fi.clone(), si) if state is None else state.add(fi, si)
+    np.testing.assert_allclose(state.mixed.numpy(), numpy_softmax_mix(f, s), atol=1e-12)
+    np.testing.assert_allclose(state.max.numpy(), s.max(0))
+    np.testing.assert_allclose(state.total.numpy(), np.exp(s - s.max(0)).sum(0), rtol=1e-12)
+    assert np.isfinite(state.mixed.numpy()).all()
+
+
+def test_online_softmax_keeps_the_graph_in_training():
+    f = torch.randn(3, 2, 4, 5, requires_grad=True)
+    s = torch.randn(3, 2, 4, requires_grad=True)
+    state = DynamicState.start(f[0], s[0])
+    for i in (1, 2):
+        state = state.add(f[i], s[i])
+    state.mixed.sum().backward()
+    want_f, want_s = torch.autograd.grad(
+        torch.einsum("nbt,nbtk->btk", torch.softmax(s, 0), f).sum(), (f, s)
+    )
+    torch.testing.assert_close(f.grad, want_f)
+    torch.testing.assert_close(s.grad, want_s)
+
+
+def numpy_dynamic(states, weight, query, p, alpha, layers):
+    """Reference: F = sum_i softmax_i(q . f_i + alpha p_i) f_i, f_i = LN(GELU(Z_i) W_i^T)."""
+    f = []
+    for j, layer in enumerate(layers):
+        z = states[layer].astype(np.float64)
+        h = (0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))) @ weight[j].T.astype(np.float64)
+        f.append((h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5))
+    f = np.stack(f)  # (n, B, T, k)
+    s = f @ query.astype(np.float64) + alpha * p.astype(np.float64)[:, None, None]  # (n, B, T)
+    return numpy_softmax_mix(f, s)
+
+
+def make(num_states=5, d=12, **kw):
+    torch.manual_seed(0)
+    mixer = LayerMixer(MixerConfig(dim=6, mode="dynamic", **kw), num_states, d).eval()
+    with torch.no_grad():
+        mixer.p.copy_(torch.randn_like(mixer.p) * 0.1)
+        mixer.query.copy_(torch.randn_like(mixer.query))
+    states = [torch.randn(2, 7, d) for _ in range(num_states)]
+    return mixer, states
+
+
+@pytest.mark.parametrize("kw", [{"alpha": 4.0}, {"alpha": 10.0, "layers": [1, 3, 4]}])
+def test_dynamic_mixer_matches_numpy(kw):
+    mixer, states = make(**kw)
+    want = numpy_dynamic(
+        [s.numpy() for s in states],
+        mixer.weight.detach().numpy(),
+        mixer.query.detach().numpy(),
+        mixer.p.detach().numpy(),
+        mixer.config.alpha,
+        mixer.layer_indices,
+    )
+    np.testing.assert_allclose(mixer(states).detach().numpy(), want, atol=1e-5)
+    # streamed one layer at a time: the same numbers
+    state = None
+    with torch.inference_mode():
+        for layer, weight in mixer.active_layers():
+            state = mixer.accumulate_dynamic(state, layer, weight, states[layer])
+    np.testing.assert_allclose(mixer.finish(state).numpy(), want, atol=1e-5)
+
+
+def test_zero_query_is_the_static_mixer_and_weights_vary_per_token():
+    mixer, states = make(alpha=4.0)
+    static = LayerMixer(MixerConfig(dim=6, alpha=4.0), 5, 12).eval()
+    static.load_state_dict({k: v for k, v in mixer.state_dict().items() if k != "query"})
+    with torch.no_grad():
+        assert not torch.allclose(mixer(states), static(states), atol=1e-3)
+        mixer.query.zero_()
+        torch.testing.assert_close(mixer(states), static(states), atol=1e-6, rtol=0)
+
+
+def test_cutoff_cuts_the_prior_and_static_streaming_step_is_refused():
+    mixer, states = make(alpha=100.0, cutoff=0.1)
+    with torch.no_grad():
+        mixer.p.copy_(torch.tensor([0.0, 0.01, 0.02, -0.05, 0.015]))
+    assert [layer for layer, _ in mixer.active_layers()] == [1, 2, 4]
+    # a cut state is never read: the mix is the same whatever it holds
+    changed = list(states)
+    changed[0], changed[3] = torch.full_like(states[0], 1e3), torch.full_like(states[3], -1e3)
+    torch.testing.assert_close(mixer(changed), mixer({i: states[i] for i in (1, 2, 4)}))
+    with pytest.raises(ValueError, match="accumulate_dynamic"):
+        mixer.accumulate(None, 1, torch.tensor(0.5), states[1])
+
+
+def test_packed_rows_equal_the_padded_form():
+    mixer, states = make(alpha=4.0)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3]).bool()  # (B, T)
+    padded = [s * mask[..., None] for s in states]
+    index = mask.nonzero().T  # (2, N)
+    rows = torch.stack([s[mask] for s in states])  # (n, N, d)
+    packed = mixer.forward_rows(list(range(5)), rows, index, (2, 7))
+    torch.testing.assert_close(packed, mixer(StackedStates(range(5), torch.stack(padded))))
+    assert torch.equal(packed[1, 4:], torch.zeros(3, 6))  # padding tokens mix to zero
+
+
+def tasks_for(backbone, layers=None, cutoff=0.0, alpha=4.0):
+    torch.manual_seed(0)
+    mixer = {"dim": 8, "alpha": alpha, "layers": layers, "cutoff": cutoff, "mode": "dynamic"}
+    seq = Task(
+        TaskConfig(
+            "sequence_classification",
+            ["neg", "pos"],
+            mixer={**mixer, "positional": "learned", "max_positions": 64},
+            head={"num_heads": 2},
+        ),
+        backbone.info(),
+    )
+    tok = Task(
+        TaskConfig(
+            "token_classification",
+            ["O", "B-PER", "I-PER"],
+            mixer=mixer,
+            head={"num_heads": 2, "num_layers": 1, "ff_dim": 16},
+        ),
+        backbone.info(),
+    )
+    static = Task(
+        TaskConfig("regression", [], mixer={"dim": 8, "alpha": 4.0}, head={"num_heads": 2}),
+        backbone.info(),
+    )
+    for task in (seq, tok, static):
+        torch.nn.init.normal_(task.mixer.p)
+    for task in (seq, tok):
+        torch.nn.init.normal_(task.mixer.query)
+    return {"seq": seq, "tok": tok, "static": static}
+
+
+@pytest.fixture
+def encode():
+    def run(backbone, texts=TEXTS):
+        return dict(backbone.tokenizer(texts, padding=True, return_tensors="pt"))
+
+    return run
+
+
+@pytest.mark.parametrize(("family", "states"), CASES)
+def test_dynamic_streaming_equals_stacked(tiny_model_dir, encode, family, states):
+    """Dynamic readers share the fused taps with a static one; the static reader's logits are
+    bit-identical to those it gets beside the same readers made static."""
+    backbone = load_backbone(tiny_model_dir(family), states=states)
+    inputs = encode(backbone)
+    tasks = tasks_for(backbone)
+    runtime = AdaLayers(backbone, tasks).eval()
+    streamed = runtime(inputs).logits
+    stacked = runtime(inputs, stream=False).logits
+    for name in streamed:
+        torch.testing.assert_close(streamed[name], stacked[name], atol=1e-5, rtol=0)
+    beside_static = {"static": tasks["static"]}
+    for name in ("seq", "tok"):
+        config = tasks[name].config
+        mixer = {**config.mixer.to_dict(), "mode": "adalayers"}
+        beside_static[name] = Task(
+            TaskConfig.from_dict({**config.to_dict(), "mixer": mixer}), backbone.info()
+        )
+        state = {k: v for k, v in tasks[name].state_dict().items() if k != "mixer.query"}
+        beside_static[name].load_state_dict(state)
+    other = AdaLayers(backbone, beside_static).eval()(inputs).logits
+    assert torch.equal(other["static"], streamed["static"])
+    assert not torch.allclose(other["seq"], streamed["seq"])  # the query changed the others
+    again = runtime(inputs).logits  # the taps' state starts anew with every input
+    for name in streamed:
+        assert torch.equal(again[name], streamed[name])
+
+
+def test_dynamic_training_graph_gives_the_stacked_gradients(tiny_model_dir, encode):
+    backbone = load_backbone(tiny_model_dir("bert"))
+    task = tasks_for(backbone)["seq"]  # no dropout: both forwards see the same network
+    runtime = AdaLayers(backbone, {"seq": task}).train()
+    inputs, targets = encode(backbone), torch.tensor([0, 1, 1])
+    task.loss(runtime(inputs).logits["seq"], targets).backward()
+    assert task.mixer.query.grad is not None and task.mixer.query.grad.abs().sum() > 0
+    grads = [p.grad.clone() for p in task.parameters()]
+    task.zero_grad()
+    task.loss(runtime(inputs, stream=False).logits["seq"], targets).backward()
+    for g, p in zip(grads, task.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+def test_cut_layers_are_not_tapped_and_the_base_stops_early(tiny_model_dir, encode, monkeypatch):
+    backbone = load_backbone(tiny_model_dir("bert"))
+    tasks = tasks_for(backbone, cutoff=0.1, alpha=100.0)
+    for task in tasks.values():
+        with torch.no_grad():
+            task.mixer.p.copy_(torch.tensor([0.01, 0.0, -0.05, -0.04]))  # keeps states 0, 1
+    del tasks["static"]
+    seen, real_run = [], backbone.run
+
+    def spy(inputs, taps, **kwargs):
+        seen.append(sorted(taps))
+        return real_run(inputs, taps, **kwargs)
+
+    monkeypatch.setattr(backbone, "run", spy)
+    calls = []
+    handle = backbone.blocks[-1].register_forward_hook(lambda *a: calls.append(1))
+    runtime = AdaLayers(backbone, tasks).eval()
+    streamed = runtime(encode(backbone)).logits
+    assert seen == [[0, 1]]
+    assert calls == [], "the last block ran although the prior cut every state it makes"
+    handle.remove()
+    stacked = runtime(encode(backbone), stream=False).logits
+    for name in streamed:
+        torch.testing.assert_close(streamed[name], stacked[name], atol=1e-5, rtol=0)
+
+
+def test_saved_dynamic_task_loads_and_predicts(tiny_model_dir, tmp_path):
+    backbone = load_backbone(tiny_model_dir("bert"))
+    tasks = tasks_for(backbone)
+    folder = tasks["seq"].save_pretrained(tmp_path / "seq")
+    loaded = Task.from_pretrained(folder, backbone)
+    assert loaded.config.mixer.mode == "dynamic"
+    assert torch.equal(loaded.mixer.query, tasks["seq"].mixer.query)
+    before = AdaLayers(backbone, {"t": tasks["seq"]}).predict(TEXTS)
+    after = AdaLayers.from_pretrained(backbone, {"t": folder}).predict(TEXTS)
+    assert before == after

@@ -1,0 +1,98 @@
+"""The ``probe`` baseline (training/probe.py ``probe_baseline``): its fit against
+scikit-learn, its rows in ``adalayers compare`` and the report, a token task; the ``dynamic``
+row of the plan."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import CONLL_SENTENCES, write_cola, write_config, write_conll
+
+from adalayers.cli import main
+from adalayers.core.kinds import KINDS
+from adalayers.training import compare as compare_module
+from adalayers.training.config import load_config
+from adalayers.training.probe import fit_linear, probe_baseline
+
+
+def test_fit_is_scikit_learns_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6))
+    y = (x @ rng.normal(size=(6, 3))).argmax(1)
+    x = x + rng.normal(scale=1.5, size=x.shape)  # not separable: a finite optimum
+    kind = KINDS["sequence_classification"]
+    w, b = fit_linear(torch.tensor(x, dtype=torch.float64), torch.tensor(y), kind, 3, c=1.0)
+    reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=1000).fit(x, y)
+    # softmax logits are defined up to a shift per example: compare the probabilities
+    ours = torch.softmax(torch.tensor(x) @ w + b, -1).numpy()
+    # (the kinds' losses run in float32: the same optimum to about 1e-4)
+    np.testing.assert_allclose(ours, reference.predict_proba(x), atol=1e-3)
+    assert (ours.argmax(1) == reference.predict(x)).mean() > 0.99
+
+
+def test_compare_has_the_probe_rows(tmp_path, tiny_model_dir, monkeypatch):
+    data = write_cola(tmp_path / "data", n_train=40, n_dev=12)
+    config = write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"), epochs=1)
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(config), "--data-dir", str(data), "--output-dir", str(out)]
+    args += ["--baselines", "mixer,probe", "--quiet"]
+    assert main(args) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    rows = comparison["rows"]
+    assert list(rows) == ["mixer", "probe", "probe_concat"] and comparison["complete"]
+    probe, concat = rows["probe"], rows["probe_concat"]
+    assert probe["baseline"] == "probe" and concat["baseline"] == "probe_concat"
+    assert probe["layer"] in range(4) and concat["layer"] is None
+    for row in (probe, concat):
+        assert row["test"]["examples"] == 12 and -1 <= row["test"]["mcc"] <= 1
+        assert row["train_seconds"] > 0
+    # a linear map of d (then 4 d) features to 2 classes
+    assert probe["parameters_added"] == 32 * 2 + 2 and concat["parameters_added"] == 4 * 32 * 2 + 2
+    metrics = json.loads((out / "probe" / "metrics.json").read_text())
+    scores = metrics["validation_by_layer"]
+    assert set(scores) == {"0", "1", "2", "3"}
+    assert scores[str(probe["layer"])] == max(scores.values())
+    report = (out / "report.html").read_text()
+    assert f"probe: layer {probe['layer']}" in report and "probe: all states" in report
+    # a second call reuses both rows: no second fit
+
+    def refuse(*a, **k):
+        raise AssertionError("the probe was fitted again")
+
+    monkeypatch.setattr("adalayers.training.probe.probe_baseline", refuse)
+    assert main(args) == 0
+    again = json.loads((out / "comparison.json").read_text())["rows"]
+    assert again["probe_concat"]["test"] == concat["test"]
+
+
+def test_token_task_probe_reads_first_sub_tokens(tmp_path, tiny_model_dir):
+    data = write_conll(tmp_path / "data")
+    path = write_config(tmp_path / "cfg.yaml", tiny_model_dir("roberta"), task="conll2003")
+    config = load_config(path, ["task.head.decoding=bio"], data_dir=str(data))
+    results = probe_baseline(config, tmp_path / "probe", tmp_path / "concat")
+    assert results["metric"] == "f1" and results["decoding"] == "bio"
+    for split, examples in (("validation", 9), ("test", 9)):
+        assert results[split]["examples"] == examples
+        assert 0 <= results[split]["f1"] <= 1 and "per_type" not in results[split]
+    # one row per word (its first sub-token): every word of the 30 training sentences
+    assert results["probe"]["train_rows"] == sum(len(CONLL_SENTENCES[i % 3]) for i in range(30))
+    concat = json.loads((tmp_path / "concat" / "metrics.json").read_text())
+    assert concat["baseline"] == "probe_concat" and concat["parameters_added"] > 0
+
+
+def test_plan_has_a_dynamic_row_and_keeps_uniform_static(tmp_path, tiny_model_dir):
+    path = write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"))
+    rows = compare_module.plan(load_config(path), "mixer,dynamic,uniform,probe", 4)
+    assert list(rows) == ["mixer", "dynamic", "uniform", "probe", "probe_concat"]
+    assert rows["dynamic"].task.mixer.mode == "dynamic"
+    assert rows["mixer"].task.mixer.mode == "adalayers"
+    dynamic = compare_module.plan(load_config(path, ["task.mixer.mode=dynamic"]), "uniform", 4)
+    assert dynamic["uniform"].task.mixer.mode == "adalayers"  # a fixed mix, not per token
+    assert dynamic["uniform"].task.mixer.freeze_distribution
+    with pytest.raises(ValueError, match="bogus"):
+        compare_module.parse_baselines("probe,bogus")
