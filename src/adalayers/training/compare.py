@@ -23,7 +23,9 @@ A mixer grid (``mixer_grid={"alpha": [1, 4, 16]}``, ``--mixer-grid alpha=1,4,16`
 ``mixer`` row per other setting of the mixer's own knobs (``alpha``, ``cutoff``,
 ``entropy_weight``: the ones the baselines do not have), named like ``mixer_alpha4``; the
 comparison names the mixer row with the best validation score (``mixer_chosen``), so "the mixer
-with its settings chosen on validation" is one command and one reading, not a hand pick.
+with its settings chosen on validation" is one command and one reading, not a hand pick. The
+grid's rows are the trials of an Optuna study with a ``GridSampler``, run through the search loop
+of ``adalayers tune`` (:func:`adalayers.training.tune.search`; Optuna is the ``tune`` extra).
 
 :func:`compare` writes one run folder per row under the output folder (``layer_<i>`` for the
 sweep), then ``comparison.json`` (row -> metrics, parameters added, train and wall time) and

@@ -213,7 +213,8 @@ def probe_baseline(
     features = {}
     for split in splits:
         ds = tokenize(data, split, backbone.tokenizer, task, max_length)
-        x, targets, counts = _split_features(backbone, ds, kind, range(len(ds)))
+        with torch.no_grad():  # not inference_mode: the fit multiplies these in a graph
+            x, targets, counts = _split_features(backbone, ds, kind, range(len(ds)))
         features[split] = (x[chosen], targets, counts)
         logger.info("probe: %s features of %d rows, %d states", split, x.shape[1], len(chosen))
     extracted = time.perf_counter() - start
