@@ -1022,27 +1022,36 @@ def vllm_table() -> str:
     def mib(x: float) -> str:
         return f"{x / MIB:,.0f} MiB"
 
-    def extra(x: dict) -> str:
+    def cost(x: dict, bold: str = "") -> str:
         return (
-            f"{x['extra_4_tasks_over_second_copy']:.3f} ({x['extra_seconds_4_tasks']:.2f} s vs "
-            f"{x['second_copy_seconds']:.1f} s)"
+            f"{bold}{pct(x['cost_per_task_with_1'])}{bold} (k = 1), "
+            f"{bold}{pct(x['cost_per_task_with_4'])}{bold} (k = 4); prompts alone: "
+            f"{pct(x['prefill_cost_per_task_with_1'])}, {pct(x['prefill_cost_per_task_with_4'])}"
+        )
+
+    def extra(x: dict, bold: str = "") -> str:
+        return (
+            f"prompts alone: {bold}{x['prefill_extra_4_tasks_over_second_copy']:.3f}{bold} "
+            f"({x['prefill_extra_seconds_4_tasks']:.2f} s vs {x['second_copy_seconds']:.1f} s); "
+            f"generating: {x['extra_4_tasks_over_second_copy']:.3f} "
+            f"({x['extra_seconds_4_tasks']:.2f} s)"
         )
 
     rows = [
         (
             "cost per task, (1 − thr_k/thr_0)/k; generation with 0 / 1 / 4 tasks: "
             + " / ".join(f"{thr[f'engine_{k}']:.1f}" for k in (0, 1, 4))
-            + " tokens/s",
-            f"**{pct(r['cost_per_task_with_1'])}** (k = 1), **{pct(r['cost_per_task_with_4'])}** "
-            "(k = 4)",
-            f"{pct(wall['cost_per_task_with_1'])}, {pct(wall['cost_per_task_with_4'])}",
+            + " tokens/s (wall)",
+            cost(r, "**"),
+            cost(wall),
             f"≤ {100 * per_task:g}%: {_verdict(worst <= per_task)}",
         ),
         (
             "extra time of 4 tasks in the engine / a second copy labelling the same prompts",
-            f"**{extra(r)}**",
+            extra(r, "**"),
             extra(wall),
-            f"≤ 1/{1 / share:g}: {_verdict(r['extra_4_tasks_over_second_copy'] <= share)}",
+            f"≤ 1/{1 / share:g} (prompts alone): "
+            + _verdict(r["prefill_extra_4_tasks_over_second_copy"] <= share),
         ),
         (
             "memory: the engine's worker on attaching 4 tasks vs a fresh process with the copy",
@@ -1070,8 +1079,10 @@ def vllm_table() -> str:
         f"tokens ({r['sampling']}), {r['rounds']} interleaved rounds, medians of per-round "
         "ratios. Tasks: "
         + ", ".join(f"{n} ({kind})" for n, kind in r["tasks"].items())
-        + f"; 1 task = {', '.join(r['task_1'])}; {r['untrained_tasks_note']}. Second copy: "
-        f"{r['second_copy']}. Measures: {r['measure']}. Latency: {r['latency_measure']}. "
+        + f"; 1 task = {', '.join(r['task_1'])}; {r['tapped']} tapped; "
+        f"{r['untrained_tasks_note']}. Second copy: "
+        f"{r['second_copy']}. Measures: {r['measure']}; {r['prefill_note']}. Latency: "
+        f"{r['latency_measure']}. "
         f"Greedy generations with 0, 1 and 4 tasks: "
         + ("token-identical. " if same else "**differ**. ")
     )

@@ -37,7 +37,13 @@ would make the tasks (float32 in the worker) look cheaper than they are. ``--dty
 runs it on CPUs that have them.
 
 The tasks are untrained (random weights, built on the base's ``info()``): a task's cost
-depends on its shape (mixer width, head), not on its weights' values.
+depends on its shape (mixer width, head), not on its weights' values. Their layer weights are
+left at their uniform start, so every state is tapped: the most work a task of that shape does
+(a trained task whose weights fall below its cutoff taps fewer states).
+
+This client runs one torch thread: with two, post-processing the labels (the token task's
+Viterbi decoding, small torch operations) contended with the worker on this 2-core machine and
+took 1.6 to 18 s of CPU for the 64 prompts instead of 0.2 s.
 
     python benchmarks/vllm_side_tasks.py [--rounds 3 --prompts 64 --new-tokens 128]
 
@@ -180,15 +186,12 @@ class Engine:
         self.client = me
         self.paths, self.side, self.attached = paths, None, None
 
-    def cpu(self) -> tuple[float, float]:
-        """CPU seconds of the work (this client + the worker) and of the engine core apart:
-        the core spins on its worker's queue (``sched_yield``) while a step runs, so its CPU
-        time follows how idle the other core is, not the work."""
-
-        def seconds(process) -> float:
-            return sum(process.cpu_times()[:2])
-
-        return seconds(self.client) + seconds(self.worker), seconds(self.core)
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of this client, the worker and the engine core. The work is the
+        client's and the worker's; the core spins on its worker's queue (``sched_yield``) while
+        a step runs, so its CPU time follows how idle the other core is, not the work."""
+        processes = {"client": self.client, "worker": self.worker, "engine_core": self.core}
+        return {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
 
     def worker_rss(self) -> int:
         return self.worker.memory_info().rss
@@ -259,9 +262,7 @@ def main() -> None:
     info = backbone.info()
     tasks, paths = {}, {}
     for name, config in task_configs().items():
-        task = Task(config, info)
-        with torch.no_grad():
-            task.mixer.p.normal_()
+        task = Task(config, info)  # layer weights at their uniform start: every state tapped
         tasks[name] = task
         paths[name] = task.save_pretrained(work / "tasks" / name)
     TASKS_OF["engine_4"] = list(tasks)
@@ -278,18 +279,19 @@ def main() -> None:
     generate = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
-    def run(variant: str, texts: list[str], params) -> tuple[float, float, float, list]:
-        """Wall seconds, CPU seconds (client + worker) and the engine core's CPU seconds of one
-        call of ``variant`` on ``texts``."""
+    def run(variant: str, texts: list[str], params) -> tuple[float, float, dict, list]:
+        """Wall seconds, CPU seconds (client + worker; the second copy: its thread) and each
+        process's CPU seconds of one call of ``variant`` on ``texts``."""
         if variant == "second_copy":
             start, start_cpu = time.perf_counter(), time.thread_time()
             out = copy.predict(texts, batch_size=BATCH)
-            return time.perf_counter() - start, time.thread_time() - start_cpu, 0.0, out
+            return time.perf_counter() - start, time.thread_time() - start_cpu, {}, out
         engine.attach(TASKS_OF[variant])
-        start, (work, core) = time.perf_counter(), engine.cpu()
+        start, before = time.perf_counter(), engine.cpu()
         out = engine.generate(texts, params)
-        seconds, (work_end, core_end) = time.perf_counter() - start, engine.cpu()
-        return seconds, work_end - work, core_end - core, out
+        seconds, after = time.perf_counter() - start, engine.cpu()
+        parts = {name: after[name] - before[name] for name in after}
+        return seconds, parts["client"] + parts["worker"], parts, out
 
     # memory: the worker's RSS before and after the 4 tasks are first attached (later attaches
     # reuse freed pages), and after the 64 prompts are labelled
@@ -321,7 +323,9 @@ def main() -> None:
     # the prompts alone (max_tokens=1): where the tasks' work is, with less of the base around it
     prefill_wall: dict[str, list[float]] = {v: [] for v in ENGINE}
     prefill_cpu: dict[str, list[float]] = {v: [] for v in ENGINE}
-    core_cpu: dict[str, list[float]] = {v: [] for v in ENGINE}  # apart: see Engine.cpu
+    # each process's CPU seconds per call (the engine core apart: see Engine.cpu)
+    processes: dict[str, list[dict]] = {v: [] for v in ENGINE}
+    prefill_processes: dict[str, list[dict]] = {v: [] for v in ENGINE}
     identical = True
     rng = random.Random(0)
     started = time.perf_counter()
@@ -331,16 +335,17 @@ def main() -> None:
         tokens: dict[str, list] = {}
         for variant in order:
             texts = sorted_prompts if variant == "second_copy" else prompts
-            seconds, cpu_seconds, core_seconds, out = run(variant, texts, generate)
+            seconds, cpu_seconds, parts, out = run(variant, texts, generate)
             wall[variant].append(seconds)
             cpu[variant].append(cpu_seconds)
             if variant != "second_copy":
-                core_cpu[variant].append(core_seconds)
+                processes[variant].append(parts)
                 tokens[variant] = [list(o.outputs[0].token_ids) for o in out]
                 assert all(len(t) == args.new_tokens for t in tokens[variant])
                 prefill = run(variant, prompts, first)
                 prefill_wall[variant].append(prefill[0])
                 prefill_cpu[variant].append(prefill[1])
+                prefill_processes[variant].append(prefill[2])
             print(f"round {round_}: {variant} {seconds:.1f} s wall, {cpu_seconds:.1f} s cpu")
         identical &= tokens["engine_0"] == tokens["engine_1"] == tokens["engine_4"]
         engine.attach(TASKS_OF["engine_4"])  # latency: requests ask for 0, 1 or 4 of them
@@ -422,6 +427,8 @@ def main() -> None:
         "sampling": "greedy, ignore_eos",
         "rounds": args.rounds,
         "tasks": {n: f"{t.config.task_type}, k={t.mixer.config.dim}" for n, t in tasks.items()},
+        "tapped": "every state (the layer weights at their uniform start)",
+        "client_torch_threads": torch.get_num_threads(),
         "task_1": TASKS_OF["engine_1"],
         "parameters_per_task": params_per_task,
         "untrained_tasks_note": "the tasks are untrained (random weights on the base's info); "
@@ -469,7 +476,8 @@ def main() -> None:
         "cpu_seconds_per_round": cpu,
         "prefill_seconds_per_round": prefill_wall,
         "prefill_cpu_seconds_per_round": prefill_cpu,
-        "engine_core_cpu_seconds_per_round": core_cpu,
+        "process_cpu_seconds_per_round": processes,
+        "prefill_process_cpu_seconds_per_round": prefill_processes,
         "latency_seconds": latency,
     }
     engine.attach([])
