@@ -135,6 +135,39 @@ def build_tiny_sentence_transformer(base: Path, folder: Path, max_seq_length: in
     return folder
 
 
+def causal_llama(
+    folder: Path,
+    *,
+    hidden: int = 64,
+    layers: int = 3,
+    seed: int = 0,
+    tied: bool = True,
+    chat_template: str | None = None,
+) -> Path:
+    """Save a tiny random ``LlamaForCausalLM`` (head size 32, which vLLM's CPU kernels take) and
+    its tokenizer to ``folder``: the engine-side tests' model."""
+    tokenizer = make_tokenizer(folder, max_length=512)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        vocab_size=len(tokenizer),
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=tied,
+    )
+    T.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 # -- tiny data sets ----------------------------------------------------------------------------
 GOOD = "the movie was good . a great story . mary read the book .".split(" . ")
 BAD = "movie the was . good a the of . the the the and".split(" . ")

@@ -13,12 +13,11 @@ import os
 
 import pytest
 import torch
-from helpers import make_tokenizer
+from helpers import causal_llama
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed: make install-vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-import transformers as T  # noqa: E402
 
 from adalayers.core.backbone import load_backbone  # noqa: E402
 from adalayers.core.multitask import AdaLayers  # noqa: E402
@@ -27,27 +26,6 @@ from adalayers.serving.integrations.vllm import SideTasks, engine_args  # noqa: 
 
 CHUNK = 64  # max_num_batched_tokens: prompts longer than this span several steps
 WORDS = "the movie was good and mary read a great story about john in london".split()
-
-
-def tiny_llama(folder):
-    tokenizer = make_tokenizer(folder, max_length=512)
-    torch.manual_seed(0)
-    config = T.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        vocab_size=len(tokenizer),
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        tie_word_embeddings=True,
-    )
-    T.LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def save_tasks(folder, backbone):
@@ -91,7 +69,7 @@ def prompts(n=32):
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
-    model = tiny_llama(root / "llama")
+    model = causal_llama(root / "llama")
     backbone = load_backbone(str(model))
     paths = save_tasks(root, backbone)
     llm = vllm.LLM(
@@ -208,18 +186,7 @@ def test_an_aborted_request_leaks_nothing(engine):
 
 def test_a_task_of_another_base_is_refused_when_attached(engine, tmp_path):
     llm, side, _, _, root = engine
-    other = tmp_path / "other"
-    tokenizer = make_tokenizer(other)
-    config = T.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tokenizer),
-    )
-    T.LlamaForCausalLM(config).save_pretrained(other)
-    tokenizer.save_pretrained(other)
+    other = causal_llama(tmp_path / "other", hidden=32, layers=2)
     task = Task(TaskConfig("sequence_classification", ["a", "b"]), load_backbone(str(other)).info())
     folder = task.save_pretrained(tmp_path / "wrong")
     with pytest.raises(BaseMismatchError) as err:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from helpers import child_env, make_tokenizer
+from helpers import causal_llama, child_env
 
 pytest.importorskip("vllm", reason="vLLM is not installed: make install-vllm")
 httpx = pytest.importorskip("httpx")
@@ -39,25 +39,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_http")
-    model = root / "llama"
-    tokenizer = make_tokenizer(model, max_length=512)
-    tokenizer.chat_template = TEMPLATE
-    torch.manual_seed(0)
-    config = T.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        vocab_size=len(tokenizer),
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        tie_word_embeddings=True,
-    )
-    T.LlamaForCausalLM(config).save_pretrained(model)
-    tokenizer.save_pretrained(model)
+    model = causal_llama(root / "llama", chat_template=TEMPLATE)
+    tokenizer = T.AutoTokenizer.from_pretrained(model)
     backbone = load_backbone(str(model))
     torch.manual_seed(1)
     tasks = {

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import causal_llama
 from torch import nn
 
 from adalayers.core.backbone import BaseInfo
@@ -313,33 +314,13 @@ def test_close_restores_the_runner(setup):
 
 
 # -- the client's check of a task against the engine's model folder (no engine needed) --------
-def save_llama(folder, seed, tied=True):
-    import transformers as T
-    from helpers import make_tokenizer
-
-    tokenizer = make_tokenizer(folder)
-    torch.manual_seed(seed)
-    config = T.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tokenizer),
-        tie_word_embeddings=tied,
-    )
-    T.LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_the_engine_model_is_checked_by_its_weights(tmp_path):
     from adalayers.core.backbone import load_backbone
     from adalayers.core.task import BaseMismatchError
     from adalayers.serving.integrations.vllm import check_engine_model
 
-    mine = save_llama(tmp_path / "mine", seed=0, tied=False)  # an lm_head of its own
-    other = save_llama(tmp_path / "other", seed=1)  # same shapes, other weights
+    mine = causal_llama(tmp_path / "mine", hidden=32, layers=2, tied=False)  # an lm_head of its own
+    other = causal_llama(tmp_path / "other", hidden=32, layers=2, seed=1)  # other weights
     config = TaskConfig("sequence_classification", ["a", "b"], {"dim": 8}, {"num_heads": 2})
     task = Task(config, load_backbone(str(mine)).info())
     check_engine_model({"t": task}, mine)  # the causal LM's folder: its lm_head is not the base
