@@ -291,3 +291,16 @@ def test_fingerprint_files_reads_the_index_of_a_sharded_checkpoint(tiny_model_di
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         fingerprint_files(tmp_path / "bad")
+
+
+def test_fingerprint_files_hashes_again_when_the_files_change(tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    first = fingerprint_files(folder)
+    assert fingerprint_files(folder) == first  # unchanged files: remembered
+    model = transformers.AutoModel.from_pretrained(folder)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(folder)  # the same path and size, other weights
+    assert fingerprint_files(folder) != first
+    assert fingerprint_files(folder) == load_backbone(folder).fingerprint()

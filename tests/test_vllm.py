@@ -47,6 +47,13 @@ def save_tasks(folder, backbone):
         "score": TaskConfig(
             "regression", [], {"dim": 8, "alpha": 1.0, "cutoff": 0.2}, {"num_heads": 2}
         ),
+        # the other mixer modes: raw states mixed first (d wide), per-token online softmax
+        "elmo": TaskConfig(
+            "sequence_classification", ["a", "b"], {"dim": 8, "mode": "scalar_mix"}, {}
+        ),
+        "routed": TaskConfig(
+            "token_classification", ["O", "X"], {"dim": 8, "mode": "dynamic"}, {"num_heads": 2}
+        ),
     }
     paths = {}
     for name, config in configs.items():
@@ -203,3 +210,22 @@ def test_a_prompt_longer_than_the_context_gets_vllms_error(engine):
     with pytest.raises(VLLMValidationError, match="maximum context length is 256 tokens"):
         side.generate([" ".join(WORDS * 40)], greedy(2))
     assert side.generate(["the movie was good"], greedy(2))[0].side_tasks  # still serving
+
+
+def test_a_prompt_beyond_a_tasks_positions_is_that_requests_error(engine, tmp_path):
+    """A task with learned positions covers prompts up to its ``max_positions``; a longer one
+    gets an error in place of its labels, and the engine serves on."""
+    llm, side, _, paths, _ = engine
+    info = Task.from_pretrained(paths["sentiment"]).base
+    short = Task(
+        TaskConfig("regression", [], {"dim": 8, "positional": "learned", "max_positions": 16}), info
+    )
+    folder = short.save_pretrained(tmp_path / "short")
+    limited = SideTasks(llm, {"short": str(folder)})
+    try:
+        long, fine = limited.generate([" ".join(WORDS * 2), "the movie was good"], greedy(2))
+        assert long.side_tasks is None and "max_positions=16" in long.side_tasks_error
+        assert fine.side_tasks_error is None and "short" in fine.side_tasks
+        assert limited.stats()["open_prompts"] == 0
+    finally:
+        side.__init__(llm, [str(p) for p in paths.values()])

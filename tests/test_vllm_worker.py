@@ -49,7 +49,7 @@ class Inner(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(VOCAB, D)
-        self.positions = nn.Embedding(64, D)
+        self.positions = nn.Embedding(128, D)
         self.layers = nn.ModuleList(Layer() for _ in range(LAYERS))
         self.norm = Norm()
 
@@ -326,3 +326,91 @@ def test_the_engine_model_is_checked_by_its_weights(tmp_path):
     check_engine_model({"t": task}, mine)  # the causal LM's folder: its lm_head is not the base
     with pytest.raises(BaseMismatchError, match=r"'t' was trained on base .*different weights"):
         check_engine_model({"t": task}, other)
+
+
+def test_every_mixer_mode_equals_its_whole_prompt():
+    """``mode: scalar_mix`` streams the raw states (d wide) and ``mode: dynamic`` an online
+    softmax: both, batched and chunked, equal the stacked reference."""
+    runner = Runner()
+    torch.manual_seed(2)
+    tasks = {
+        mode: Task(
+            TaskConfig("sequence_classification", ["a", "b"], {"dim": 8, "mode": mode}),
+            make_tasks()["seq"].base,
+        ).eval()
+        for mode in ("scalar_mix", "dynamic")
+    }
+    tasks["tok_dynamic"] = Task(
+        TaskConfig("token_classification", ["O", "X"], {"dim": 8, "mode": "dynamic"}),
+        make_tasks()["tok"].base,
+    ).eval()
+    collector = SideTaskCollector(tasks, runner)
+    sched = Scheduler(runner)
+    for req, ids in PROMPTS.items():
+        sched.add(req, ids)
+    sched.step({"a": 4, "b": 3})
+    sched.step({"a": 4, "b": 1, "c": 5})
+    sched.step({"a": 3, "b": 1, "c": 2})
+    results = collector.take(["a", "b", "c"])
+    for req, ids in PROMPTS.items():
+        check(results[req], reference(runner, tasks, ids))
+    collector.close()
+
+
+def test_a_prompt_beyond_the_learned_positions_gets_an_error_not_a_crash(setup):
+    runner, sched, tasks, collector = setup
+    sched.add("long", list(range(1, 40)) + list(range(1, 40)))  # 78 > reg's max_positions=64
+    sched.add("ok", PROMPTS["b"])
+    sched.step({"long": 40, "ok": 3})
+    sched.step({"long": 38, "ok": 1})
+    results = collector.take()
+    assert "max_positions=64" in results["long"]["error"] and "reg" in results["long"]["error"]
+    check(results["ok"], reference(runner, tasks, PROMPTS["b"]))
+    assert not collector.prompts  # nothing held for the refused prompt
+    ids = list(range(1, 40)) * 2
+    sched.add("long_seq", ids, {TASKS_ARG: ["seq", "tok"]})  # no learned positions: no limit
+    sched.step({"long_seq": 78})
+    unlimited = {name: tasks[name] for name in ("seq", "tok")}
+    check(collector.take(["long_seq"])["long_seq"], reference(runner, unlimited, ids))
+
+
+def test_a_failing_tap_fails_its_requests_not_the_step(setup, monkeypatch):
+    runner, sched, tasks, collector = setup
+    sched.add("a", PROMPTS["a"])
+    sched.add("b", PROMPTS["b"])
+    sched.step({"a": 4, "b": 3})  # b complete; a half done
+    sched.add("c", PROMPTS["c"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    key = frozenset({"seq", "tok", "reg"})
+    taps = collector._tap_sets[key][1]
+    monkeypatch.setitem(taps, 2, [broken])
+    sched.step({"a": 7, "c": 7})  # the engine's step still runs to its end
+    assert runner.forwards == 2
+    results = collector.take()
+    check(results["b"], reference(runner, tasks, PROMPTS["b"]))
+    for req in ("a", "c"):
+        assert (
+            "side tasks failed on state 2" in results[req]["error"]
+            and "boom" in results[req]["error"]
+        )
+    assert not collector.prompts
+
+
+def test_a_failing_head_fails_its_request_only(setup, monkeypatch):
+    runner, sched, tasks, collector = setup
+    expected = reference(runner, {"seq": tasks["seq"]}, PROMPTS["b"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("head broke")
+
+    monkeypatch.setattr(collector.tasks["tok"].head, "forward", broken)
+    sched.add("a", PROMPTS["a"], {TASKS_ARG: ["tok"]})
+    sched.add("b", PROMPTS["b"], {TASKS_ARG: ["seq"]})
+    sched.step({"a": 11, "b": 3})
+    results = collector.take()
+    assert "head broke" in results["a"]["error"]
+    check(results["b"], expected)
+    assert not collector.prompts

@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -241,12 +242,25 @@ def fingerprint_files(folder: str | os.PathLike) -> str:
         FileNotFoundError: ``folder`` holds no safetensors files.
         ValueError: a file cannot be read as safetensors, or holds no weights.
     """
-    from safetensors import SafetensorError, safe_open
-
     folder = Path(folder)
     files = _safetensors_files(folder)
     if not files:
         raise FileNotFoundError(f"{folder} holds no *.safetensors files to fingerprint")
+    # the same files, unchanged since (path, size, modification time, inode): hashed once
+    signature = tuple((str(path.resolve()), *_stat(path)) for path in files)
+    return _fingerprint_of(signature)
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+@lru_cache(maxsize=16)
+def _fingerprint_of(signature: tuple[tuple[str, int, int, int], ...]) -> str:
+    from safetensors import SafetensorError, safe_open
+
+    files = [Path(entry[0]) for entry in signature]
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for path in files:

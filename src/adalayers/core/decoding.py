@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 DECODINGS = ("argmax", "bio")
@@ -88,18 +89,19 @@ def viterbi(log_probs: torch.Tensor, start: torch.Tensor, allowed: torch.Tensor)
     """
     if log_probs.shape[0] == 0:
         return []
-    scores = log_probs.detach().float().cpu()
-    forbid = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))  # (C, C)
-    best = scores[0].masked_fill(~start, float("-inf"))  # (C,)
-    back = []
-    for row in scores[1:]:
+    # numpy, not torch: a few hundred tiny operations, which torch would hand to its thread pool
+    # (and contend with an engine on the other cores for); numpy's argmax picks the first of ties
+    scores = log_probs.detach().float().cpu().numpy()  # (W, C)
+    forbid = np.where(allowed.cpu().numpy(), np.float32(0), np.float32(-np.inf))  # (C, C)
+    best = np.where(start.cpu().numpy(), scores[0], np.float32(-np.inf))  # (C,)
+    back = np.empty((max(len(scores) - 1, 0), scores.shape[1]), dtype=np.int64)
+    for w in range(1, len(scores)):
         candidates = best[:, None] + forbid  # (C_prev, C_next)
-        best, previous = candidates.max(0)  # (C,)
-        best = best + row
-        back.append(previous)
+        back[w - 1] = candidates.argmax(0)  # (C,)
+        best = candidates[back[w - 1], np.arange(len(best))] + scores[w]
     tag = int(best.argmax())
     path = [tag]
-    for previous in reversed(back):
+    for previous in back[::-1]:
         tag = int(previous[tag])
         path.append(tag)
     return path[::-1]

@@ -117,11 +117,30 @@ def _fused(
     dims = [mixer.config.dim for _, mixer, _, _ in readers]
     dynamic = [getattr(mixer.config, "mode", None) == "dynamic" for _, mixer, _, _ in readers]
 
+    cache: dict[str, Any] = {}
+
+    def projections() -> torch.Tensor:
+        """Every reader's ``W_i`` stacked (sum k, d); without a graph, kept until a weight
+        changes (an optimiser step bumps its version; ``.to()`` gives it new storage)."""
+        if grad:
+            return torch.cat([m.weight[i] for _, m, i, _ in readers])
+        try:
+            key = [
+                (m.weight.data_ptr(), m.weight._version, m.weight.dtype) for _, m, _, _ in readers
+            ]
+        except RuntimeError:  # inference tensors keep no version: stack them every time
+            return torch.cat([m.weight[i] for _, m, i, _ in readers])
+        if cache.get("key") != key:
+            with torch.no_grad():
+                cache["stacked"] = torch.cat([m.weight[i] for _, m, i, _ in readers])
+            cache["key"] = key
+        return cache["stacked"]
+
     def tap(index: int, z: torch.Tensor) -> None:
         if enabled is not None and not enabled():
             return
         with torch.set_grad_enabled(grad):
-            stacked = torch.cat([m.weight[i] for _, m, i, _ in readers])  # (sum k, d)
+            stacked = projections()  # (sum k, d)
             h = F.linear(F.gelu(z.to(stacked.dtype)), stacked)  # (B, T, sum k)
             if len(set(dims)) == 1:
                 k = dims[0]

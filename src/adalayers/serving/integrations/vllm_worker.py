@@ -85,6 +85,10 @@ class _Segment:
     position: int  # position of the first row in the prompt
 
 
+def _rows(x: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
 def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.ModuleList, nn.Module]:
     """The embedding, the decoder layers and the final norm of a vLLM decoder model."""
     inner = getattr(model, "model", None)
@@ -96,6 +100,19 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.ModuleList, nn.
         )
     embed, layers, norm = parts
     return inner, embed, layers, norm
+
+
+def _width(task: Task) -> int:
+    """The width of what the taps leave per token: the raw states' for ``mode: scalar_mix``
+    (projected once the prompt is complete, by ``mixer.finish``), else the mixer's ``k``."""
+    mixer = task.mixer
+    return task.base.hidden_size if mixer.config.mode == "scalar_mix" else mixer.config.dim
+
+
+def _max_positions(task: Task) -> int | None:
+    """The longest input a task's learned positions cover, or ``None`` (no limit)."""
+    positions = task.mixer.positions
+    return None if positions is None else int(positions.shape[0])
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -129,7 +146,7 @@ class SideTaskCollector:
         self.results: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.stats = {"steps": 0, "prompt_steps": 0, "prompt_rows": 0, "heads": 0}
         self._schedule: Any = None
-        self._rows: torch.Tensor | None = None
+        self._rows: torch.Tensor | slice | None = None  # the step's prompt rows
         self._segments: list[_Segment] = []
         self._buffers: dict[str, torch.Tensor | None] = {}
         self._taps: dict[int, list[Callable[[int, torch.Tensor], None]]] = {}
@@ -167,11 +184,17 @@ class SideTaskCollector:
             callbacks = self._taps.get(index)
             if not callbacks:
                 return
-            z = output[0] + output[1] if pair and isinstance(output, tuple) else _first(output)
-            z = z.index_select(0, rows).unsqueeze(0)  # (1, rows, d)
-            with torch.inference_mode():
-                for callback in callbacks:
-                    callback(index, z)
+            try:
+                with torch.inference_mode():
+                    if pair and isinstance(output, tuple):  # the residual pair's sum, rows only
+                        z = _rows(output[0], rows) + _rows(output[1], rows)
+                    else:
+                        z = _rows(_first(output), rows)
+                    z = z.unsqueeze(0)  # (1, rows, d)
+                    for callback in callbacks:
+                        callback(index, z)
+            except Exception as err:  # never the engine's step: the step's prompts get an error
+                self._fail_step(f"side tasks failed on state {index}: {err!r}")
 
         return hook
 
@@ -248,7 +271,11 @@ class SideTaskCollector:
             names.update(prompt.names)
         if not rows:
             return
-        self._rows = torch.cat(rows)
+        first_row, last_row = int(rows[0][0]), int(rows[-1][-1])
+        if last_row - first_row + 1 == packed:  # one run of rows (a prefill-only step): a view
+            self._rows = slice(first_row, last_row + 1)
+        else:
+            self._rows = torch.cat(rows)
         key = frozenset(names)
         if key not in self._tap_sets:
             buffers: dict[str, torch.Tensor | None] = dict.fromkeys(key)
@@ -278,7 +305,22 @@ class SideTaskCollector:
                 },
             )
             return None
-        features = {name: torch.zeros(length, self.tasks[name].mixer.config.dim) for name in wanted}
+        too_long = [
+            f"{name} (max_positions={limit})"
+            for name in wanted
+            if (limit := _max_positions(self.tasks[name])) is not None and length > limit
+        ]
+        if too_long:
+            self._finish(
+                req,
+                {
+                    "error": f"the prompt's {length} tokens are more than these tasks' learned "
+                    f"positions allow: {', '.join(too_long)}; send a shorter prompt or ask for "
+                    f"other tasks"
+                },
+            )
+            return None
+        features = {name: torch.zeros(length, _width(self.tasks[name])) for name in wanted}
         ids = list(state.prompt_token_ids or [])
         prompt = _Prompt(length, ids, wanted, features, torch.zeros(length, dtype=torch.bool))
         self.prompts[req] = prompt
@@ -293,7 +335,10 @@ class SideTaskCollector:
             where = slice(segment.position, segment.position + segment.count)
             rows = slice(segment.start, segment.start + segment.count)
             for name in prompt.names:
-                prompt.features[name][where] = self._buffers[name][0, rows].float()
+                buffer = self._buffers[name]
+                if buffer is None:  # a task reading no state (every weight zero): all zeros
+                    continue
+                prompt.features[name][where] = buffer[0, rows].float()
             prompt.filled[where] = True
             if bool(prompt.filled.all()):
                 self._complete(segment.req, prompt)
@@ -301,14 +346,28 @@ class SideTaskCollector:
     def _complete(self, req: str, prompt: _Prompt) -> None:
         logits: dict[str, list] = {}
         mask = torch.ones(1, prompt.length, dtype=torch.long)
-        with torch.inference_mode():
-            for name in prompt.names:
-                task = self.tasks[name]
-                features = task.mixer.finish(prompt.features[name].unsqueeze(0))  # (1, T, k)
-                logits[name] = task.head(features, mask)[0].float().tolist()  # (C,) or (T, C)
         del self.prompts[req]
         self.stats["heads"] += 1
+        try:
+            with torch.inference_mode():
+                for name in prompt.names:
+                    task = self.tasks[name]
+                    features = task.mixer.finish(prompt.features[name].unsqueeze(0))  # (1, T, k)
+                    logits[name] = task.head(features, mask)[0].float().tolist()  # (C,)/(T, C)
+        except Exception as err:  # a head's failure is this request's, not the engine's
+            logger.warning("side tasks of request %s failed: %r", req, err)
+            self._finish(req, {"error": f"side tasks failed: {err!r}"})
+            return
         self._finish(req, {"logits": logits, "token_ids": prompt.token_ids})
+
+    def _fail_step(self, message: str) -> None:
+        """A tap raised: every prompt of this step gets ``message`` and loses its buffers; the
+        engine's step goes on untouched."""
+        logger.warning("%s", message)
+        for segment in self._segments:
+            if self.prompts.pop(segment.req, None) is not None:
+                self._finish(segment.req, {"error": message})
+        self._rows, self._segments = None, []
 
     def _finish(self, req: str, result: dict[str, Any]) -> None:
         self.done.add(req)
