@@ -41,9 +41,9 @@ depends on its shape (mixer width, head), not on its weights' values. Their laye
 left at their uniform start, so every state is tapped: the most work a task of that shape does
 (a trained task whose weights fall below its cutoff taps fewer states).
 
-This client runs one torch thread: with two, post-processing the labels (the token task's
-Viterbi decoding, small torch operations) contended with the worker on this 2-core machine and
-took 1.6 to 18 s of CPU for the 64 prompts instead of 0.2 s.
+This client runs one torch thread, so that the worker's core is its own: in an earlier run
+with two, post-processing the labels (then the token task's Viterbi decoding in small torch
+operations; NumPy since) contended with the worker on this 2-core machine.
 
     python benchmarks/vllm_side_tasks.py [--rounds 3 --prompts 64 --new-tokens 128]
 

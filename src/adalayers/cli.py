@@ -62,7 +62,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary["train_seconds"] = results["train_seconds"]
     summary["run"] = str(args.output_dir)
     if os.environ.get("RANK", "0") == "0":  # one summary under torchrun / accelerate launch
+        from adalayers.training.headline import headline
+
         _print_json(summary)
+        sys.stdout.flush()
+        print(headline(results, str(args.output_dir)), file=sys.stderr)  # stdout stays JSON
     return 0
 
 
