@@ -96,3 +96,52 @@ def test_plan_has_a_dynamic_row_and_keeps_uniform_static(tmp_path, tiny_model_di
     assert dynamic["uniform"].task.mixer.freeze_distribution
     with pytest.raises(ValueError, match="bogus"):
         compare_module.parse_baselines("probe,bogus")
+
+
+@pytest.mark.parametrize("family,task", [("bert", "cola"), ("roberta", "conll2003")])
+def test_a_cached_run_checks_its_head_against_the_probe(tmp_path, tiny_model_dir, family, task):
+    """``train`` with the cache fits the probe on the stored states; stored in float32 they are
+    the states ``probe_baseline`` reads, so every state scores the same on validation."""
+    if task == "cola":
+        data = write_cola(tmp_path / "data", n_train=40, n_dev=12)
+    else:
+        data = write_conll(tmp_path / "data")
+    path = write_config(tmp_path / "cfg.yaml", tiny_model_dir(family), task=task, epochs=1)
+    overrides = ["train.cache=true", f"cache.dir={tmp_path / 'cache'}", "cache.dtype=float32"]
+    args = ["train", "--config", str(path), "--data-dir", str(data), "--quiet"]
+    args += ["--output-dir", str(tmp_path / "run")]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    check = metrics["probe"]
+    head = metrics["validation"][metrics["metric"]]
+    assert check["head_validation"] == head
+    assert check["head_beats_probe"] == (head > check["validation"])
+    assert check["validation"] == max(check["validation_by_state"].values())
+    reference = probe_baseline(
+        load_config(path, overrides, data_dir=str(data)), tmp_path / "p", tmp_path / "c"
+    )
+    for state, score in reference["validation_by_layer"].items():
+        assert check["validation_by_state"][state] == pytest.approx(score, abs=1e-6), state
+
+
+def test_the_headline_says_when_the_probe_is_level_with_the_head():
+    from adalayers.training.headline import headline
+
+    results = {
+        "task": "mine",
+        "task_type": "sequence_classification",
+        "base": "b",
+        "metric": "accuracy",
+        "test": {"accuracy": 0.70, "majority": {"label": "x", "accuracy": 0.68}},
+        "probe": {
+            "state": 3,
+            "validation": 0.71,
+            "head_validation": 0.70,
+            "head_beats_probe": False,
+        },
+    }
+    assert "a linear probe on state 3 alone scores 71.0% on validation" in headline(results, "r")
+    results["probe"].update(validation=0.6, head_beats_probe=True)
+    assert "probe" not in headline(results, "r")

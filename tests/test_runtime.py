@@ -350,3 +350,16 @@ def test_attached_pair_tasks_read_pairs_as_predict_does(tiny_model_dir):
         backbone.model(**tokenizer(texts, pairs, padding=True, return_tensors="pt"))
         with pytest.raises(PairMismatchError, match="holds a sentence pair .* 'sentiment'"):
             side.predictions()
+
+
+def test_a_mapping_of_names_may_point_at_run_folders(cola_run):
+    """``attach(model, {"name": RUN})`` resolves a run folder (its ``model/``) as the list form
+    does, and the task predicts as the run's own task."""
+    backbone = load_backbone(cola_run.config.base)
+    inputs = encode(backbone.tokenizer, PROMPTS)
+    with attach(backbone, {"acceptability": cola_run.folder}) as side:
+        backbone.hidden_states(inputs)
+        got = side.logits["acceptability"]
+    task = Task.from_pretrained(cola_run.folder / "model", backbone)
+    expected = AdaLayers(backbone, {"acceptability": task}).eval()(inputs).logits
+    torch.testing.assert_close(got, expected["acceptability"], atol=1e-6, rtol=0)

@@ -159,7 +159,9 @@ def _as_tasks(tasks: Any) -> dict[str, Task]:
     if isinstance(tasks, Mapping):
         out = {}
         for name, task in tasks.items():
-            out[name] = task if isinstance(task, Task) else Task.from_pretrained(task)
+            out[name] = (
+                task if isinstance(task, Task) else Task.from_pretrained(resolve_run(task)[0])
+            )
         return out
     if isinstance(tasks, (str, os.PathLike)):
         raise TypeError("tasks must be a mapping or a list of folders; wrap the folder in a list")

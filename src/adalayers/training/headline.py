@@ -68,6 +68,14 @@ def headline(results: dict[str, Any], run: str) -> str:
             )
     elif _per_token(results) and metric == "f1":  # tagging every word O finds no entity
         line += " (tagging every word O: 0.0%)"
+    probe = results.get("probe")
+    if isinstance(probe, dict) and probe.get("head_beats_probe") is False:
+        line += (
+            f"\nnote: a linear probe on state {probe['state']} alone scores "
+            f"{_value(metric, probe['validation'])} on validation, level with or above the trained "
+            f"head's {_value(metric, probe['head_validation'])}: with this data the mixer and "
+            f"head add nothing over it"
+        )
     added = results.get("percent_of_base")
     tail = f"\nthe task adds {added:.2f}% to the base's parameters; " if added else "\n"
     return line + tail + f"run folder: {run} (adalayers predict {run} --text ...)"

@@ -108,9 +108,134 @@ def probe_layers(
     return scores
 
 
-# -- the probe baseline of ``adalayers compare`` ----------------------------------------------
 PROBE_C = 1.0
 """The inverse L2 strength of the probe's fit (scikit-learn's ``LogisticRegression`` default)."""
+
+
+def _scores(
+    task: Any,
+    data: Any,
+    split: str,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    counts: Sequence[int],
+    names: Any,
+    positive: int | None,
+) -> dict[str, Any]:
+    """The task's metrics of a probe's ``logits`` on ``split`` (token tasks: decoded per
+    sentence as the task decodes, scored on the words)."""
+    from adalayers.core.decoding import decode_words
+
+    kind, labels = task.kind, task.labels
+    if not kind.per_token:
+        predicted = kind.predict(task, logits).tolist()
+        scores = kind.compute_metrics(targets.tolist(), predicted, names=names, positive=positive)
+    else:
+        gold = [list(t) for t in data.splits[split]["tags"]]
+        tags, first = [], 0
+        for count, words in zip(counts, gold):
+            rows = logits[first : first + count]  # (words, C)
+            ids = decode_words(rows, labels, task.decoding)[0] if count else []
+            first += count
+            found = [labels[i] for i in ids]
+            tags.append(found + ["O"] * (len(words) - len(found)))
+        scores = kind.compute_metrics(gold, tags, names=names)
+        scores.pop("per_type", None)
+    return {**scores, "examples": len(counts)}
+
+
+def _cached_features(
+    store: Any, examples: Any, kind: TaskKind, positions: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Features (S, R, d) of a cached split's stored states (sequence tasks: each example's
+    mean over its tokens; token tasks: its labelled first sub-tokens), their targets and the
+    rows of each example, in the order of ``positions``."""
+    per_state: list[list[torch.Tensor]] = [[] for _ in store.layers]
+    targets, counts = [], []
+    labels, index = examples["labels"], examples["index"]
+    for p in positions:
+        if kind.per_token:
+            row = torch.tensor(labels[p])
+            keep = row != IGNORE_INDEX
+            targets.append(row[keep])
+            counts.append(int(keep.sum()))
+        else:
+            counts.append(1)
+        for j, layer in enumerate(store.layers):
+            z = store.example(index[p], layer)  # (T, d) float32
+            per_state[j].append(z[keep] if kind.per_token else z.mean(0, keepdim=True))
+    if not kind.per_token:
+        targets = [kind.batch_targets([labels[p] for p in positions], 0)]
+    x = torch.stack([torch.cat(rows) for rows in per_state])  # (S, R, d)
+    return x, torch.cat(targets), counts
+
+
+def probe_check(
+    task: Any,
+    data: Any,
+    stores: dict[str, Any],
+    examples: dict[str, Any],
+    metric: str,
+    *,
+    names: Any = None,
+    positive: int | None = None,
+    seed: int = 0,
+    max_examples: int = 4_000,
+    max_rows: int = 10_000,
+    c: float = PROBE_C,
+    max_iter: int = 100,
+) -> dict[str, Any] | None:
+    """The validation score of the simplest baseline, read from the feature cache: a logistic
+    regression (the kind's loss) on one stored state, the state chosen on validation, fitted
+    on at most ``max_examples`` training examples and ``max_rows`` rows of them (words of a
+    token task; both chosen with ``seed``), so that it takes seconds beside the training.
+
+    ``adalayers train`` runs it at the end of a cached run and says so when the trained head
+    does not beat it (:mod:`adalayers.training.headline`). Needs the train and validation
+    splits cached; returns ``None`` otherwise.
+
+    Args:
+        examples: split -> the tokenised split (``index``, ``labels`` columns).
+
+    Returns:
+        ``{"state", "validation", "validation_by_state", "train_examples", "seconds"}``.
+    """
+    if not {"train", "validation"} <= set(stores):
+        return None
+    start = time.perf_counter()
+    kind = task.kind
+    generator = torch.Generator().manual_seed(seed)
+    n_train = len(examples["train"]["index"])
+    picked = torch.randperm(n_train, generator=generator)[:max_examples].sort().values.tolist()
+    with torch.no_grad():
+        x_fit, y_fit, _ = _cached_features(stores["train"], examples["train"], kind, picked)
+        if x_fit.shape[1] > max_rows:
+            rows = torch.randperm(x_fit.shape[1], generator=generator)[:max_rows].sort().values
+            x_fit, y_fit = x_fit[:, rows], y_fit[rows]
+        n_val = len(examples["validation"]["index"])
+        x_val, y_val, counts = _cached_features(
+            stores["validation"], examples["validation"], kind, range(n_val)
+        )
+    mean, sd = x_fit.mean(1, keepdim=True), x_fit.std(1, keepdim=True) + 1e-6
+    x_fit, x_val = (x_fit - mean) / sd, (x_val - mean) / sd
+    outputs = kind.num_outputs(task.labels)
+    by_state = {}
+    for j, layer in enumerate(stores["train"].layers):
+        w, b = fit_linear(x_fit[j], y_fit, kind, outputs, c, max_iter)
+        scores = _scores(task, data, "validation", x_val[j] @ w + b, y_val, counts, names, positive)
+        by_state[layer] = scores[metric]
+    best = max(by_state, key=lambda layer: by_state[layer])  # the first on ties
+    return {
+        "state": best,
+        "validation": by_state[best],
+        "validation_by_state": {str(k): v for k, v in by_state.items()},
+        "train_examples": len(picked),
+        "train_rows": int(x_fit.shape[1]),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+# -- the probe baseline of ``adalayers compare`` ----------------------------------------------
 
 
 def _split_features(
@@ -190,7 +315,6 @@ def probe_baseline(
         The single-state probe's results (what ``metrics.json`` holds).
     """
     from adalayers.core.backbone import load_backbone
-    from adalayers.core.decoding import decode_words
     from adalayers.training.batches import tokenize
     from adalayers.training.build import load_data, max_tokens, task_config
     from adalayers.training.config import save_config
@@ -230,23 +354,7 @@ def probe_baseline(
 
     def score(split: str, logits: torch.Tensor) -> dict[str, Any]:
         _, targets, counts = features[split]
-        if not kind.per_token:
-            predicted = kind.predict(task, logits).tolist()
-            scores = kind.compute_metrics(
-                targets.tolist(), predicted, names=names, positive=positive
-            )
-        else:
-            gold = [list(t) for t in data.splits[split]["tags"]]
-            tags, first = [], 0
-            for count, words in zip(counts, gold):
-                rows = logits[first : first + count]  # (words, C)
-                ids = decode_words(rows, labels, task.decoding)[0] if count else []
-                first += count
-                found = [labels[i] for i in ids]
-                tags.append(found + ["O"] * (len(words) - len(found)))
-            scores = kind.compute_metrics(gold, tags, names=names)
-            scores.pop("per_type", None)
-        return {**scores, "examples": len(counts)}
+        return _scores(task, data, split, logits, targets, counts, names, positive)
 
     def probe(x: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, Any]], int]:
         w, b = fit_linear(x["train"][fit_rows], y_fit, kind, outputs, c, max_iter)

@@ -286,6 +286,40 @@ class _MixerTrainer:
         return {"metrics": task.metrics, "positive_label": task.positive_label}
 
     # -- the end -----------------------------------------------------------------------------
+    def probe_check(self, metric: str, results: dict[str, Any]) -> dict[str, Any]:
+        """``probe``: a linear probe on one cached state (:func:`~.probe.probe_check`) beside
+        the head's validation score, and a warning when the head does not beat it. Nothing for
+        runs that do not cache train and validation."""
+        from adalayers.training.probe import probe_check
+
+        scoring = self.scoring
+        check = probe_check(
+            self.task,
+            self.data,
+            self.stores,
+            {split: CachedExamples(self.tokenized[split]) for split in self.stores},
+            metric,
+            names=scoring["metrics"],
+            positive=self.task.kind.positive_id(self.task.labels, scoring["positive_label"]),
+            seed=self.config.train.seed,
+        )
+        head = (results.get("validation") or {}).get(metric)
+        if check is None or head is None:
+            return {}
+        check["head_validation"] = head
+        check["head_beats_probe"] = bool(head > check["validation"])
+        if not check["head_beats_probe"]:
+            logger.warning(
+                "the trained head (validation %s %.4f) does not beat a linear probe on state %d "
+                "alone (%.4f): with this data the mixer and head add nothing; see "
+                "docs/your-data.md (small datasets)",
+                metric,
+                head,
+                check["state"],
+                check["validation"],
+            )
+        return {"probe": check}
+
     def finalize(
         self, loop: Loop, metric: str, max_length: int, lengths: dict[str, dict[str, Any]]
     ) -> dict[str, Any]:
@@ -355,6 +389,8 @@ class _MixerTrainer:
         results["samples"] = {
             split: sample_records(data, split, records) for split, records in predictions.items()
         }
+        if accelerator.is_main_process:
+            results.update(self.probe_check(metric, results))
         results["max_length"] = max_length
         results["longest_example_tokens"] = {  # before cutting: to choose data.max_length
             split: found["longest"] for split, found in lengths.items() if "longest" in found
