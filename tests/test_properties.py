@@ -211,17 +211,17 @@ def test_input_file_lines_are_split_on_newlines_only(tmp_path_factory, lines, cr
     path = tmp_path_factory.mktemp("lines") / "in.txt"
     path.write_bytes(("\r\n" if crlf else "\n").join(lines).encode("utf-8", "surrogatepass"))
     expected = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if expected and expected[0][0] == 1 and expected[0][1].startswith("\ufeff"):
+        expected[0] = (1, expected[0][1][1:])  # a leading byte order mark is dropped
+        expected = [(n, line) for n, line in expected if line.strip()]
     try:
         inputs = read_inputs(path)
         items, numbers = inputs.texts, inputs.lines
     except ValueError as err:
         assert str(err).startswith(str(path))
         bad = any("\x00" in line or _has_surrogate(line) for line in lines)
-        assert bad or not expected, str(err)
+        assert bad or not expected, str(err)  # a file of one byte order mark holds no inputs
         return
-    if expected and expected[0][0] == 1 and expected[0][1].startswith("\ufeff"):
-        expected[0] = (1, expected[0][1][1:])  # a leading byte order mark is dropped
-        expected = [(n, line) for n, line in expected if line.strip()]
     assert list(zip(numbers, items)) == expected
 
 

@@ -180,15 +180,18 @@ def probe_check(
     names: Any = None,
     positive: int | None = None,
     seed: int = 0,
-    max_examples: int = 4_000,
+    max_examples: int = 5_000,
     max_rows: int = 10_000,
     c: float = PROBE_C,
     max_iter: int = 100,
 ) -> dict[str, Any] | None:
     """The validation score of the simplest baseline, read from the feature cache: a logistic
     regression (the kind's loss) on one stored state, the state chosen on validation, fitted
-    on at most ``max_examples`` training examples and ``max_rows`` rows of them (words of a
-    token task; both chosen with ``seed``), so that it takes seconds beside the training.
+    on at most ``max_rows`` rows (words of a token task, chosen with ``seed``).
+
+    It is meant for small training sets, where a head may not pay: with more than
+    ``max_examples`` training examples it does nothing and returns ``None`` (the validation
+    split is scored whole, once per state, which on large sets would cost more than it tells).
 
     ``adalayers train`` runs it at the end of a cached run and says so when the trained head
     does not beat it (:mod:`adalayers.training.headline`). Needs the train and validation
@@ -198,15 +201,18 @@ def probe_check(
         examples: split -> the tokenised split (``index``, ``labels`` columns).
 
     Returns:
-        ``{"state", "validation", "validation_by_state", "train_examples", "seconds"}``.
+        ``{"state", "validation", "validation_by_state", "train_examples", "train_rows",
+        "seconds"}``, or ``None`` (no cached train and validation, or a large training set).
     """
     if not {"train", "validation"} <= set(stores):
+        return None
+    n_train = len(examples["train"]["index"])
+    if n_train > max_examples:
         return None
     start = time.perf_counter()
     kind = task.kind
     generator = torch.Generator().manual_seed(seed)
-    n_train = len(examples["train"]["index"])
-    picked = torch.randperm(n_train, generator=generator)[:max_examples].sort().values.tolist()
+    picked = list(range(n_train))
     with torch.no_grad():
         x_fit, y_fit, _ = _cached_features(stores["train"], examples["train"], kind, picked)
         if x_fit.shape[1] > max_rows:

@@ -289,7 +289,7 @@ class _MixerTrainer:
     def probe_check(self, metric: str, results: dict[str, Any]) -> dict[str, Any]:
         """``probe``: a linear probe on one cached state (:func:`~.probe.probe_check`) beside
         the head's validation score, and a warning when the head does not beat it. Nothing for
-        runs that do not cache train and validation."""
+        runs that do not cache train and validation, or train on more than 5,000 examples."""
         from adalayers.training.probe import probe_check
 
         scoring = self.scoring
