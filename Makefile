@@ -17,7 +17,7 @@ install-vllm:
 	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
 
 test:
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist worksteal
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal
 
 test-slow:
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
