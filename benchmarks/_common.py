@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -87,3 +89,38 @@ def run_offline(cmd: list[str]) -> tuple[int, float]:
     start = time.perf_counter()
     proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return proc.returncode, time.perf_counter() - start
+
+
+def interleaved_rounds(
+    calls: dict[str, Callable[[], object]],
+    variants: Sequence[str],
+    rounds: int,
+    warmup: int,
+    order: Callable[[random.Random], list[str]] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Time every variant once a round, in an order drawn anew each round (default: shuffled
+    with a ``random.Random(0)``), after ``warmup`` untimed rounds, under ``inference_mode``.
+
+    Returns:
+        ``(wall, cpu)``: variant -> seconds per round (wall clock, this thread's CPU time).
+    """
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    rng = random.Random(0)
+
+    def shuffled(rng: random.Random) -> list[str]:
+        drawn = list(variants)
+        rng.shuffle(drawn)
+        return drawn
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for v in variants:
+                calls[v]()
+        for _ in range(rounds):
+            for v in (order or shuffled)(rng):
+                start, start_cpu = time.perf_counter(), time.thread_time()
+                calls[v]()
+                times[v].append(time.perf_counter() - start)
+                cpu[v].append(time.thread_time() - start_cpu)
+    return times, cpu

@@ -25,7 +25,6 @@ import copy
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -111,25 +110,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import write_result
+    from _common import interleaved_rounds, write_result
 
     calls, backbone, tasks, same = build(args.batch, args.length, args.dim)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    rng = random.Random(0)
-    with torch.inference_mode():
-        for _ in range(args.warmup):
-            for v in VARIANTS:
-                calls[v]()
-        for _ in range(args.rounds):
-            pair = ["embed", "embed_tasks_4"]  # back to back: their ratio is the target's
-            rng.shuffle(pair)
-            order = [*pair, "embed_copies_4"] if rng.random() < 0.5 else ["embed_copies_4", *pair]
-            for v in order:
-                start, start_cpu = time.perf_counter(), time.thread_time()
-                calls[v]()
-                times[v].append(time.perf_counter() - start)
-                cpu[v].append(time.thread_time() - start_cpu)
+
+    def order(rng: random.Random) -> list[str]:
+        pair = ["embed", "embed_tasks_4"]  # back to back: their ratio is the target's
+        rng.shuffle(pair)
+        return [*pair, "embed_copies_4"] if rng.random() < 0.5 else ["embed_copies_4", *pair]
+
+    times, cpu = interleaved_rounds(calls, VARIANTS, args.rounds, args.warmup, order)
 
     # one torch thread: every op runs in this thread, so its CPU time is the work done, not
     # the time the scheduler gave other processes; with more threads only wall time counts

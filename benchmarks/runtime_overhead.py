@@ -23,10 +23,8 @@ alike); each figure is the median over rounds of a ratio taken *within* a round:
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -117,24 +115,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import write_result
+    from _common import interleaved_rounds, write_result
 
     calls, backbone, four, same = build(args.batch, args.length, args.dim)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    rng = random.Random(0)
-    with torch.inference_mode():
-        for _ in range(args.warmup):
-            for v in VARIANTS:
-                calls[v]()
-        for _ in range(args.rounds):
-            order = list(VARIANTS)
-            rng.shuffle(order)
-            for v in order:
-                start, start_cpu = time.perf_counter(), time.thread_time()
-                calls[v]()
-                times[v].append(time.perf_counter() - start)
-                cpu[v].append(time.thread_time() - start_cpu)
+    times, cpu = interleaved_rounds(calls, VARIANTS, args.rounds, args.warmup)
 
     # With one torch thread every op runs in this thread, so its CPU time is the work done,
     # unaffected by time the scheduler gives to other processes on a shared machine: the
