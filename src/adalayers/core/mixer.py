@@ -277,6 +277,12 @@ class LayerMixer(nn.Module):
         self.dropout = Dropout(config.dropout)
         self._local = {layer: i for i, layer in enumerate(self.layer_indices)}
 
+    @property
+    def stream_width(self) -> int:
+        """The width of the per-token sum the taps stream (what :meth:`finish` takes): the raw
+        states' ``d`` for ``mode: scalar_mix``, else ``k``."""
+        return self.hidden_size if self.config.mode == "scalar_mix" else self.config.dim
+
     def distribution(self) -> torch.Tensor:
         """``p~``: softmax(alpha * p) after the cutoff, shape (n,). Never modifies ``p``.
 

@@ -211,11 +211,10 @@ def probe_check(
         return None
     start = time.perf_counter()
     kind = task.kind
-    generator = torch.Generator().manual_seed(seed)
-    picked = list(range(n_train))
     with torch.no_grad():
-        x_fit, y_fit, _ = _cached_features(stores["train"], examples["train"], kind, picked)
+        x_fit, y_fit, _ = _cached_features(stores["train"], examples["train"], kind, range(n_train))
         if x_fit.shape[1] > max_rows:
+            generator = torch.Generator().manual_seed(seed)
             rows = torch.randperm(x_fit.shape[1], generator=generator)[:max_rows].sort().values
             x_fit, y_fit = x_fit[:, rows], y_fit[rows]
         n_val = len(examples["validation"]["index"])
@@ -235,7 +234,7 @@ def probe_check(
         "state": best,
         "validation": by_state[best],
         "validation_by_state": {str(k): v for k, v in by_state.items()},
-        "train_examples": len(picked),
+        "train_examples": n_train,
         "train_rows": int(x_fit.shape[1]),
         "seconds": round(time.perf_counter() - start, 2),
     }

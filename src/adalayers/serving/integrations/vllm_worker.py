@@ -102,13 +102,6 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.ModuleList, nn.
     return inner, embed, layers, norm
 
 
-def _width(task: Task) -> int:
-    """The width of what the taps leave per token: the raw states' for ``mode: scalar_mix``
-    (projected once the prompt is complete, by ``mixer.finish``), else the mixer's ``k``."""
-    mixer = task.mixer
-    return task.base.hidden_size if mixer.config.mode == "scalar_mix" else mixer.config.dim
-
-
 def _max_positions(task: Task) -> int | None:
     """The longest input a task's learned positions cover, or ``None`` (no limit)."""
     positions = task.mixer.positions
@@ -320,7 +313,9 @@ class SideTaskCollector:
                 },
             )
             return None
-        features = {name: torch.zeros(length, _width(self.tasks[name])) for name in wanted}
+        features = {
+            name: torch.zeros(length, self.tasks[name].mixer.stream_width) for name in wanted
+        }
         ids = list(state.prompt_token_ids or [])
         prompt = _Prompt(length, ids, wanted, features, torch.zeros(length, dtype=torch.bool))
         self.prompts[req] = prompt
