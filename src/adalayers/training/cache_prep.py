@@ -52,11 +52,14 @@ def prepare_cache(
     max_length: int,
     progress: bool,
     verify: bool = False,
+    lengths: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[RunConfig, Task, dict[str, FeatureStore]]:
     """Choose the layers worth caching (probe), rebuild the task on them, open the stores.
 
-    ``tokenized`` (split -> tokenised dataset) gains the cached splits it lacked. ``verify``
-    reads every checksum of a finished store (:func:`adalayers.training.cache.open_or_build`).
+    ``tokenized`` (split -> tokenised dataset) gains the cached splits it lacked, and
+    ``lengths`` (split -> :func:`~adalayers.training.batches.tokenize` statistics) their
+    statistics. ``verify`` reads every checksum of a finished store
+    (:func:`adalayers.training.cache.open_or_build`).
 
     Returns:
         The config that ran (:func:`with_cache_dir`; ``task.mixer.layers`` the probe's choice
@@ -96,7 +99,8 @@ def prepare_cache(
         if split not in data.splits or len(data.splits[split]) == 0:
             continue
         if split not in tokenized:
-            tokenized[split] = tokenize(data, split, backbone.tokenizer, task, max_length)
+            found = None if lengths is None else lengths.setdefault(split, {})
+            tokenized[split] = tokenize(data, split, backbone.tokenizer, task, max_length, found)
         stores[split] = open_or_build(
             backbone,
             tokenized[split],

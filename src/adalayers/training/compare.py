@@ -354,8 +354,11 @@ def compare(
             "--jobs trains rows in processes of its own; under accelerate launch or torchrun "
             "the processes already share every row: leave --jobs at 1"
         )
+    from adalayers.training.size_defaults import resolve_config
+
     out = Path(output_dir)
     names = parse_baselines(baselines)
+    config, _, _ = resolve_config(config)  # user data: every row on the size-chosen settings
     states = num_states(config)
     rows_plan = plan(config, names, states, mixer_grid)
     out.mkdir(parents=True, exist_ok=True)

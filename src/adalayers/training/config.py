@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -144,6 +144,9 @@ class TrainConfig:
             ``trackio``. Each epoch logs the loss, the validation metrics, the learning rate
             and the layer distribution p~; they write under ``RUN/trackers/``
             (:mod:`adalayers.training.tracking`). Default: none.
+        size_defaults: user data (``data.task: csv | jsonl | conll``): choose the settings
+            the config leaves out by the size of the training set
+            (:mod:`adalayers.training.size_defaults`); ``false`` keeps the plain defaults.
     """
 
     epochs: int = 10
@@ -164,6 +167,7 @@ class TrainConfig:
     cache: bool = False
     log_every_seconds: float = 30.0
     report_to: list[str] = field(default_factory=list)
+    size_defaults: bool = True
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "grad_accumulation"):
@@ -402,6 +406,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     tune: dict[str, SearchRange] | None = None
+    # the dotted keys the config file and --set gave (load_config), so that settings left out
+    # can be chosen by the data's size (size_defaults); None: unknown (a config built in Python)
+    given_keys: ClassVar[frozenset[str] | None] = None
 
     def __post_init__(self) -> None:
         metric, metrics = self.train.metric, self.task.metrics
@@ -444,7 +451,10 @@ def with_settings(config: RunConfig, settings: Mapping[str, Any]) -> RunConfig:
         for section in sections:
             target = target[section]
         target[name] = value
-    return build(RunConfig, values)
+    out = build(RunConfig, values)
+    if config.given_keys is not None:
+        out.given_keys = config.given_keys | set(settings)
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -496,9 +506,23 @@ def load_config(
     if data_dir is not None:
         values.setdefault("data", {})["data_dir"] = str(data_dir)
     try:
-        return build(RunConfig, values)
+        config = build(RunConfig, values)
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
+    config.given_keys = given_keys(values)
+    return config
+
+
+def given_keys(values: Mapping[str, Any], prefix: str = "") -> frozenset[str]:
+    """The dotted keys a config mapping sets (``{"train": {"lr": 1}}`` -> ``{"train",
+    "train.lr"}``): a section counts as given, and so does every key in it."""
+    out: set[str] = set()
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        out.add(name)
+        if isinstance(value, Mapping):
+            out |= given_keys(value, f"{name}.")
+    return frozenset(out)
 
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:

@@ -145,12 +145,17 @@ def _scores(
 
 
 def _cached_features(
-    store: Any, examples: Any, kind: TaskKind, positions: Sequence[int]
+    store: Any,
+    examples: Any,
+    kind: TaskKind,
+    positions: Sequence[int],
+    layers: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Features (S, R, d) of a cached split's stored states (sequence tasks: each example's
-    mean over its tokens; token tasks: its labelled first sub-tokens), their targets and the
-    rows of each example, in the order of ``positions``."""
-    per_state: list[list[torch.Tensor]] = [[] for _ in store.layers]
+    """Features (S, R, d) of a cached split's stored states (``layers``, default all; sequence
+    tasks: each example's mean over its tokens; token tasks: its labelled first sub-tokens),
+    their targets and the rows of each example, in the order of ``positions``."""
+    layers = list(store.layers if layers is None else layers)
+    per_state: list[list[torch.Tensor]] = [[] for _ in layers]
     targets, counts = [], []
     labels, index = examples["labels"], examples["index"]
     for p in positions:
@@ -161,7 +166,7 @@ def _cached_features(
             counts.append(int(keep.sum()))
         else:
             counts.append(1)
-        for j, layer in enumerate(store.layers):
+        for j, layer in enumerate(layers):
             z = store.example(index[p], layer)  # (T, d) float32
             per_state[j].append(z[keep] if kind.per_token else z.mean(0, keepdim=True))
     if not kind.per_token:
@@ -224,20 +229,37 @@ def probe_check(
     mean, sd = x_fit.mean(1, keepdim=True), x_fit.std(1, keepdim=True) + 1e-6
     x_fit, x_val = (x_fit - mean) / sd, (x_val - mean) / sd
     outputs = kind.num_outputs(task.labels)
-    by_state = {}
+    by_state, fits = {}, {}
     for j, layer in enumerate(stores["train"].layers):
-        w, b = fit_linear(x_fit[j], y_fit, kind, outputs, c, max_iter)
+        w, b = fits[layer] = fit_linear(x_fit[j], y_fit, kind, outputs, c, max_iter)
         scores = _scores(task, data, "validation", x_val[j] @ w + b, y_val, counts, names, positive)
         by_state[layer] = scores[metric]
     best = max(by_state, key=lambda layer: by_state[layer])  # the first on ties
-    return {
+    out: dict[str, Any] = {
         "state": best,
         "validation": by_state[best],
         "validation_by_state": {str(k): v for k, v in by_state.items()},
-        "train_examples": n_train,
-        "train_rows": int(x_fit.shape[1]),
-        "seconds": round(time.perf_counter() - start, 2),
     }
+    if "test" in stores and "test" in examples:  # the chosen state's probe, scored once
+        j = stores["train"].layers.index(best)
+        n_test = len(examples["test"]["index"])
+        with torch.no_grad():
+            x_test, y_test, counts = _cached_features(
+                stores["test"], examples["test"], kind, range(n_test), layers=[best]
+            )
+        w, b = fits[best]
+        x_test = (x_test[0] - mean[j]) / sd[j]
+        out["test"] = _scores(task, data, "test", x_test @ w + b, y_test, counts, names, positive)[
+            metric
+        ]
+    out.update(
+        {
+            "train_examples": n_train,
+            "train_rows": int(x_fit.shape[1]),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    )
+    return out
 
 
 # -- the probe baseline of ``adalayers compare`` ----------------------------------------------

@@ -45,6 +45,7 @@ from adalayers.training.checkpoint import (
     save_state,
     set_rng_state,
 )
+from adalayers.training import size_defaults
 from adalayers.training.config import RunConfig, save_config
 from adalayers.training.data import TaskData
 from adalayers.training.evaluate import (
@@ -102,13 +103,18 @@ def fit(
         TrainingInterrupted: a signal stopped training after a checkpoint was written.
     """
     run = Path(output_dir)
+    chosen: dict[str, Any] = {}
+    data = None
+    if not resume:  # a resumed run's config.yaml holds what was chosen
+        config, chosen, data = size_defaults.resolve_config(config)
     accelerator = make_accelerator(config, run / TRACKERS_DIR)
     main = accelerator.is_main_process
     open_run(run, config, accelerator, resume=resume, overwrite=overwrite)
     progress = main and not quiet and sys.stderr.isatty()
 
     seed_everything(config.train.seed)
-    data = load_data(config)
+    if data is None:
+        data = load_data(config)
     for split in ("train", "validation"):
         if len(data.splits[split]) == 0:
             raise ValueError(f"the {split} split of {data.name} is empty")
@@ -127,7 +133,8 @@ def fit(
     stores: dict[str, FeatureStore] = {}
     if config.train.cache:
         config, task, stores = prepare_cache(
-            config, accelerator, backbone, data, task, tokenized, max_length, progress
+            config, accelerator, backbone, data, task, tokenized, max_length, progress,
+            lengths=lengths,
         )
         if main:
             save_config(config, run / CONFIG)  # what ran: the probe's layers, the cache folder
@@ -184,7 +191,7 @@ def fit(
                 callbacks=[*([tracking.on_epoch] if tracking else []), *callbacks],
             )
             loop.run()
-        results = trainer.finalize(loop, metric, max_length, lengths)
+        results = trainer.finalize(loop, metric, max_length, lengths, chosen)
         if tracking:
             tracking.finished(results)
     return results
@@ -321,7 +328,12 @@ class _MixerTrainer:
         return {"probe": check}
 
     def finalize(
-        self, loop: Loop, metric: str, max_length: int, lengths: dict[str, dict[str, Any]]
+        self,
+        loop: Loop,
+        metric: str,
+        max_length: int,
+        lengths: dict[str, dict[str, Any]],
+        chosen: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Evaluate the best task on validation and test, write the predictions,
         ``metrics.json`` and the layer-weights plot; returns the metrics.
@@ -329,6 +341,8 @@ class _MixerTrainer:
         Args:
             lengths: split -> :func:`~adalayers.training.batches.tokenize` statistics; gains
                 those of the splits tokenised here.
+            chosen: the settings chosen by the training set's size
+                (:mod:`~adalayers.training.size_defaults`), kept as ``size_defaults``.
         """
         accelerator, task, data, config, run = (
             self.accelerator,
@@ -364,6 +378,8 @@ class _MixerTrainer:
             "best_epoch": state.best_epoch,
             "epochs_run": state.epoch,
         }
+        if chosen:
+            results["size_defaults"] = chosen
         if task.kind.per_token:
             results["decoding"] = task.decoding
         if task.options:
