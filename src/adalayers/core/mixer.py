@@ -514,5 +514,6 @@ class LayerMixer(nn.Module):
         if dynamic:  # per token: softmax over the layers of q . f_i + log p~_i
             s = self.scores(f, mixing[:, None, None])  # (n, B, T)
             a = torch.softmax(s, dim=0).to(f.dtype)  # (n, B, T)
-            return torch.einsum("nbt,nbtk->btk", a, f)  # (B, T, k)
+            # elementwise, not einsum: that is one tiny (1 x n) @ (n x k) product per token
+            return (a.unsqueeze(-1) * f).sum(0)  # (B, T, k)
         return torch.einsum("n,nbtk->btk", mixing, f)  # (B, T, k)
