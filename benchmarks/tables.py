@@ -506,6 +506,12 @@ def _column_seeds() -> dict[tuple[str, str, str], dict[str, dict[int, float]]]:
         for kind in SUMMARY_KINDS:
             key = (Path(result["config"]).stem, task, base, _changes(result, mixer=kind == "mixer"))
             by_kind.update({kind: runs[key][kind]} if kind in runs.get(key, {}) else {})
+        chosen = (result["summary"].get("best_single_layer") or {}).get("layer")
+        if chosen is not None:  # the layer the sweep chose on validation, rerun with other seeds
+            config = Path(result["config"]).stem
+            pinned = (*_changes(result, mixer=True), f"task.mixer.single_layer={chosen}")
+            repeats = runs.get((config, task, base, tuple(sorted(pinned))), {}).get("mixer", {})
+            by_kind["best_single_layer"] = {**repeats, **by_kind.get("best_single_layer", {})}
     return out
 
 

@@ -196,6 +196,14 @@ def test_csv_pairs_with_label_names_task_name_and_metrics(tmp_path, tiny_model_d
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["task"] == "paraphrase" and metrics["metric"] == "accuracy"
+    # 40 training examples: what the config left out was chosen for a small set, and recorded
+    chosen = metrics["size_defaults"]
+    assert chosen["train.cache"] is True and chosen["task.head.dropout"] == 0.1
+    assert not {"train.epochs", "train.batch_size", "train.lr"} & set(chosen)  # given
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 1 and saved["train"]["weight_decay"] == 0.01
+    assert saved["train"]["cache"] is True and saved["task"]["head"]["dropout"] == 0.1
+    assert metrics["probe"]["test"] is not None  # the probe check also scored the cached test
     test = metrics["test"]
     assert [k for k in test if isinstance(test[k], float)] == ["accuracy", "f1_positive", "mcc"]
     assert test["confusion_matrix"]["labels"] == ["not_paraphrase", "paraphrase"]
