@@ -141,8 +141,16 @@ def main() -> None:
                 metrics_path = run / "metrics.json"
                 if not metrics_path.is_file():
                     command = [
-                        sys.executable, "-m", "adalayers.cli", "train", "--config", str(config),
-                        "--output-dir", str(run), "--overwrite", "--quiet",
+                        sys.executable,
+                        "-m",
+                        "adalayers.cli",
+                        "train",
+                        "--config",
+                        str(config),
+                        "--output-dir",
+                        str(run),
+                        "--overwrite",
+                        "--quiet",
                     ]
                     for item in overrides:
                         command += ["--set", item]

@@ -4,6 +4,7 @@ row of the plan."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -83,6 +84,47 @@ def test_token_task_probe_reads_first_sub_tokens(tmp_path, tiny_model_dir):
     assert results["probe"]["train_rows"] == sum(len(CONLL_SENTENCES[i % 3]) for i in range(30))
     concat = json.loads((tmp_path / "concat" / "metrics.json").read_text())
     assert concat["baseline"] == "probe_concat" and concat["parameters_added"] > 0
+
+
+@pytest.mark.parametrize("task", ["cola", "conll2003"])
+def test_a_cached_probe_reads_the_store_and_equals_the_online_one(
+    tmp_path, tiny_model_dir, monkeypatch, task
+):
+    if task == "cola":
+        data = write_cola(tmp_path / "data", n_train=40, n_dev=12)
+    else:
+        data = write_conll(tmp_path / "data")
+    path = write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"), task=task)
+    online = probe_baseline(
+        load_config(path, data_dir=str(data)), tmp_path / "online", tmp_path / "online_concat"
+    )
+    cached_config = load_config(
+        path,
+        [
+            "train.cache=true",
+            f"cache.dir={tmp_path / 'cache'}",
+            "cache.dtype=float32",
+            "cache.splits=[train,validation,test]",
+        ],
+        data_dir=str(data),
+    )
+    from adalayers.training.cache_prep import cached_stores
+
+    # build the stores first (every state, as the probe reads them): the fit must not run the base
+    every_state = dataclasses.replace(cached_config.cache, all_layers=True)
+    cached_stores(dataclasses.replace(cached_config, cache=every_state))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the probe ran the base on a cached split")
+
+    monkeypatch.setattr("adalayers.training.probe._split_features", refuse)
+    cached = probe_baseline(cached_config, tmp_path / "cached", tmp_path / "cached_concat")
+    metric = online["metric"]
+    assert cached["layer"] == online["layer"]
+    for split in ("validation", "test"):
+        assert cached[split][metric] == pytest.approx(online[split][metric], abs=1e-6)
+    for layer, score in online["validation_by_layer"].items():
+        assert cached["validation_by_layer"][layer] == pytest.approx(score, abs=1e-6)
 
 
 def test_plan_has_a_dynamic_row_and_keeps_uniform_static(tmp_path, tiny_model_dir):

@@ -94,9 +94,7 @@ def test_a_config_built_in_python_is_left_as_built():
 
 
 def test_a_fully_given_config_does_not_read_the_data(tmp_path, monkeypatch):
-    text = CSV.replace("train:\n  epochs: 3\n", "") + (
-        "train: {size_defaults: true}\n"
-    )
+    text = CSV.replace("train:\n  epochs: 3\n", "") + ("train: {size_defaults: true}\n")
     config = _user_config(tmp_path, text)
     everything = [f"{k}={json.dumps(v)}" for k, v in choose({}, 64).items()]
     config = _user_config(tmp_path, text, everything)

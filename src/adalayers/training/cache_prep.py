@@ -152,6 +152,11 @@ def cached_config(config: RunConfig, *, quiet: bool = False) -> RunConfig:
     return _build_stores(config, quiet=quiet, verify=False)[0]
 
 
+def cached_stores(config: RunConfig, *, quiet: bool = False) -> dict[str, FeatureStore]:
+    """The stores of ``config``'s cached splits, built now where not built yet."""
+    return _build_stores(config, quiet=quiet, verify=False)[2]
+
+
 def _build_stores(
     config: RunConfig, *, quiet: bool, verify: bool
 ) -> tuple[RunConfig, Task, dict[str, FeatureStore]]:

@@ -265,6 +265,20 @@ def probe_check(
 # -- the probe baseline of ``adalayers compare`` ----------------------------------------------
 
 
+def _probe_stores(config: Any) -> dict[str, Any]:
+    """The feature stores of a cached config (``train.cache: true``), every state of every split
+    of ``cache.splits``: built where missing, shared with the comparison's mixer-family rows
+    (which store every state too), so the probe runs the base only for splits not cached."""
+    import dataclasses
+
+    from adalayers.training.cache_prep import cached_stores
+
+    cache = config.cache
+    if cache.layers is None and not cache.all_layers:
+        config = dataclasses.replace(config, cache=dataclasses.replace(cache, all_layers=True))
+    return cached_stores(config, quiet=True)
+
+
 def _split_features(
     backbone: Backbone, ds: Any, kind: TaskKind, positions: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -342,7 +356,7 @@ def probe_baseline(
         The single-state probe's results (what ``metrics.json`` holds).
     """
     from adalayers.core.backbone import load_backbone
-    from adalayers.training.batches import tokenize
+    from adalayers.training.batches import CachedExamples, tokenize
     from adalayers.training.build import load_data, max_tokens, task_config
     from adalayers.training.config import save_config
     from adalayers.training.evaluate import selection_metric
@@ -361,13 +375,28 @@ def probe_baseline(
     max_length = max_tokens(config, backbone)
     chosen = config.task.mixer.layer_indices(backbone.num_states)
     splits = [s for s in ("train", "validation", "test") if len(data.splits.get(s) or []) > 0]
+    stores = _probe_stores(config) if config.train.cache else {}
     features = {}
     for split in splits:
         ds = tokenize(data, split, backbone.tokenizer, task, max_length)
         with torch.no_grad():  # not inference_mode: the fit multiplies these in a graph
-            x, targets, counts = _split_features(backbone, ds, kind, range(len(ds)))
-        features[split] = (x[chosen], targets, counts)
-        logger.info("probe: %s features of %d rows, %d states", split, x.shape[1], len(chosen))
+            if split in stores and set(chosen) <= set(stores[split].layers):
+                examples = CachedExamples(ds)
+                x, targets, counts = _cached_features(
+                    stores[split], examples, kind, range(len(ds)), layers=chosen
+                )
+                source = f"the feature cache ({stores[split].dtype})"
+            else:
+                x, targets, counts = _split_features(backbone, ds, kind, range(len(ds)))
+                x, source = x[chosen], "the base"
+        features[split] = (x, targets, counts)
+        logger.info(
+            "probe: %s features of %d rows, %d states, from %s",
+            split,
+            x.shape[1],
+            len(chosen),
+            source,
+        )
     extracted = time.perf_counter() - start
     generator = torch.Generator().manual_seed(config.train.seed)
     train_rows = features["train"][0].shape[1]

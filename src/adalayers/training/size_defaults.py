@@ -106,7 +106,9 @@ def resolve(config: Any, sizes: Mapping[str, int]) -> tuple[Any, dict[str, Any]]
         chosen["train.early_stopping"] = max(4, config.train.epochs // 5)  # of the given epochs
     resolved = with_settings(config, chosen)
     resolved.given_keys = frozenset(given) | set(chosen)
-    text = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in chosen.items())
+    text = ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in chosen.items()
+    )
     logger.info(
         "%d training examples: settings chosen for a small training set (give them in the "
         "config to override): %s",

@@ -27,6 +27,7 @@ import torch
 
 from adalayers.core.backbone import Backbone, load_backbone
 from adalayers.core.task import Task
+from adalayers.training import size_defaults
 from adalayers.training.batches import CachedExamples, batch_loader, ensure_states, tokenize
 from adalayers.training.build import (
     TaskModel,
@@ -45,7 +46,6 @@ from adalayers.training.checkpoint import (
     save_state,
     set_rng_state,
 )
-from adalayers.training import size_defaults
 from adalayers.training.config import RunConfig, save_config
 from adalayers.training.data import TaskData
 from adalayers.training.evaluate import (
@@ -133,7 +133,14 @@ def fit(
     stores: dict[str, FeatureStore] = {}
     if config.train.cache:
         config, task, stores = prepare_cache(
-            config, accelerator, backbone, data, task, tokenized, max_length, progress,
+            config,
+            accelerator,
+            backbone,
+            data,
+            task,
+            tokenized,
+            max_length,
+            progress,
             lengths=lengths,
         )
         if main:
