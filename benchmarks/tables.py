@@ -1298,8 +1298,47 @@ def tune_table() -> str:
     return "\n".join(lines)
 
 
+def small_data_table() -> str:
+    """Small user datasets: the head on the size-chosen settings against the linear probe, on
+    test, mean ± sd over the seeds, per set and training size."""
+    name = "small_data-size-defaults"
+    r = _load(name)
+    sets = {"cola": "CoLA", "imdb": "IMDB (128 tokens)", "conll": "CoNLL-2003 (BIO)"}
+    lines = [
+        "| set | training examples | metric | head, size-chosen settings | probe, one state "
+        "chosen on validation | head − probe | target ≥ +2 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for entry in r["summary"]:
+        runs = [x for x in r["runs"] if x["set"] == entry["set"] and x["n"] == entry["n"]]
+        head = [100 * x["head_test"] for x in runs]
+        probe = [100 * x["probe_test"] for x in runs if x["probe_test"] is not None]
+        margin = entry.get("margin")
+        lines.append(
+            f"| {sets[entry['set']]} | {entry['n']:,} | {METRIC_NAMES[entry['metric']]} "
+            f"| {_mean_sd(head)} | {_mean_sd(probe) if probe else '–'} "
+            f"| {'–' if margin is None else f'{margin:+.1f}'} "
+            f"| {_verdict(bool(entry.get('target_met')))} ({len(runs)} seeds) |"
+        )
+    validation, test = r["validation_examples"], r["test"]
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"Seeded random training sets, written as user files (CSV; CoNLL) with {validation} "
+            f"validation examples; test: CoLA {test['cola']}, IMDB {test['imdb']}, CoNLL "
+            f"{test['conll']}. The config names only the base, the files and `max_length`: "
+            "every training setting is the size's choice. Both figures come from one "
+            "`adalayers train` run (its probe check, from the feature cache).",
+            "",
+            _source(name, r),
+        ]
+    )
+
+
 # marker name -> the function that writes the table between the markers
 GENERATORS = {
+    "small-data": small_data_table,
     "streaming": streaming_table,
     "memory": memory_table,
     "cache-speed": cache_speed_table,

@@ -127,6 +127,27 @@ def test_a_cached_probe_reads_the_store_and_equals_the_online_one(
         assert cached["validation_by_layer"][layer] == pytest.approx(score, abs=1e-6)
 
 
+def test_a_concatenation_too_large_for_memory_is_skipped_and_said(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    import functools
+
+    data = write_cola(tmp_path / "data", n_train=40, n_dev=12)
+    config = write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"), epochs=1)
+    monkeypatch.setattr(
+        "adalayers.training.probe.probe_baseline",
+        functools.partial(probe_baseline, max_concat_bytes=0),
+    )
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(config), "--data-dir", str(data), "--output-dir", str(out)]
+    assert main([*args, "--baselines", "probe", "--quiet"]) == 0
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert rows["probe"]["test"]["examples"] == 12  # the one-state probe is fitted as ever
+    assert "test" not in rows["probe_concat"]
+    skipped = json.loads((out / "probe_concat" / "metrics.json").read_text())["skipped"]
+    assert "GiB" in skipped and "max_concat_bytes" in skipped
+
+
 def test_plan_has_a_dynamic_row_and_keeps_uniform_static(tmp_path, tiny_model_dir):
     path = write_config(tmp_path / "cfg.yaml", tiny_model_dir("bert"))
     rows = compare_module.plan(load_config(path), "mixer,dynamic,uniform,probe", 4)

@@ -334,15 +334,18 @@ def probe_baseline(
     c: float = PROBE_C,
     max_iter: int = 100,
     max_train_rows: int = 100_000,
+    max_concat_bytes: int = 4 * 2**30,
 ) -> dict[str, Any]:
     """The ``probe`` and ``probe_concat`` rows of a comparison: linear probes on the frozen
     states of ``config``'s base and data (the module's docstring says what is fitted).
 
     One state is chosen by the validation score of its probe (``train.metric``, else the
     task's primary metric); the other probe reads every state at once (their features
-    concatenated). Each is scored on validation and test with the task's metrics and written
-    as a run folder (``config.yaml``, ``metrics.json``; ``baseline`` ``probe`` /
-    ``probe_concat``), ``output_dir`` and ``concat_dir``.
+    concatenated). With ``train.cache: true`` the features come from the feature stores
+    (built where missing, shared with the comparison's other rows), one state at a time;
+    otherwise from one pass of the base. Each is scored on validation and test with the
+    task's metrics and written as a run folder (``config.yaml``, ``metrics.json``;
+    ``baseline`` ``probe`` / ``probe_concat``), ``output_dir`` and ``concat_dir``.
 
     Args:
         config: the run configuration (its base, data, ``max_length``, ``task.metrics``,
@@ -351,6 +354,8 @@ def probe_baseline(
         max_iter: L-BFGS iterations.
         max_train_rows: fit on at most this many training rows (examples; words of a token
             task), a random subset chosen with ``train.seed`` where there are more.
+        max_concat_bytes: ``probe_concat`` is not fitted (its row says why) where every
+            state's features together would take more memory than this.
 
     Returns:
         The single-state probe's results (what ``metrics.json`` holds).
@@ -376,40 +381,51 @@ def probe_baseline(
     chosen = config.task.mixer.layer_indices(backbone.num_states)
     splits = [s for s in ("train", "validation", "test") if len(data.splits.get(s) or []) > 0]
     stores = _probe_stores(config) if config.train.cache else {}
-    features = {}
-    for split in splits:
-        ds = tokenize(data, split, backbone.tokenizer, task, max_length)
-        with torch.no_grad():  # not inference_mode: the fit multiplies these in a graph
-            if split in stores and set(chosen) <= set(stores[split].layers):
-                examples = CachedExamples(ds)
-                x, targets, counts = _cached_features(
-                    stores[split], examples, kind, range(len(ds)), layers=chosen
-                )
-                source = f"the feature cache ({stores[split].dtype})"
-            else:
+    tokenized = {s: tokenize(data, s, backbone.tokenizer, task, max_length) for s in splits}
+    cached = all(s in stores and set(chosen) <= set(stores[s].layers) for s in splits)
+    if cached:  # one state at a time from the stores: memory for one state's features
+        examples = {s: CachedExamples(tokenized[s]) for s in splits}
+        logger.info("probe: features from the feature cache (%s)", stores["train"].dtype)
+
+        def states(layers: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[int]]]:
+            with torch.no_grad():  # not inference_mode: the fit multiplies these in a graph
+                return {
+                    s: _cached_features(
+                        stores[s], examples[s], kind, range(len(examples[s])), layers=layers
+                    )
+                    for s in splits
+                }
+
+    else:  # one pass of the base over every split, every state kept
+        full = {}
+        for split in splits:
+            ds = tokenized[split]
+            with torch.no_grad():
                 x, targets, counts = _split_features(backbone, ds, kind, range(len(ds)))
-                x, source = x[chosen], "the base"
-        features[split] = (x, targets, counts)
-        logger.info(
-            "probe: %s features of %d rows, %d states, from %s",
-            split,
-            x.shape[1],
-            len(chosen),
-            source,
-        )
+            full[split] = (x[chosen], targets, counts)
+            logger.info("probe: %s features of %d rows, %d states", split, x.shape[1], len(chosen))
+
+        def states(layers: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[int]]]:
+            where = [chosen.index(layer) for layer in layers]
+            return {s: (x[where], targets, counts) for s, (x, targets, counts) in full.items()}
+
+    first = states(chosen[:1])
     extracted = time.perf_counter() - start
     generator = torch.Generator().manual_seed(config.train.seed)
-    train_rows = features["train"][0].shape[1]
+    train_rows = first["train"][0].shape[1]
     fit_rows = torch.randperm(train_rows, generator=generator)[:max_train_rows].sort().values
-    fit_x = features["train"][0][:, fit_rows]  # (S, N, d)
-    mean, sd = fit_x.mean(1, keepdim=True), fit_x.std(1, keepdim=True) + 1e-6  # (S, 1, d) each
-    del fit_x
-    view = {s: features[s][0].sub_(mean).div_(sd) for s in splits}  # (S, R, d) standardised
-    y_fit = features["train"][1][fit_rows]
+    y_fit = first["train"][1][fit_rows]
     outputs = kind.num_outputs(labels)
 
+    def standardised(features: dict[str, tuple]) -> dict[str, torch.Tensor]:
+        """(S, R, d) per split, standardised per state on the rows the fit reads."""
+        fit_x = features["train"][0][:, fit_rows]  # (S, N, d)
+        mean, sd = fit_x.mean(1, keepdim=True), fit_x.std(1, keepdim=True) + 1e-6  # (S, 1, d)
+        del fit_x
+        return {s: (features[s][0] - mean) / sd for s in splits}
+
     def score(split: str, logits: torch.Tensor) -> dict[str, Any]:
-        _, targets, counts = features[split]
+        _, targets, counts = first[split]
         return _scores(task, data, split, logits, targets, counts, names, positive)
 
     def probe(x: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, Any]], int]:
@@ -418,8 +434,9 @@ def probe_baseline(
         return evaluated, w.numel() + b.numel()
 
     by_layer: dict[int, dict[str, dict[str, Any]]] = {}
-    for j, layer in enumerate(chosen):
-        by_layer[layer], size = probe({s: view[s][j] for s in splits})
+    for layer in chosen:
+        view = standardised(first if layer == chosen[0] else states([layer]))
+        by_layer[layer], size = probe({s: view[s][0] for s in splits})
         logger.info(
             "probe: state %d, validation %s %.4f",
             layer,
@@ -427,7 +444,22 @@ def probe_baseline(
             by_layer[layer]["validation"][metric],
         )
     best = max(chosen, key=lambda layer: by_layer[layer]["validation"][metric])  # first on ties
-    concat, concat_size = probe({s: view[s].permute(1, 0, 2).flatten(1) for s in splits})
+    rows = sum(first[s][0].shape[1] for s in splits)
+    concat_bytes = 4 * len(chosen) * first["train"][0].shape[-1] * (rows + len(fit_rows))
+    concat: dict[str, Any] | None = None
+    if concat_bytes <= max_concat_bytes:
+        view = standardised(states(chosen))
+        concat, concat_size = probe({s: view[s].permute(1, 0, 2).flatten(1) for s in splits})
+        del view
+    else:
+        logger.warning(
+            "probe_concat: not fitted: %d states' features of %d rows would take %.1f GiB "
+            "(max_concat_bytes %.1f GiB)",
+            len(chosen),
+            rows,
+            concat_bytes / 2**30,
+            max_concat_bytes / 2**30,
+        )
     seconds = time.perf_counter() - start
     base_parameters = backbone.num_parameters()
     common = {
@@ -459,14 +491,21 @@ def probe_baseline(
         "percent_of_base": 100 * size / base_parameters,
         "train_seconds": round(seconds, 2),
     }
-    joined = {
-        **common,
-        "baseline": "probe_concat",
-        **concat,
-        "parameters_added": concat_size,
-        "percent_of_base": 100 * concat_size / base_parameters,
-        "train_seconds": round(seconds, 2),
-    }
+    joined: dict[str, Any] = {**common, "baseline": "probe_concat"}
+    if concat is None:
+        joined["skipped"] = (
+            f"{len(chosen)} states' features would take {concat_bytes / 2**30:.1f} GiB "
+            f"(max_concat_bytes {max_concat_bytes / 2**30:.1f} GiB)"
+        )
+    else:
+        joined.update(
+            {
+                **concat,
+                "parameters_added": concat_size,
+                "percent_of_base": 100 * concat_size / base_parameters,
+            }
+        )
+    joined["train_seconds"] = round(seconds, 2)
     for folder, results in ((Path(output_dir), single), (Path(concat_dir), joined)):
         folder.mkdir(parents=True, exist_ok=True)
         save_config(config, folder / CONFIG)
