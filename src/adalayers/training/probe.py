@@ -186,7 +186,7 @@ def probe_check(
     positive: int | None = None,
     seed: int = 0,
     max_examples: int = 5_000,
-    max_rows: int = 10_000,
+    max_rows: int = 100_000,
     c: float = PROBE_C,
     max_iter: int = 100,
 ) -> dict[str, Any] | None:
