@@ -265,18 +265,26 @@ def probe_check(
 # -- the probe baseline of ``adalayers compare`` ----------------------------------------------
 
 
-def _probe_stores(config: Any) -> dict[str, Any]:
+def _probe_stores(
+    config: Any, backbone: Backbone, data: Any, tokenized: dict[str, Any], max_length: int
+) -> dict[str, Any]:
     """The feature stores of a cached config (``train.cache: true``), every state of every split
     of ``cache.splits``: built where missing, shared with the comparison's mixer-family rows
-    (which store every state too), so the probe runs the base only for splits not cached."""
+    (which store every state too), so the probe runs the base only for splits not cached. Reads
+    the base, data and tokenised splits the probe already holds."""
     import dataclasses
 
-    from adalayers.training.cache_prep import cached_stores
+    from adalayers.training.build import build_task, make_accelerator
+    from adalayers.training.cache_prep import prepare_cache
 
     cache = config.cache
     if cache.layers is None and not cache.all_layers:
         config = dataclasses.replace(config, cache=dataclasses.replace(cache, all_layers=True))
-    return cached_stores(config, quiet=True)
+    task = build_task(config, data, backbone)
+    accelerator = make_accelerator(config)
+    return prepare_cache(
+        config, accelerator, backbone, data, task, dict(tokenized), max_length, False
+    )[2]
 
 
 def _split_features(
@@ -380,8 +388,10 @@ def probe_baseline(
     max_length = max_tokens(config, backbone)
     chosen = config.task.mixer.layer_indices(backbone.num_states)
     splits = [s for s in ("train", "validation", "test") if len(data.splits.get(s) or []) > 0]
-    stores = _probe_stores(config) if config.train.cache else {}
     tokenized = {s: tokenize(data, s, backbone.tokenizer, task, max_length) for s in splits}
+    stores = {}
+    if config.train.cache:
+        stores = _probe_stores(config, backbone, data, tokenized, max_length)
     cached = all(s in stores and set(chosen) <= set(stores[s].layers) for s in splits)
     if cached:  # one state at a time from the stores: memory for one state's features
         examples = {s: CachedExamples(tokenized[s]) for s in splits}
