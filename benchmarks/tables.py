@@ -25,7 +25,8 @@ from pathlib import Path
 
 import yaml
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 REFERENCE = {"imdb": "96.1 acc", "cola": "83.6 acc", "conll2003": "89.4 F1"}
 
 
@@ -1336,26 +1337,78 @@ def small_data_table() -> str:
     )
 
 
+def _dynamic_points() -> dict[tuple[str, str, str], tuple[tuple[str, ...], dict[int, float]]]:
+    """(task, base, setting) of a column -> (the dynamic mixer's settings chosen on validation,
+    seed -> test metric). Every run with a dynamic row counts, variants too: grouped by what they
+    changed bar the mixer's own knobs (:data:`MIXER_ONLY`), each setting of those knobs (the
+    config's own is ``()``) run with the most seeds is a candidate, and the one with the best
+    mean validation score is chosen, as the static mixer's α is from its grid."""
+    groups: dict[tuple, dict[tuple[str, ...], dict[int, tuple[float, float]]]] = {}
+    for path in sorted(RESULTS.glob("compare_*.json")):
+        result = json.loads(path.read_text())
+        comparison = result["comparison"]
+        row = comparison["rows"].get("dynamic")
+        metric = comparison["metric"]
+        scores = tuple(((row or {}).get(split) or {}).get(metric) for split in ("validation", "test"))
+        if None in scores:
+            continue
+        mixer = _changes(result, mixer=True)
+        key = (Path(result["config"]).stem, comparison["task"], comparison["base"])
+        key += (_changes(result, mixer=False),)
+        setting = tuple(c for c in mixer if c.partition("=")[0] in MIXER_ONLY)
+        by_seed = groups.setdefault(key, {}).setdefault(setting, {})
+        by_seed.setdefault(_seed(result) or 0, scores)
+    out: dict[tuple[str, str, str], tuple[tuple[str, ...], dict[int, float]]] = {}
+    for result in _column_runs():
+        comparison = result["comparison"]
+        key = (Path(result["config"]).stem, comparison["task"], comparison["base"])
+        settings = groups.get(key + (_changes(result, mixer=False),))
+        column = (comparison["task"], comparison["base"], _setting(result))
+        if not settings or column in out:
+            continue
+        most = max(len(runs) for runs in settings.values())
+        candidates = {k: runs for k, runs in settings.items() if len(runs) == most}
+        best = max(
+            sorted(candidates),  # ties: the config's own first
+            key=lambda k: statistics.mean(v for v, _ in candidates[k].values()),
+        )
+        by_seed = {seed: test for seed, (_, test) in candidates[best].items()}
+        if not best:  # the config's own α
+            config = yaml.safe_load((ROOT / result["config"]).read_text())
+            best = (f"task.mixer.alpha={config['task']['mixer']['alpha']:g}",)
+        out[column] = (best, by_seed)
+    return out
+
+
 def dynamic_columns_table() -> str:
     """Every column with a dynamic-mixer row: its test mean against the rows it must beat (the
-    uniform mix and the best single layer, by one point) and the static mixer."""
+    uniform mix and the best single layer, by one point) and the static mixer. The dynamic
+    mixer's α is chosen on validation among those it was run with (:func:`_dynamic_points`);
+    its run at the config's α is shown beside it."""
     cells = _cells()
     columns, _ = _columns(cells)
     points = _baseline_points(cells)
+    chosen = _dynamic_points()
     kinds = ("dynamic", "mixer_chosen", "uniform", "best_single_layer", "scalar_mix", "probe")
     lines = [
-        "| task × base | dynamic mixer | static mixer, α chosen on validation | uniform mix "
+        "| task × base | dynamic mixer, α chosen on validation | dynamic mixer, config's α "
+        "| static mixer, α chosen on validation | uniform mix "
         "| best single layer | scalar mix | probe, one state | dynamic − uniform "
         "| dynamic − best single | ≥ +1 over both |",
-        "| --- |" + " --- |" * 9,
+        "| --- |" + " --- |" * 10,
     ]
     met = total = 0
     for key, title in columns:
         found = points.get(key, {})
-        if "dynamic" not in found:
+        if "dynamic" not in found or key not in chosen:
             continue
+        setting, by_seed = chosen[key]
+        picked = [100 * by_seed[s] for s in sorted(by_seed)]
+        alpha = [c.partition("=")[2] for c in setting if c.startswith("task.mixer.alpha=")]
+        note = f"α = {alpha[0]}" if alpha else ", ".join(setting)
         means = {k: statistics.mean(found[k][0]) for k in kinds if k in found}
-        cells_text = [
+        means["dynamic"] = statistics.mean(picked)
+        cells_text = [f"{_mean_sd(picked)} (n = {len(picked)}, {note})"] + [
             f"{_mean_sd(found[k][0])} (n = {len(found[k][0])})" if k in found else "–"
             for k in kinds
         ]

@@ -45,7 +45,7 @@ def write(root, name, rows, overrides=(), variant=None, grid=None, chosen=None):
     if singles:
         best = max(singles.values(), key=lambda r: r["validation"]["f1"])
         summary["best_single_layer"] = {"layer": best["layer"], "test": best["test"]["f1"]}
-    for kind in ("mixer", "uniform", "scalar_mix", "finetune"):
+    for kind in ("mixer", "uniform", "scalar_mix", "finetune", "dynamic"):
         if kind in rows:
             summary[kind] = rows[kind]["test"]["f1"]
     if chosen:
@@ -229,6 +229,35 @@ def test_targets_for_the_alpha_chosen_on_validation_means_over_the_grids_seeds(t
     assert "73.0 vs 72.0: +1.0, **met**" in lines[name + "≥ best single layer + 1 point"]
     assert "73.0 vs 74.0: −1.0, **missed by 1.0**" in lines[name + "≥ scalar mix"]
     assert "not run" in lines[name + "within 2 points of full fine-tuning"]
+
+
+def test_the_dynamic_mixers_alpha_is_chosen_on_its_validation_mean_over_seeds(tables, tmp_path):
+    def runs(tag, val, tests, overrides=(), seeds=(0, 1, 2), variant=None):
+        for seed in seeds:
+            rows = full() if tag == "a" else {}
+            rows["dynamic"] = row("dynamic", val, tests[seed])
+            seeded = [f"train.seed={seed}"] if seed else []
+            name = tag + (f"-seed{seed}" if seed else "")
+            write(tmp_path, name, rows, [*seeded, *overrides], variant)
+
+    runs("a", 0.80, [0.79, 0.77, 0.78])  # the config's α (128): test mean 78.0
+    runs("a4", 0.82, [0.70, 0.71, 0.72], ["task.mixer.alpha=4"], variant="v")  # mean 71.0
+    # better on validation, but fewer seeds than the others: not a candidate
+    runs("a1", 0.99, [0.99, 0.99, 0.99], ["task.mixer.alpha=1"], (0, 1), "v")
+    # another column (it changed something other than the mixer's knobs)
+    runs("lr", 0.99, [0.99, 0.99, 0.99], ["train.lr=0.1", "task.mixer.alpha=2"], variant="v")
+    (key,) = tables._dynamic_points()
+    setting, by_seed = tables._dynamic_points()[key]
+    assert setting == ("task.mixer.alpha=4",)
+    assert by_seed == {0: 0.70, 1: 0.71, 2: 0.72}
+    line = tables.dynamic_columns_table().splitlines()[2]
+    assert "| 71.0 ± 1.0 (n = 3, α = 4) | 78.0 ± 1.0 (n = 3) |" in line  # chosen, config's α
+    assert line.endswith("| -6.0 | -3.0 | no |")  # the chosen one against uniform, best single
+
+    runs("a4", 0.78, [0.70, 0.71, 0.72], ["task.mixer.alpha=4"], variant="v")  # now worse
+    setting, by_seed = tables._dynamic_points()[key]
+    assert setting == ("task.mixer.alpha=128",)  # the config's own, named
+    assert by_seed == {0: 0.79, 1: 0.77, 2: 0.78}
 
 
 def test_baselines_give_seed_means_with_n_and_bold_the_best_frozen_mean(tables, tmp_path):
