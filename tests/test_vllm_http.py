@@ -87,21 +87,26 @@ def server(tmp_path_factory):
     log.close()
 
 
-def expected(reference, tokenizer, tokens):
-    ids = torch.tensor([tokenizer.convert_tokens_to_ids(tokens)])
+def expected(reference, ids):
+    ids = torch.tensor([ids])
     out = reference({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return {name: value[0] for name, value in out.logits.items()}
 
 
-def check_choice(choice, reference, tokenizer):
+def check_choice(choice, reference, tokenizer, ids):
+    """A choice's labels against the reference on its prompt's token ``ids``; the token task
+    labels every prompt token but the special ones (BOS, chat markers)."""
     tasks = choice["side_tasks"]
-    logits = expected(reference, tokenizer, tasks["ner"]["tokens"])
+    logits = expected(reference, ids)
     labels = reference.tasks["sentiment"].labels
     assert tasks["sentiment"]["label"] == labels[int(logits["sentiment"].argmax())]
     probability = logits["sentiment"].softmax(-1).max().item()
     assert tasks["sentiment"]["score"] == pytest.approx(probability, abs=1e-4)
+    special = set(tokenizer.all_special_ids)
+    content = [j for j, token in enumerate(ids) if token not in special]
+    assert tasks["ner"]["tokens"] == tokenizer.convert_ids_to_tokens([ids[j] for j in content])
     ner = reference.tasks["ner"].labels
-    assert tasks["ner"]["labels"] == [ner[i] for i in logits["ner"].argmax(-1).tolist()]
+    assert tasks["ner"]["labels"] == [ner[i] for i in logits["ner"][content].argmax(-1).tolist()]
 
 
 def test_each_completion_choice_carries_its_prompts_labels(server):
@@ -112,8 +117,8 @@ def test_each_completion_choice_carries_its_prompts_labels(server):
     assert response.status_code == 200, response.text
     choices = response.json()["choices"]
     assert len(choices) == 2
-    for choice in choices:
-        check_choice(choice, reference, tokenizer)
+    for choice, prompt in zip(choices, prompts):
+        check_choice(choice, reference, tokenizer, tokenizer(prompt)["input_ids"])
     first, second = (c["side_tasks"]["ner"]["tokens"] for c in choices)
     assert len(second) > 64 > len(first)  # the long prompt was prefilled in several chunks
 
@@ -136,7 +141,10 @@ def test_a_streamed_chat_carries_the_labels_in_its_first_chunk(server):
     with_choices = [c for c in chunks if c.get("choices")]
     first = with_choices[0]["choices"][0]
     assert "side_tasks" in first, first  # before any generated text
-    check_choice(first, reference, tokenizer)
+    ids = tokenizer.apply_chat_template(
+        body["messages"], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    check_choice(first, reference, tokenizer, list(ids))
     assert not any("side_tasks" in c["choices"][0] for c in with_choices[1:])
 
 

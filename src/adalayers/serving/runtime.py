@@ -175,6 +175,12 @@ def _as_tasks(tasks: Any) -> dict[str, Task]:
 _CACHE_ARGS = ("cache", "past_key_values")
 
 
+def content_positions(ids: Sequence[int], special: Collection[int]) -> list[int]:
+    """The positions of a row's token ids that are not the tokenizer's special tokens
+    (``[CLS]``, ``<|im_start|>``, ...): the tokens a token task was trained to label."""
+    return [j for j, token in enumerate(ids) if token not in special]
+
+
 def _continues_a_sequence(arguments: Mapping[str, Any]) -> bool:
     """Whether a forward's arguments carry a KV cache that already holds earlier tokens."""
     for name in _CACHE_ARGS:
@@ -316,8 +322,8 @@ class AttachedTasks:
         """Per input row: task name -> its kind's prediction
         (:meth:`~adalayers.core.kinds.TaskKind.postprocess`, as ``AdaLayers.predict`` gives it):
         ``{"label", "score"}``, ``{"value"}``, ``{"labels", "scores"}`` (multi-label), or for
-        token tasks ``{"tokens", "labels", "scores"}`` (one entry per prompt token, padding
-        dropped).
+        token tasks ``{"tokens", "labels", "scores"}`` (one entry per prompt token; padding and
+        the tokenizer's special tokens, such as ``[CLS]``, which training never labels, dropped).
 
         Args:
             tokenizer: turns token ids into token strings (default: the backbone's).
@@ -358,13 +364,17 @@ class AttachedTasks:
                 if not kind.per_token:
                     out[i][name] = kind.postprocess(task, values[i])  # (C,)
                     continue
+                row = values[i, :n]  # (n, C)
                 ids = self._ids[i, :n].tolist() if self._ids is not None else None
+                if ids is not None and special:  # never labelled in training: not predicted
+                    keep = content_positions(ids, special)
+                    row, ids = row[keep], [ids[j] for j in keep]
                 tokens = (
                     tokenizer.convert_ids_to_tokens(ids)
                     if tokenizer is not None and ids is not None
                     else ids
                 )
-                out[i][name] = kind.postprocess(task, values[i, :n], tokens=tokens)  # (n, C)
+                out[i][name] = kind.postprocess(task, row, tokens=tokens)
         return out
 
     def _check_pairs(self, tokenizer: Any, special: set[int], lengths: list[int]) -> None:

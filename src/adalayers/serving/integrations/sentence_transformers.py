@@ -319,7 +319,7 @@ class SentenceTransformerTasks(AttachedTasks):
     def predictions(self, tokenizer: Any = None) -> list[dict[str, Any]]:
         """Per input of the latest ``encode`` call (or row of the latest forward): task name
         -> prediction, as :meth:`AttachedTasks.predictions` gives them (token tasks: per token
-        of what the model read, its prompt and special tokens included).
+        of what the model read, its special tokens such as ``[CLS]`` dropped).
 
         Raises:
             InputError, PairMismatchError: as :meth:`AttachedTasks.predictions`; the index is
@@ -527,7 +527,7 @@ def add_embed_route(app: Any) -> None:
     module gives unit vectors either way). Adding ``"tasks": [names]`` runs those side tasks on
     the same forward and answers ``{"embeddings": [...], "predictions": [...], "tasks":
     [...]}`` instead (``predictions``: one dict per input, task name -> prediction; token
-    tasks per token the model read). An input longer than the model's ``max_seq_length`` is
+    tasks per token the model read, special tokens dropped). An input longer than the model's ``max_seq_length`` is
     answered 413 unless ``truncate`` is true; the server's other limits are ``/predict``'s.
     """
     from fastapi import HTTPException

@@ -31,7 +31,7 @@ from typing import Any
 from adalayers.core.backbone import FINGERPRINT_VERSION, BaseInfo, fingerprint_files
 from adalayers.core.task import BaseMismatchError, Task
 from adalayers.serving.integrations.vllm_worker import EXTENSION, TASKS_ARG
-from adalayers.serving.runtime import _task_names, resolve_run
+from adalayers.serving.runtime import _task_names, content_positions, resolve_run
 
 __all__ = ["SideTasks", "engine_args", "postprocess", "check_engine_model"]
 
@@ -101,20 +101,30 @@ def check_engine_model(tasks: Mapping[str, Task], model: str | os.PathLike) -> N
             )
 
 
-def postprocess(task: Task, logits: Any, tokens: Sequence[str] | None = None) -> dict[str, Any]:
+def postprocess(
+    task: Task, logits: Any, token_ids: Sequence[int] | None = None, tokenizer: Any = None
+) -> dict[str, Any]:
     """One prompt's task logits -> its prediction, as :class:`AdaLayers` gives it.
 
     Args:
         task: the task.
         logits: (C,) for a sequence task, (T, C) for a token task (nested lists or a tensor).
-        tokens: the prompt's tokens (token tasks label every prompt token).
+        token_ids: the prompt's token ids. A token task labels every prompt token but the
+            tokenizer's special tokens (chat-template markers, BOS), which training never
+            labels; they are named as ``tokenizer`` spells them.
+        tokenizer: the engine's tokenizer.
     """
     import torch
 
     values = torch.as_tensor(logits, dtype=torch.float32)
-    if task.kind.per_token:
-        return task.kind.postprocess(task, values, tokens=list(tokens or []))
-    return task.kind.postprocess(task, values)
+    if not task.kind.per_token:
+        return task.kind.postprocess(task, values)
+    ids = list(token_ids or [])
+    if tokenizer is not None and ids:
+        keep = content_positions(ids, set(getattr(tokenizer, "all_special_ids", None) or ()))
+        values, ids = values[keep], [ids[j] for j in keep]
+    tokens = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else ids
+    return task.kind.postprocess(task, values, tokens=list(tokens))
 
 
 class SideTasks:
@@ -221,10 +231,10 @@ class SideTasks:
         self, logits: Mapping[str, Any], token_ids: Sequence[int] | None, tokenizer: Any = None
     ) -> dict[str, Any]:
         """Task name -> prediction from one prompt's logits."""
-        tokens = None
-        if token_ids is not None and tokenizer is not None:
-            tokens = tokenizer.convert_ids_to_tokens(list(token_ids))
-        return {name: postprocess(self.tasks[name], v, tokens) for name, v in logits.items()}
+        return {
+            name: postprocess(self.tasks[name], v, token_ids, tokenizer)
+            for name, v in logits.items()
+        }
 
     def stats(self) -> dict[str, int]:
         """The worker's live buffers and step counters."""

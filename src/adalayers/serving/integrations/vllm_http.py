@@ -154,10 +154,10 @@ class SideTaskMiddleware:
     def _render(self, result: dict[str, Any]) -> dict[str, Any]:
         if "error" in result:
             return {"side_tasks_error": result["error"]}
-        tokens = self._tokenizer.convert_ids_to_tokens(result.get("token_ids") or [])
+        ids = result.get("token_ids") or []
         return {
             "side_tasks": {
-                name: postprocess(self.tasks[name], value, tokens)
+                name: postprocess(self.tasks[name], value, ids, self._tokenizer)
                 for name, value in result["logits"].items()
             }
         }
