@@ -85,7 +85,7 @@ def test_generate_unchanged_and_tasks_read_the_prompt(tiny_model_dir, family):
             logits["sentiment"][i], expected["sentiment"][0], atol=1e-5, rtol=0
         )
         torch.testing.assert_close(logits["ner"][i, :n], expected["ner"][0], atol=1e-5, rtol=0)
-        # every prompt token is labelled but the special ones (BOS, EOS), which training never labels
+        # every prompt token is labelled but the special ones (BOS, EOS): training never labels them
         ids = alone["input_ids"][0].tolist()
         words = [t for t in ids if t not in set(tokenizer.all_special_ids)]
         assert predictions[i]["ner"]["tokens"] == tokenizer.convert_ids_to_tokens(words)
