@@ -528,7 +528,8 @@ def add_embed_route(app: Any) -> None:
     the same forward and answers ``{"embeddings": [...], "predictions": [...], "tasks":
     [...]}`` instead (``predictions``: one dict per input, task name -> prediction; token
     tasks per token the model read, special tokens dropped). An input longer than the model's
-    ``max_seq_length`` is answered 413 unless ``truncate`` is true; the server's other limits are ``/predict``'s.
+    ``max_seq_length`` is answered 413 unless ``truncate`` is true; the server's other limits
+    are ``/predict``'s.
     """
     from fastapi import HTTPException
     from fastapi.responses import JSONResponse
