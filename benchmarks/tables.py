@@ -1349,7 +1349,9 @@ def _dynamic_points() -> dict[tuple[str, str, str], tuple[tuple[str, ...], dict[
         comparison = result["comparison"]
         row = comparison["rows"].get("dynamic")
         metric = comparison["metric"]
-        scores = tuple(((row or {}).get(split) or {}).get(metric) for split in ("validation", "test"))
+        scores = tuple(
+            ((row or {}).get(split) or {}).get(metric) for split in ("validation", "test")
+        )
         if None in scores:
             continue
         mixer = _changes(result, mixer=True)
