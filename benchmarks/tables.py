@@ -1420,7 +1420,7 @@ def dynamic_columns_table() -> str:
         ]
         ok = all(g is not None and round(g, 1) >= 1.0 for g in gaps)
         met, total = met + ok, total + 1
-        gap_text = ["–" if g is None else f"{g:+.1f}" for g in gaps]
+        gap_text = ["–" if g is None else f"{round(g, 1) + 0.0:+.1f}" for g in gaps]  # no -0.0
         lines.append(
             f"| {title} | " + " | ".join(cells_text + gap_text) + f" | {'yes' if ok else 'no'} |"
         )
