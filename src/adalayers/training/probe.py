@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from adalayers.core.backbone import Backbone
 from adalayers.core.encoding import IGNORE_INDEX
@@ -317,7 +318,10 @@ def fit_linear(
     kind's loss) by L-BFGS with a strong-Wolfe line search, from zero: for classification the
     multinomial logistic regression scikit-learn fits with ``C = c``."""
     n, dim = x.shape
-    w = torch.zeros(dim, num_outputs, dtype=x.dtype, requires_grad=True)  # (D, K)
+    x = x.contiguous()
+    # W is held as (K, D): the gradient is then grad^T x, (K, N) @ (N, D), which a BLAS runs
+    # about 14x faster than x^T grad, (D, N) @ (N, K), for the few outputs a probe has
+    w = torch.zeros(num_outputs, dim, dtype=x.dtype, requires_grad=True)  # (K, D)
     b = torch.zeros(num_outputs, dtype=x.dtype, requires_grad=True)  # (K,)
     optimizer = torch.optim.LBFGS(
         [w, b], lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe"
@@ -325,13 +329,13 @@ def fit_linear(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = kind.loss(x @ w + b, targets) + (w * w).sum() / (2 * c * n)
+        loss = kind.loss(F.linear(x, w, b), targets) + (w * w).sum() / (2 * c * n)  # (N, K)
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return w.detach(), b.detach()
+    return w.detach().T.contiguous(), b.detach()  # (D, K), (K,)
 
 
 def probe_baseline(
