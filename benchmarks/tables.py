@@ -108,6 +108,8 @@ def _cells() -> dict[tuple[str, str, str], dict[str, dict]]:
             if comparison["baselines"] == ["mixer"]:
                 continue  # a grid of the mixer alone: the column's other rows come from elsewhere
         for row in comparison["rows"].values():
+            if row.get("test") is None:
+                continue  # not scored: a row skipped (e.g. a concatenation beyond memory)
             if row["baseline"] not in ("single_layer", "mixer_grid"):
                 cell[row["baseline"]] = {**row, "metric": metric, "budget": budget}
         best = result["summary"].get("best_single_layer")  # chosen on validation

@@ -260,6 +260,15 @@ def test_the_dynamic_mixers_alpha_is_chosen_on_its_validation_mean_over_seeds(ta
     assert by_seed == {0: 0.79, 1: 0.77, 2: 0.78}
 
 
+def test_a_row_that_was_skipped_is_a_dash_not_a_crash(tables, tmp_path):
+    rows = full()
+    rows["probe"] = row("probe", 0.60, 0.58, layer=1)
+    rows["probe_concat"] = {"baseline": "probe_concat", "layer": None}  # beyond memory: no scores
+    write(tmp_path, "a", rows)
+    line = tables.baselines_table().splitlines()[2]
+    assert "| 58.0 (n = 1) | – |" in line  # the probe on one state, then the skipped concatenation
+
+
 def test_baselines_give_seed_means_with_n_and_bold_the_best_frozen_mean(tables, tmp_path):
     write(tmp_path, "a", full())  # seed 0: mixer 78, best single layer (1) 74, uniform 77
     write(tmp_path, "a-seed1", full(0.01), overrides=["train.seed=1"])
