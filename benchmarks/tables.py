@@ -927,6 +927,17 @@ def embed_table() -> str:
         "",
         _source(name, r),
     ]
+    repeats = [_load(path.stem) for path in sorted(RESULTS.glob(f"{name}-repeat*.json"))]
+    if repeats:  # the same command run again: every run's ratio, so none is picked
+        ratios = sorted(x["ratio_tasks_4_vs_embed"] for x in [r, *repeats])
+        commits = sorted({x["commit"] for x in [r, *repeats]})
+        lines.insert(
+            -1,
+            f"Every run of this command at commits {', '.join(commits)} (one code path): "
+            + ", ".join(f"{x:.3f}×" for x in ratios)
+            + f", median {statistics.median(ratios):.3f}×; the table shows the median run, the "
+            f"others are `{name}-repeat*.json`.\n",
+        )
     return "\n".join(lines)
 
 
