@@ -17,7 +17,7 @@ from the feature cache, and whether the metrics stay within the seed spread.
    each way, through ``fit``; the test metric over the seeds is the spread the bf16 runs are read
    against.
 
-Writes ``benchmarks/results/mixed_precision.json``, with whether the CPU has bfloat16
+Writes ``benchmarks/results/mixed_precision.json`` (``--name`` for another file), with whether the CPU has bfloat16
 instructions (AVX-512 BF16 or AMX): without them torch emulates bfloat16.
 """
 
@@ -142,8 +142,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cache-dir", help="reuse stores from here (default: a fresh temp folder)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--name",
+        default="mixed_precision",
+        help="results file benchmarks/results/NAME.json (a second run keeps the first's file)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    reference = load_config(args.config, args.set, args.data_dir)
     started = time.perf_counter()
     fits: dict[str, list[dict]] = {p: [] for p in PRECISIONS}
     with tempfile.TemporaryDirectory(dir=".") as tmp:
@@ -210,8 +216,8 @@ def main() -> None:
         "benchmark": "mixed_precision",
         "config": args.config,
         "overrides": args.set,
-        "task": "cola",
-        "base": "all-MiniLM-L6-v2",
+        "task": reference.data.task,
+        "base": reference.base,
         "metric": fits["no"][0]["metric"],
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
@@ -228,7 +234,7 @@ def main() -> None:
         "load_average_at_end": os.getloadavg(),
     }
     print(summary)
-    print(write_result("mixed_precision", result))
+    print(write_result(args.name, result))
 
 
 if __name__ == "__main__":
