@@ -16,6 +16,7 @@ back); each figure is the median over rounds of a ratio taken *within* a round:
   forward takes, trained and untrained weights are the same.
 
     python benchmarks/embed_side_tasks.py [--batch 32 --length 128 --rounds 20 --threads 1]
+        [--name embed_side_tasks]
 """
 
 from __future__ import annotations
@@ -107,6 +108,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument(
+        "--name",
+        default="embed_side_tasks",
+        help="results file benchmarks/results/NAME.json (a second run keeps the first's file)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -163,7 +169,7 @@ def main() -> None:
         "seconds_per_round": times,
         "cpu_seconds_per_round": cpu,
     }
-    path = write_result("embed_side_tasks", result)
+    path = write_result(args.name, result)
     print(
         f"MiniLM (sentence-transformers), batch {args.batch} x {args.length}, k={args.dim}, "
         f"{result['threads']} thread(s), {args.rounds} interleaved rounds (median):"

@@ -17,8 +17,8 @@ from the feature cache, and whether the metrics stay within the seed spread.
    each way, through ``fit``; the test metric over the seeds is the spread the bf16 runs are read
    against.
 
-Writes ``benchmarks/results/mixed_precision.json`` (``--name`` for another file), with whether the CPU has bfloat16
-instructions (AVX-512 BF16 or AMX): without them torch emulates bfloat16.
+Writes ``benchmarks/results/mixed_precision.json`` (``--name`` for another file), with whether
+the CPU has bfloat16 instructions (AVX-512 BF16 or AMX): without them torch emulates bfloat16.
 """
 
 from __future__ import annotations

@@ -54,6 +54,18 @@ from torch import nn
 from adalayers.core.dropout import Dropout
 
 
+def layer_norm(h: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last dimension without affine parameters, as ``F.layer_norm(h, (k,))``.
+
+    It runs torch's affine kernel with a weight of ones: the same values bit for bit and the same
+    gradients within rounding (``tests/test_mixer.py`` checks), at about half the time on a CPU,
+    where the kernel without a weight takes a slower path (1.85 against 0.87 ms on
+    (32, 128, 4, 64), one thread).
+    """
+    k = h.shape[-1]
+    return F.layer_norm(h, (k,), weight=torch.ones(k, dtype=h.dtype, device=h.device))
+
+
 @dataclass
 class MixerConfig:
     """Hyper-parameters of the layer mixer.
@@ -348,7 +360,7 @@ class LayerMixer(nn.Module):
             raise ValueError("a scalar_mix mixer has no per-layer projection; see finish()")
         w = self.weight[self._local[layer]]  # (k, d)
         h = F.linear(F.gelu(z.to(w.dtype)), w)  # (B, T, k)
-        return F.layer_norm(h, (h.shape[-1],))  # (B, T, k)
+        return layer_norm(h)  # (B, T, k)
 
     def accumulate(
         self, buffer: torch.Tensor | None, layer: int, weight: torch.Tensor, z: torch.Tensor
@@ -419,7 +431,7 @@ class LayerMixer(nn.Module):
         if self.config.mode == "scalar_mix":
             s = self.gamma * mixed  # (..., d)
             h = F.linear(F.gelu(s), self.projection)  # (..., k)
-            mixed = F.layer_norm(h, (h.shape[-1],))  # (..., k)
+            mixed = layer_norm(h)  # (..., k)
         return mixed
 
     def _positions(self, mixed: torch.Tensor) -> torch.Tensor:
@@ -509,7 +521,7 @@ class LayerMixer(nn.Module):
         w = self.weight[[self._local[layer] for layer, _ in active]]  # (n, k, d)
         n, b, t, d = z.shape
         h = torch.bmm(F.gelu(z.to(w.dtype)).reshape(n, b * t, d), w.transpose(1, 2))  # (n, BT, k)
-        f = F.layer_norm(h, (h.shape[-1],)).reshape(n, b, t, -1)  # (n, B, T, k)
+        f = layer_norm(h).reshape(n, b, t, -1)  # (n, B, T, k)
         mixing = torch.stack([weight for _, weight in active])  # (n,)
         if dynamic:  # per token: softmax over the layers of q . f_i + log p~_i
             s = self.scores(f, mixing[:, None, None])  # (n, B, T)

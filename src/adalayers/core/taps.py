@@ -21,19 +21,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adalayers.core.mixer import DynamicState, LayerMixer
+from adalayers.core.mixer import DynamicState, LayerMixer, layer_norm
 
 Reader = tuple[str, LayerMixer, int, torch.Tensor]  # (name, mixer, local index, weight p~_i)
 
 
-def _add(buffers: dict[str, torch.Tensor | None], name: str, term: torch.Tensor) -> None:
+def _add(
+    buffers: dict[str, torch.Tensor | None], name: str, weight: torch.Tensor, f: torch.Tensor
+) -> None:
+    """``buffers[name] += weight * f``."""
     buffer = buffers[name]
     if buffer is None:
-        buffers[name] = term
-    elif torch.is_grad_enabled() and (buffer.requires_grad or term.requires_grad):
-        buffers[name] = buffer + term
+        buffers[name] = weight * f
+    elif torch.is_grad_enabled() and (
+        buffer.requires_grad or f.requires_grad or weight.requires_grad
+    ):
+        buffers[name] = buffer + weight * f
     else:
-        buffer.add_(term)  # no graph to keep: add in place, no second buffer
+        buffer.addcmul_(f, weight)  # no graph to keep: in place, no temporary term
 
 
 def stream_taps(
@@ -144,14 +149,14 @@ def _fused(
             h = F.linear(F.gelu(z.to(stacked.dtype)), stacked)  # (B, T, sum k)
             if len(set(dims)) == 1:
                 k = dims[0]
-                parts: Any = F.layer_norm(h.unflatten(-1, (len(dims), k)), (k,)).unbind(-2)
+                parts: Any = layer_norm(h.unflatten(-1, (len(dims), k))).unbind(-2)
             else:
-                parts = [F.layer_norm(p, (p.shape[-1],)) for p in h.split(dims, -1)]
+                parts = [layer_norm(p) for p in h.split(dims, -1)]
             for reader, f, online in zip(readers, parts, dynamic):
                 name, _, _, weight = reader
                 if online:
                     _step(buffers, states, reader, index, f)
                 else:
-                    _add(buffers, name, weight * f)  # (B, T, k)
+                    _add(buffers, name, weight, f)  # (B, T, k)
 
     return tap
