@@ -232,6 +232,23 @@ def test_attached_tasks_refuse_a_row_of_special_tokens_only(backbone):
             side.predictions()
 
 
+def test_vllm_token_tasks_read_the_special_ids_once_per_tokenizer():
+    from adalayers.serving.integrations.vllm import special_ids
+
+    class Tokenizer:
+        reads = 0
+
+        @property
+        def all_special_ids(self):
+            Tokenizer.reads += 1
+            return [0, 2]
+
+    first, second = Tokenizer(), Tokenizer()
+    assert special_ids(first) == special_ids(first) == {0, 2}
+    assert Tokenizer.reads == 1
+    assert special_ids(second) == {0, 2} and Tokenizer.reads == 2  # one read per tokenizer
+
+
 # -- the HTTP server: 422 for such texts, and the connection survives every error ---------------
 @pytest.fixture(scope="module")
 def keepalive(tiny_model_dir):

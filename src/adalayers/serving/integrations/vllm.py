@@ -22,8 +22,10 @@ worker extension and :class:`~adalayers.serving.integrations.vllm_http.SideTaskM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,22 @@ def check_engine_model(tasks: Mapping[str, Task], model: str | os.PathLike) -> N
             )
 
 
+_SPECIAL: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def special_ids(tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's special token ids, read once per tokenizer (a Hugging Face tokenizer
+    rebuilds ``all_special_ids`` on every access, and each prompt's token tasks ask)."""
+    try:
+        return _SPECIAL[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    ids = frozenset(getattr(tokenizer, "all_special_ids", None) or ())
+    with contextlib.suppress(TypeError):  # not weakly referable: read it every time
+        _SPECIAL[tokenizer] = ids
+    return ids
+
+
 def postprocess(
     task: Task, logits: Any, token_ids: Sequence[int] | None = None, tokenizer: Any = None
 ) -> dict[str, Any]:
@@ -121,7 +139,7 @@ def postprocess(
         return task.kind.postprocess(task, values)
     ids = list(token_ids or [])
     if tokenizer is not None and ids:
-        keep = content_positions(ids, set(getattr(tokenizer, "all_special_ids", None) or ()))
+        keep = content_positions(ids, special_ids(tokenizer))
         values, ids = values[keep], [ids[j] for j in keep]
     tokens = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else ids
     return task.kind.postprocess(task, values, tokens=list(tokens))
