@@ -1035,7 +1035,63 @@ def mixed_precision_table() -> str:
         "",
         _source(name, r),
     ]
+    later = [_load(p.stem) for p in sorted(RESULTS.glob(f"{name}-*.json"))]
+    if later:
+        lines += ["", *_mixed_precision_later(r, later)]
     return "\n".join(lines)
+
+
+def _mixed_precision_later(first: dict, later: list[dict]) -> list[str]:
+    """The runs decided on after the first one (``mixed_precision-*.json``): fresh seeds and
+    other tasks, each read with the same test, and each task's seeds pooled over every run."""
+
+    def spread(s: dict) -> str:
+        return f"{s['mean']:.1f} ± {s['sd']:.1f} (n = {s['n']})"
+
+    def pooled(rows: list[dict]) -> dict:
+        xs = [100 * row["test"] for row in rows]
+        return {"mean": statistics.mean(xs), "sd": statistics.stdev(xs), "n": len(xs)}
+
+    lines = [
+        "Runs decided on after the one above, each with the same test (seeds never run before "
+        "for CoLA). Speed: a step's median thread CPU time, 1 torch thread.",
+        "",
+        "| run | seeds | bf16 speed-up, online / cached step | online / cached step, float32 "
+        "/ bf16 | test float32 | test bf16 | against the seed spread |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in later:
+        x = r["summary"]
+        metric = METRIC_NAMES[r["metric"]]
+        lines.append(
+            f"| {dict(TASKS).get(r['task'], r['task'])} × MiniLM, `{r['config']}` "
+            f"| {', '.join(map(str, r['seeds']))} "
+            f"| {x['online_speedup_bf16']:.2f}× / {x['cached_speedup_bf16']:.2f}× "
+            f"| {x['cache_ratio']['no']:.1f}× / {x['cache_ratio']['bf16']:.1f}× "
+            f"| {metric} {spread(x['test']['no'])} | {spread(x['test']['bf16'])} "
+            f"| {_against_spread(x['test'])} |"
+        )
+    for task in sorted({r["task"] for r in [first, *later]}):
+        runs = [r for r in [first, *later] if r["task"] == task]
+        if len(runs) < 2:
+            continue
+        test = {p: pooled([f for r in runs for f in r["fits"][p]]) for p in ("no", "bf16")}
+        test = {p: {k: round(v, 2) for k, v in t.items()} for p, t in test.items()}
+        seeds = sorted(f["seed"] for r in runs for f in r["fits"]["no"])
+        lines.append(
+            f"| {dict(TASKS).get(task, task)} × MiniLM, every run pooled "
+            f"| {len(seeds)} seeds ({seeds[0]} to {seeds[-1]}) | – | – "
+            f"| {METRIC_NAMES[runs[0]['metric']]} {spread(test['no'])} | {spread(test['bf16'])} "
+            f"| {_against_spread(test)} |"
+        )
+    lines += ["", *(_source(_result_name(r), r) for r in later)]
+    return lines
+
+
+def _result_name(r: dict) -> str:
+    """A results file's name from its command's ``--name`` (``mixed_precision`` without)."""
+    words = r["command"].split()
+    return words[words.index("--name") + 1] if "--name" in words else r["benchmark"]
 
 
 def vllm_table() -> str:

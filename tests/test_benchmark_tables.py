@@ -391,3 +391,29 @@ def test_the_tune_table_sets_the_search_beside_the_alpha_grid(tables, tmp_path):
     assert grid == f"| `compare --mixer-grid`: α = 1, 4, 16, 64 {expected}"
     assert "load average 6.5 when the search began, 7.2 when it ended" in "\n".join(lines)
     assert lines[-1].startswith("From `benchmarks/results/tune_cola.json`")
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file (lower case, punctuation dropped)."""
+    import re
+
+    found = set()
+    for line in path.read_text().splitlines():
+        heading = re.match(r"#+\s+(.*)", line)
+        if heading:
+            found.add(re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-"))
+    return found
+
+
+def test_every_markdown_link_to_a_section_finds_its_heading():
+    import re
+
+    root = TABLES.parents[1]
+    documents = [root / "README.md", root / "BENCHMARKS.md", *root.glob("docs/**/*.md")]
+    broken = []
+    for document in documents:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", document.read_text()):
+            path = (document.parent / target).resolve() if target else document
+            if path.suffix == ".md" and path.is_file() and anchor not in _anchors(path):
+                broken.append(f"{document.relative_to(root)} -> {target or 'itself'}#{anchor}")
+    assert not broken, f"links to headings that do not exist: {broken}"
