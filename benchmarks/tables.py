@@ -1065,7 +1065,7 @@ def _mixed_precision_later(first: dict, later: list[dict]) -> list[str]:
         metric = METRIC_NAMES[r["metric"]]
         lines.append(
             f"| {dict(TASKS).get(r['task'], r['task'])} × MiniLM, `{r['config']}` "
-            f"| {', '.join(map(str, r['seeds']))} "
+            f"| {_seed_list(r['seeds'])} "
             f"| {x['online_speedup_bf16']:.2f}× / {x['cached_speedup_bf16']:.2f}× "
             f"| {x['cache_ratio']['no']:.1f}× / {x['cache_ratio']['bf16']:.1f}× "
             f"| {metric} {spread(x['test']['no'])} | {spread(x['test']['bf16'])} "
@@ -1086,6 +1086,13 @@ def _mixed_precision_later(first: dict, later: list[dict]) -> list[str]:
         )
     lines += ["", *(_source(_result_name(r), r) for r in later)]
     return lines
+
+
+def _seed_list(seeds: list[int]) -> str:
+    """``0, 1, 2`` or, for a longer run of consecutive seeds, ``6 to 17``."""
+    if len(seeds) > 3 and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]} to {seeds[-1]}"
+    return ", ".join(map(str, seeds))
 
 
 def _result_name(r: dict) -> str:
