@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import statistics
 from pathlib import Path
@@ -941,7 +942,7 @@ def embed_table() -> str:
         f"{r['parameters_per_task']:,} parameters each; copies: {r['copies']}. Medians of "
         f"{r['measure']}: embeddings alone {1000 * cpu['embed']:.0f} ms, with 4 tasks "
         f"{1000 * cpu['embed_tasks_4']:.0f} ms, with 4 copies {1000 * cpu['embed_copies_4']:.0f} "
-        f"ms.",
+        f"ms. {_median_interval(r)}",
         "",
         f"| what | {r['measure']} | wall time | target |",
         "| --- | --- | --- | --- |",
@@ -967,6 +968,22 @@ def embed_table() -> str:
             + f"; their median {statistics.median(ratios):.3f}×.\n",
         )
     return "\n".join(lines)
+
+
+def _median_interval(r: dict, resamples: int = 2000) -> str:
+    """A 95% bootstrap interval of the median per-round ratio, embeddings + 4 tasks over
+    embeddings alone (resampling the rounds, seeded: the same text on every run)."""
+    per_round = r["cpu_seconds_per_round"] if r["threads"] == 1 else r["seconds_per_round"]
+    ratios = [b / a for a, b in zip(per_round["embed"], per_round["embed_tasks_4"])]
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples)
+    )
+    low, high = medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+    return (
+        f"The median of the {len(ratios)} per-round ratios has a 95% bootstrap interval of "
+        f"{low:.3f}× to {high:.3f}× (rounds resampled {resamples} times)."
+    )
 
 
 def dynamic_mixer_table() -> str:
