@@ -698,20 +698,8 @@ def cache_speed_table() -> str:
     m = _load("mixed_precision")
     x, metric = m["summary"], METRIC_NAMES[m["metric"]]
     epoch, ratio = x["epoch_seconds"], x["cache_ratio"]
-    same_task = [m] + [
-        r
-        for r in (_load(p.stem) for p in sorted(RESULTS.glob("mixed_precision-*.json")))
-        if r["task"] == m["task"]
-    ]  # the test metric over every run of this task's seeds
-    test = {
-        p: {
-            "mean": statistics.mean(xs),
-            "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "n": len(xs),
-        }
-        for p in ("no", "bf16")
-        for xs in [[100 * f["test"] for r in same_task for f in r["fits"][p]]]
-    }
+    later = [(stem, r) for stem, r in _later_precision_runs() if r["task"] == m["task"]]
+    test = _pooled_test([m, *(r for _, r in later)])  # every run of this task's seeds
     lines.append(
         f"| CoLA, bf16 autocast (float32 in the same run; {m['threads']} thread, CPU time × "
         f"{m['steps_per_epoch']} steps) | {_seconds(epoch['online_bf16'])} "
@@ -722,7 +710,7 @@ def cache_speed_table() -> str:
         f"{test['bf16']['sd']:.1f} ({test['no']['mean']:.1f} ± {test['no']['sd']:.1f}) |"
     )
     source = _source("mixed_precision", m)
-    pooled = ", ".join(f"`{_result_name(r)}.json`" for r in same_task[1:])
+    pooled = ", ".join(f"`{stem}.json`" for stem, _ in later)
     if pooled:
         source += f" Its test {metric} pools the seeds of {pooled} too."
     return "\n".join([*lines, "", _source(name, r), "bf16 row: f" + source[1:]])
@@ -1069,22 +1057,33 @@ def mixed_precision_table() -> str:
         "",
         _source(name, r),
     ]
-    later = [_load(p.stem) for p in sorted(RESULTS.glob(f"{name}-*.json"))]
+    later = _later_precision_runs()
     if later:
         lines += ["", *_mixed_precision_later(r, later)]
     return "\n".join(lines)
 
 
-def _mixed_precision_later(first: dict, later: list[dict]) -> list[str]:
+def _later_precision_runs() -> list[tuple[str, dict]]:
+    """(file name, result) of the runs after the first (``mixed_precision-*.json``)."""
+    return [(p.stem, _load(p.stem)) for p in sorted(RESULTS.glob("mixed_precision-*.json"))]
+
+
+def _pooled_test(runs: list[dict]) -> dict[str, dict]:
+    """Precision -> mean, sd and n of the test metric (× 100) over every seed of ``runs``."""
+    pooled = {}
+    for p in ("no", "bf16"):
+        xs = [100 * f["test"] for r in runs for f in r["fits"][p]]
+        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        pooled[p] = {"mean": statistics.mean(xs), "sd": sd, "n": len(xs)}
+    return pooled
+
+
+def _mixed_precision_later(first: dict, named: list[tuple[str, dict]]) -> list[str]:
     """The runs decided on after the first one (``mixed_precision-*.json``): fresh seeds and
     other tasks, each read with the same test, and each task's seeds pooled over every run."""
 
     def spread(s: dict) -> str:
         return f"{s['mean']:.1f} ± {s['sd']:.1f} (n = {s['n']})"
-
-    def pooled(rows: list[dict]) -> dict:
-        xs = [100 * row["test"] for row in rows]
-        return {"mean": statistics.mean(xs), "sd": statistics.stdev(xs), "n": len(xs)}
 
     lines = [
         "Runs decided on after the one above, each with the same test (seeds never run before "
@@ -1094,6 +1093,7 @@ def _mixed_precision_later(first: dict, later: list[dict]) -> list[str]:
         "/ bf16 | test float32 | test bf16 | against the seed spread |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    later = [r for _, r in named]
     for r in later:
         x = r["summary"]
         metric = METRIC_NAMES[r["metric"]]
@@ -1109,8 +1109,7 @@ def _mixed_precision_later(first: dict, later: list[dict]) -> list[str]:
         runs = [r for r in [first, *later] if r["task"] == task]
         if len(runs) < 2:
             continue
-        test = {p: pooled([f for r in runs for f in r["fits"][p]]) for p in ("no", "bf16")}
-        test = {p: {k: round(v, 2) for k, v in t.items()} for p, t in test.items()}
+        test = {p: {k: round(v, 2) for k, v in t.items()} for p, t in _pooled_test(runs).items()}
         seeds = sorted(f["seed"] for r in runs for f in r["fits"]["no"])
         lines.append(
             f"| {dict(TASKS).get(task, task)} × MiniLM, every run pooled "
@@ -1118,7 +1117,7 @@ def _mixed_precision_later(first: dict, later: list[dict]) -> list[str]:
             f"| {METRIC_NAMES[runs[0]['metric']]} {spread(test['no'])} | {spread(test['bf16'])} "
             f"| {_against_spread(test)} |"
         )
-    lines += ["", *(_source(_result_name(r), r) for r in later)]
+    lines += ["", *(_source(stem, r) for stem, r in named)]
     return lines
 
 
@@ -1127,12 +1126,6 @@ def _seed_list(seeds: list[int]) -> str:
     if len(seeds) > 3 and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
         return f"{seeds[0]} to {seeds[-1]}"
     return ", ".join(map(str, seeds))
-
-
-def _result_name(r: dict) -> str:
-    """A results file's name from its command's ``--name`` (``mixed_precision`` without)."""
-    words = r["command"].split()
-    return words[words.index("--name") + 1] if "--name" in words else r["benchmark"]
 
 
 def vllm_table() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -395,8 +396,6 @@ def test_the_tune_table_sets_the_search_beside_the_alpha_grid(tables, tmp_path):
 
 def _anchors(path: Path) -> set[str]:
     """GitHub's heading anchors of a Markdown file (lower case, punctuation dropped)."""
-    import re
-
     found = set()
     for line in path.read_text().splitlines():
         heading = re.match(r"#+\s+(.*)", line)
@@ -406,8 +405,6 @@ def _anchors(path: Path) -> set[str]:
 
 
 def test_every_markdown_link_to_a_section_finds_its_heading():
-    import re
-
     root = TABLES.parents[1]
     documents = [root / "README.md", root / "BENCHMARKS.md", *root.glob("docs/**/*.md")]
     broken = []
