@@ -130,7 +130,12 @@ def _seed(result: dict) -> int | None:
 
 # the mixer's own knobs: the other rows do not read them, so a repeat that changes only these
 # still repeats the other rows
-MIXER_ONLY = ("task.mixer.alpha", "task.mixer.cutoff", "task.mixer.entropy_weight")
+MIXER_ONLY = (
+    "task.mixer.alpha",
+    "task.mixer.cutoff",
+    "task.mixer.entropy_weight",
+    "task.mixer.heads",
+)
 
 
 # the kinds of row a comparison's summary gives one test figure for
@@ -1520,8 +1525,13 @@ def dynamic_columns_table() -> str:
             continue
         setting, by_seed = chosen[key]
         picked = [100 * by_seed[s] for s in sorted(by_seed)]
-        alpha = [c.partition("=")[2] for c in setting if c.startswith("task.mixer.alpha=")]
-        note = f"α = {alpha[0]}" if alpha else ", ".join(setting)
+        knobs = dict(c.partition("=")[::2] for c in setting)
+        alpha, heads = knobs.pop("task.mixer.alpha", None), knobs.pop("task.mixer.heads", "1")
+        note = ", ".join(
+            ([f"α = {alpha}"] if alpha else [])
+            + ([f"{heads} heads"] if heads != "1" else [])
+            + [f"{k}={v}" for k, v in knobs.items()]
+        )
         means = {k: statistics.mean(found[k][0]) for k in kinds if k in found}
         means["dynamic"] = statistics.mean(picked)
         cells_text = [f"{_mean_sd(picked)} (n = {len(picked)}, {note})"] + [

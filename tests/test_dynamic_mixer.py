@@ -22,9 +22,13 @@ _erf = np.vectorize(math.erf)
 
 
 def numpy_softmax_mix(f: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Reference: sum_i softmax_i(s) f_i, all layers at once. f (n, B, T, k), s (n, B, T)."""
+    """Reference: sum_i softmax_i(s) f_i, all layers at once. f (n, B, T, k), s (n, B, T); or
+    s (n, B, T, h), each head weighting its k / h channels."""
     e = np.exp(s - s.max(0, keepdims=True))
     a = e / e.sum(0, keepdims=True)
+    if s.ndim == f.ndim:  # heads: the channels of head g are g * k/h ... (g + 1) * k/h - 1
+        a = np.repeat(a, f.shape[-1] // s.shape[-1], axis=-1)  # (n, B, T, k)
+        return (a * f).sum(0)
     return (a[..., None] * f).sum(0)
 
 
@@ -45,6 +49,21 @@ def test_online_softmax_matches_numpy(scale):
     assert np.isfinite(state.mixed.numpy()).all()
 
 
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_online_softmax_with_heads_matches_numpy(scale):
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(6, 2, 5, 8))  # (n, B, T, k)
+    s = scale * rng.normal(size=(6, 2, 5, 4))  # (n, B, T, h)
+    state = None
+    with torch.inference_mode():
+        for fi, si in zip(torch.tensor(f), torch.tensor(s)):
+            state = DynamicState.start(fi.clone(), si) if state is None else state.add(fi, si)
+    np.testing.assert_allclose(state.mixed.numpy(), numpy_softmax_mix(f, s), atol=1e-12)
+    assert state.mixed.shape == (2, 5, 8) and state.total.shape == (2, 5, 4)
+    # one head per channel pair differs from one softmax for all: the heads are not tied
+    assert not np.allclose(numpy_softmax_mix(f, s), numpy_softmax_mix(f, s[..., 0]))
+
+
 def test_online_softmax_keeps_the_graph_in_training():
     f = torch.randn(3, 2, 4, 5, requires_grad=True)
     s = torch.randn(3, 2, 4, requires_grad=True)
@@ -59,6 +78,19 @@ def test_online_softmax_keeps_the_graph_in_training():
     torch.testing.assert_close(s.grad, want_s)
 
 
+def test_online_softmax_with_heads_keeps_the_graph_in_training():
+    f = torch.randn(3, 2, 4, 6, requires_grad=True)
+    s = torch.randn(3, 2, 4, 3, requires_grad=True)  # 3 heads of 2 channels
+    state = DynamicState.start(f[0], s[0])
+    for i in (1, 2):
+        state = state.add(f[i], s[i])
+    state.mixed.sum().backward()
+    a = torch.softmax(s, 0).repeat_interleave(2, dim=-1)  # (n, B, T, k)
+    want_f, want_s = torch.autograd.grad((a * f).sum(), (f, s))
+    torch.testing.assert_close(f.grad, want_f)
+    torch.testing.assert_close(s.grad, want_s)
+
+
 def numpy_dynamic(states, weight, query, p, alpha, layers):
     """Reference: F = sum_i softmax_i(q . f_i + alpha p_i) f_i, f_i = LN(GELU(Z_i) W_i^T)."""
     f = []
@@ -67,7 +99,11 @@ def numpy_dynamic(states, weight, query, p, alpha, layers):
         h = (0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))) @ weight[j].T.astype(np.float64)
         f.append((h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5))
     f = np.stack(f)  # (n, B, T, k)
-    s = f @ query.astype(np.float64) + alpha * p.astype(np.float64)[:, None, None]  # (n, B, T)
+    prior = alpha * p.astype(np.float64)[:, None, None]  # (n, 1, 1)
+    if query.ndim == 2:  # (h, k): one query per head
+        s = f @ query.T.astype(np.float64) + prior[..., None]  # (n, B, T, h)
+    else:
+        s = f @ query.astype(np.float64) + prior  # (n, B, T)
     return numpy_softmax_mix(f, s)
 
 
@@ -81,7 +117,15 @@ def make(num_states=5, d=12, **kw):
     return mixer, states
 
 
-@pytest.mark.parametrize("kw", [{"alpha": 4.0}, {"alpha": 10.0, "layers": [1, 3, 4]}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"alpha": 4.0},
+        {"alpha": 10.0, "layers": [1, 3, 4]},
+        {"alpha": 4.0, "heads": 3},
+        {"alpha": 4.0, "heads": 6, "cutoff": 0.1},
+    ],
+)
 def test_dynamic_mixer_matches_numpy(kw):
     mixer, states = make(**kw)
     want = numpy_dynamic(
@@ -101,8 +145,9 @@ def test_dynamic_mixer_matches_numpy(kw):
     np.testing.assert_allclose(mixer.finish(state).numpy(), want, atol=1e-5)
 
 
-def test_zero_query_is_the_static_mixer_and_weights_vary_per_token():
-    mixer, states = make(alpha=4.0)
+@pytest.mark.parametrize("heads", [1, 2])
+def test_zero_query_is_the_static_mixer_and_weights_vary_per_token(heads):
+    mixer, states = make(alpha=4.0, heads=heads)
     static = LayerMixer(MixerConfig(dim=6, alpha=4.0), 5, 12).eval()
     static.load_state_dict({k: v for k, v in mixer.state_dict().items() if k != "query"})
     with torch.no_grad():
@@ -124,8 +169,9 @@ def test_cutoff_cuts_the_prior_and_static_streaming_step_is_refused():
         mixer.accumulate(None, 1, torch.tensor(0.5), states[1])
 
 
-def test_packed_rows_equal_the_padded_form():
-    mixer, states = make(alpha=4.0)
+@pytest.mark.parametrize("heads", [1, 3])
+def test_packed_rows_equal_the_padded_form(heads):
+    mixer, states = make(alpha=4.0, heads=heads)
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3]).bool()  # (B, T)
     padded = [s * mask[..., None] for s in states]
     index = mask.nonzero().T  # (2, N)
@@ -136,6 +182,7 @@ def test_packed_rows_equal_the_padded_form():
 
 
 def tasks_for(backbone, layers=None, cutoff=0.0, alpha=4.0):
+    """A sequence task with one softmax per token, a token task with two heads, a static one."""
     torch.manual_seed(0)
     mixer = {"dim": 8, "alpha": alpha, "layers": layers, "cutoff": cutoff, "mode": "dynamic"}
     seq = Task(
@@ -151,7 +198,7 @@ def tasks_for(backbone, layers=None, cutoff=0.0, alpha=4.0):
         TaskConfig(
             "token_classification",
             ["O", "B-PER", "I-PER"],
-            mixer=mixer,
+            mixer={**mixer, "heads": 2},
             head={"num_heads": 2, "num_layers": 1, "ff_dim": 16},
         ),
         backbone.info(),
@@ -190,7 +237,7 @@ def test_dynamic_streaming_equals_stacked(tiny_model_dir, encode, family, states
     beside_static = {"static": tasks["static"]}
     for name in ("seq", "tok"):
         config = tasks[name].config
-        mixer = {**config.mixer.to_dict(), "mode": "adalayers"}
+        mixer = {**config.mixer.to_dict(), "mode": "adalayers", "heads": 1}
         beside_static[name] = Task(
             TaskConfig.from_dict({**config.to_dict(), "mixer": mixer}), backbone.info()
         )
@@ -198,22 +245,26 @@ def test_dynamic_streaming_equals_stacked(tiny_model_dir, encode, family, states
         beside_static[name].load_state_dict(state)
     other = AdaLayers(backbone, beside_static).eval()(inputs).logits
     assert torch.equal(other["static"], streamed["static"])
-    assert not torch.allclose(other["seq"], streamed["seq"])  # the query changed the others
+    for name in ("seq", "tok"):  # the queries changed the others
+        assert not torch.allclose(other[name], streamed[name])
     again = runtime(inputs).logits  # the taps' state starts anew with every input
     for name in streamed:
         assert torch.equal(again[name], streamed[name])
 
 
-def test_dynamic_training_graph_gives_the_stacked_gradients(tiny_model_dir, encode):
+@pytest.mark.parametrize("name", ["seq", "tok"])
+def test_dynamic_training_graph_gives_the_stacked_gradients(tiny_model_dir, encode, name):
     backbone = load_backbone(tiny_model_dir("bert"))
-    task = tasks_for(backbone)["seq"]  # no dropout: both forwards see the same network
-    runtime = AdaLayers(backbone, {"seq": task}).train()
-    inputs, targets = encode(backbone), torch.tensor([0, 1, 1])
-    task.loss(runtime(inputs).logits["seq"], targets).backward()
+    task = tasks_for(backbone)[name]  # no dropout: both forwards see the same network
+    runtime = AdaLayers(backbone, {name: task}).train()
+    inputs = encode(backbone)
+    shape = (3,) if name == "seq" else tuple(inputs["input_ids"].shape)
+    targets = torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(0))
+    task.loss(runtime(inputs).logits[name], targets).backward()
     assert task.mixer.query.grad is not None and task.mixer.query.grad.abs().sum() > 0
     grads = [p.grad.clone() for p in task.parameters()]
     task.zero_grad()
-    task.loss(runtime(inputs, stream=False).logits["seq"], targets).backward()
+    task.loss(runtime(inputs, stream=False).logits[name], targets).backward()
     for g, p in zip(grads, task.parameters()):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
 
@@ -254,6 +305,23 @@ def test_saved_dynamic_task_loads_and_predicts(tiny_model_dir, tmp_path):
     before = AdaLayers(backbone, {"t": tasks["seq"]}).predict(TEXTS)
     after = AdaLayers.from_pretrained(backbone, {"t": folder}).predict(TEXTS)
     assert before == after
+    folder = tasks["tok"].save_pretrained(tmp_path / "tok")  # two heads: a (2, k) query
+    loaded = Task.from_pretrained(folder, backbone)
+    assert loaded.config.mixer.heads == 2 and loaded.mixer.query.shape == (2, 8)
+    assert torch.equal(loaded.mixer.query, tasks["tok"].mixer.query)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"mode": "dynamic", "heads": 0}, "mixer.heads must be >= 1"),
+        ({"mode": "adalayers", "heads": 2}, "needs mixer.mode=dynamic"),
+        ({"mode": "dynamic", "dim": 6, "heads": 4}, "does not divide"),
+    ],
+)
+def test_bad_heads_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MixerConfig(**kw)
 
 
 def test_attached_dynamic_tasks_read_each_prompt_anew(tiny_model_dir):

@@ -97,6 +97,10 @@ class MixerConfig:
             ``"dynamic"`` (per-token layer weights ``softmax_i(q . f_i + log p~_i)``: a learned
             query ``q`` of size ``dim`` scores each layer's features, the static distribution
             ``p~`` is the prior; cutoff, entropy and layer dropout act on the prior).
+        heads: ``mode: dynamic`` only: ``h`` per-token softmaxes over the layers, one for each
+            of ``h`` equal groups of the ``dim`` channels (``dim`` must divide by it), each with
+            its own query of size ``dim`` reading the whole ``f_i``; so different features of
+            one token can come from different layers. 1 is the single softmax.
     """
 
     dim: int = 64
@@ -111,6 +115,7 @@ class MixerConfig:
     freeze_distribution: bool = False
     layer_dropout: float = 0.0
     mode: Literal["adalayers", "scalar_mix", "dynamic"] = "adalayers"
+    heads: int = 1
 
     def __post_init__(self) -> None:
         if self.dim <= 0:
@@ -132,6 +137,18 @@ class MixerConfig:
         if self.mode not in ("adalayers", "scalar_mix", "dynamic"):
             raise ValueError(
                 f"mixer.mode must be adalayers, scalar_mix or dynamic, got {self.mode!r}"
+            )
+        if self.heads < 1:
+            raise ValueError(f"mixer.heads must be >= 1, got {self.heads}")
+        if self.heads > 1 and self.mode != "dynamic":
+            raise ValueError(
+                f"mixer.heads={self.heads} needs mixer.mode=dynamic (the static mixes have one "
+                "weight per layer): set mixer.mode to dynamic or mixer.heads to 1"
+            )
+        if self.dim % self.heads:
+            raise ValueError(
+                f"mixer.dim={self.dim} does not divide into mixer.heads={self.heads} groups: "
+                "choose heads that divide dim"
             )
         if self.mode == "scalar_mix" and (self.cutoff > 0 or self.entropy_weight > 0):
             raise ValueError(
@@ -202,7 +219,8 @@ class StackedStates(dict):
 class DynamicState:
     """The running online softmax over layers of one streamed ``mode: dynamic`` mix.
 
-    After the layers ``j`` seen so far (scores ``s_j`` (B, T), features ``f_j`` (B, T, k)):
+    After the layers ``j`` seen so far (scores ``s_j`` (B, T), features ``f_j`` (B, T, k)); with
+    ``h > 1`` heads every (B, T) below is (B, T, h) and each head mixes its k / h channels:
 
         m     = max_j s_j                              (B, T)
         l     = sum_j exp(s_j - m)                     (B, T)
@@ -219,8 +237,8 @@ class DynamicState:
 
     Attributes:
         mixed: (B, T, k) the mix so far.
-        max: (B, T) ``m``.
-        total: (B, T) ``l``.
+        max: (B, T) ``m``, or (B, T, h).
+        total: (B, T) ``l``, or (B, T, h).
     """
 
     mixed: torch.Tensor
@@ -233,22 +251,32 @@ class DynamicState:
         return cls(f if f.is_contiguous() else f.contiguous(), s, torch.ones_like(s))
 
     def add(self, f: torch.Tensor, s: torch.Tensor) -> DynamicState:
-        """Fold in one more layer's features ``f`` (B, T, k) and scores ``s`` (B, T).
+        """Fold in one more layer's features ``f`` (B, T, k) and scores ``s`` (B, T) (or
+        (B, T, h) for ``h`` heads).
 
         Without a graph to keep (inference) it updates this state in place and returns it; in
         training it returns a new state.
         """
-        m = torch.maximum(self.max, s)  # (B, T)
-        old = self.total * torch.exp(self.max - m)  # (B, T)
-        new = torch.exp(s - m)  # (B, T)
-        total = old + new  # (B, T)
-        keep = (old / total).unsqueeze(-1).to(self.mixed.dtype)  # (B, T, 1)
-        take = (new / total).unsqueeze(-1).to(f.dtype)  # (B, T, 1)
-        if torch.is_grad_enabled() and (self.mixed.requires_grad or f.requires_grad):
-            return DynamicState(self.mixed * keep + f * take, m, total)
-        self.mixed.mul_(keep).addcmul_(f, take)  # (B, T, k): no second buffer
+        m = torch.maximum(self.max, s)  # (B, T[, h])
+        old = self.total * torch.exp(self.max - m)  # (B, T[, h])
+        new = torch.exp(s - m)  # (B, T[, h])
+        total = old + new  # (B, T[, h])
+        keep = (old / total).unsqueeze(-1).to(self.mixed.dtype)  # (B, T[, h], 1)
+        take = (new / total).unsqueeze(-1).to(f.dtype)  # (B, T[, h], 1)
+        mixed, grouped = self.mixed, s.dim() == f.dim()  # grouped: h heads, (B, T, h)
+        if grouped:  # each head scales its k / h channels: (B, T, h, k / h) views
+            mixed, f = _groups(mixed, s.shape[-1]), _groups(f, s.shape[-1])
+        if torch.is_grad_enabled() and (mixed.requires_grad or f.requires_grad):
+            out = mixed * keep + f * take
+            return DynamicState(out.flatten(-2, -1) if grouped else out, m, total)
+        mixed.mul_(keep).addcmul_(f, take)  # in place in self.mixed: no second buffer
         self.max, self.total = m, total
         return self
+
+
+def _groups(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., k) -> (..., h, k / h): the channels of each head (a view)."""
+    return x.unflatten(-1, (heads, x.shape[-1] // heads))
 
 
 class LayerMixer(nn.Module):
@@ -274,8 +302,9 @@ class LayerMixer(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(n, k, hidden_size))  # (n, k, d): W_i per layer
             nn.init.kaiming_uniform_(self.weight.view(n * k, hidden_size), a=math.sqrt(5))
-        if config.mode == "dynamic":
-            self.query = nn.Parameter(torch.zeros(k))  # (k,): q; at zero the static mix
+        if config.mode == "dynamic":  # q, zero at first: the static mix
+            shape = (k,) if config.heads == 1 else (config.heads, k)  # one query per head
+            self.query = nn.Parameter(torch.zeros(shape))
         self.p = nn.Parameter(torch.zeros(n), requires_grad=not config.freeze_distribution)
         if config.positional == "learned":
             self.positions = nn.Parameter(torch.zeros(config.max_positions, k))
@@ -386,8 +415,12 @@ class LayerMixer(nn.Module):
 
     def scores(self, f: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``mode: dynamic``: ``s_i = q . f_i + log p~_i`` (float32) of one layer's features
-        ``f`` (..., k) and its prior weight ``p~_i``: shape (...)."""
-        return (f @ self.query.to(f.dtype)).float() + torch.log(weight).float()
+        ``f`` (..., k) and its prior weight ``p~_i``: shape (...), or (..., h) for ``h`` heads
+        (``weight`` then broadcasts against (..., 1))."""
+        q = self.query.to(f.dtype)  # (k,) or (h, k)
+        if q.dim() == 1:
+            return (f @ q).float() + torch.log(weight).float()
+        return (f @ q.t()).float() + torch.log(weight).float()
 
     def accumulate_dynamic(
         self,
@@ -524,8 +557,13 @@ class LayerMixer(nn.Module):
         f = layer_norm(h).reshape(n, b, t, -1)  # (n, B, T, k)
         mixing = torch.stack([weight for _, weight in active])  # (n,)
         if dynamic:  # per token: softmax over the layers of q . f_i + log p~_i
-            s = self.scores(f, mixing[:, None, None])  # (n, B, T)
-            a = torch.softmax(s, dim=0).to(f.dtype)  # (n, B, T)
-            # elementwise, not einsum: that is one tiny (1 x n) @ (n x k) product per token
-            return (a.unsqueeze(-1) * f).sum(0)  # (B, T, k)
+            heads = self.config.heads
+            if heads == 1:
+                s = self.scores(f, mixing[:, None, None])  # (n, B, T)
+                a = torch.softmax(s, dim=0).to(f.dtype)  # (n, B, T)
+                # elementwise, not einsum: that is one tiny (1 x n) @ (n x k) product per token
+                return (a.unsqueeze(-1) * f).sum(0)  # (B, T, k)
+            s = self.scores(f, mixing[:, None, None, None])  # (n, B, T, h)
+            a = torch.softmax(s, dim=0).to(f.dtype)  # (n, B, T, h)
+            return (a.unsqueeze(-1) * _groups(f, heads)).sum(0).flatten(-2, -1)  # (B, T, k)
         return torch.einsum("n,nbtk->btk", mixing, f)  # (B, T, k)
