@@ -315,13 +315,23 @@ def test_saved_dynamic_task_loads_and_predicts(tiny_model_dir, tmp_path):
     ("kw", "match"),
     [
         ({"mode": "dynamic", "heads": 0}, "mixer.heads must be >= 1"),
-        ({"mode": "adalayers", "heads": 2}, "needs mixer.mode=dynamic"),
         ({"mode": "dynamic", "dim": 6, "heads": 4}, "does not divide"),
     ],
 )
 def test_bad_heads_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         MixerConfig(**kw)
+
+
+def test_static_modes_do_not_use_heads():
+    """A comparison derives its static rows from a config whose heads are the dynamic row's."""
+    torch.manual_seed(0)
+    one = LayerMixer(MixerConfig(dim=6, alpha=4.0), 5, 12).eval()
+    eight = LayerMixer(MixerConfig(dim=6, alpha=4.0, heads=3), 5, 12).eval()
+    assert eight.state_dict().keys() == one.state_dict().keys()
+    eight.load_state_dict(one.state_dict())
+    states = [torch.randn(2, 7, 12) for _ in range(5)]
+    assert torch.equal(eight(states), one(states))
 
 
 def test_attached_dynamic_tasks_read_each_prompt_anew(tiny_model_dir):

@@ -100,7 +100,9 @@ class MixerConfig:
         heads: ``mode: dynamic`` only: ``h`` per-token softmaxes over the layers, one for each
             of ``h`` equal groups of the ``dim`` channels (``dim`` must divide by it), each with
             its own query of size ``dim`` reading the whole ``f_i``; so different features of
-            one token can come from different layers. 1 is the single softmax.
+            one token can come from different layers. 1 is the single softmax. The other modes
+            have one weight per layer and do not use it (as ``scalar_mix`` does not use
+            ``alpha``), so one config can give a comparison its dynamic row's heads.
     """
 
     dim: int = 64
@@ -140,11 +142,6 @@ class MixerConfig:
             )
         if self.heads < 1:
             raise ValueError(f"mixer.heads must be >= 1, got {self.heads}")
-        if self.heads > 1 and self.mode != "dynamic":
-            raise ValueError(
-                f"mixer.heads={self.heads} needs mixer.mode=dynamic (the static mixes have one "
-                "weight per layer): set mixer.mode to dynamic or mixer.heads to 1"
-            )
         if self.dim % self.heads:
             raise ValueError(
                 f"mixer.dim={self.dim} does not divide into mixer.heads={self.heads} groups: "
