@@ -18,6 +18,7 @@ python benchmarks/tables.py --grid-seeds       # mixer grids repeated over seeds
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import re
@@ -83,11 +84,49 @@ def _setting(result: dict) -> str:
     return _setting_text(result.get("overrides") or [])
 
 
+def _compare_results() -> list[dict]:
+    """Every compare_*.json in name order, less the rows a later run of the same settings and
+    seed measured again (at a later commit): the latest measurement of a row counts. A result
+    that loses a row is a copy without it (and without the summary figures read from it)."""
+    results = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("compare_*.json"))]
+    newest_first = sorted(
+        range(len(results)), key=lambda i: results[i].get("date", ""), reverse=True
+    )
+    seen: set[tuple] = set()
+    for i in newest_first:
+        result = results[i]
+        comparison = result["comparison"]
+        setting = (
+            Path(result["config"]).stem,
+            comparison["task"],
+            comparison["base"],
+            _changes(result, mixer=True),
+            _seed(result) or 0,
+            bool(result.get("mixer_grid")),
+        )
+        stale = [row for row in comparison["rows"] if (*setting, row) in seen]
+        seen.update((*setting, row) for row in comparison["rows"])
+        if stale:
+            results[i] = _without_rows(result, stale)
+    return results
+
+
+def _without_rows(result: dict, rows: list[str]) -> dict:
+    """A copy of ``result`` without ``rows`` and the summary figures taken from them."""
+    result = copy.deepcopy(result)
+    for row in rows:
+        del result["comparison"]["rows"][row]
+        result["summary"].pop(row, None)
+        if row.startswith("layer_"):  # the sweep's figures come from its rows
+            result["summary"].pop("best_single_layer", None)
+            result["summary"].pop("single_layer_test", None)
+    return result
+
+
 def _cells() -> dict[tuple[str, str, str], dict[str, dict]]:
     """(task, base, setting) -> row kind -> the run's row, from every compare_*.json."""
     cells: dict[tuple[str, str, str], dict[str, dict]] = {}
-    for path in sorted(RESULTS.glob("compare_*.json")):
-        result = json.loads(path.read_text())
+    for result in _compare_results():
         if result.get("variant") or _seed(result) is not None:
             continue
         comparison = result["comparison"]
@@ -174,8 +213,7 @@ def _seed_runs() -> dict[tuple, dict[str, dict[int, float]]]:
     """(config, task, base, changes) -> row kind -> seed -> test metric, from every comparison
     but the grids; ``changes`` as :func:`_changes` gives them for that kind of row."""
     runs: dict[tuple, dict[str, dict[int, float]]] = {}
-    for path in sorted(RESULTS.glob("compare_*.json")):
-        result = json.loads(path.read_text())
+    for result in _compare_results():
         if result.get("mixer_grid"):
             continue  # its mixer rows are grid points, not repeats
         comparison, summary = result["comparison"], result["summary"]
@@ -257,8 +295,7 @@ def _grid_groups() -> dict[tuple, dict[tuple, dict[int, tuple[float, float]]]]:
     from every ``--mixer-grid`` run; ``column`` holds the changes that make a column of the main
     table (e.g. BIO decoding), ``changes`` the others."""
     groups: dict[tuple, dict[tuple, dict[int, tuple[float, float]]]] = {}
-    for path in sorted(RESULTS.glob("compare_*.json")):
-        result = json.loads(path.read_text())
+    for result in _compare_results():
         if not result.get("mixer_grid"):
             continue
         comparison = result["comparison"]
@@ -461,8 +498,7 @@ def _seed_target_rows(
 def _column_runs() -> list[dict]:
     """The results that are a column's own run: not a variant, a grid or a seed repeat."""
     out = []
-    for path in sorted(RESULTS.glob("compare_*.json")):
-        result = json.loads(path.read_text())
+    for result in _compare_results():
         if not (result.get("variant") or result.get("mixer_grid") or _seed(result) is not None):
             out.append(result)
     return out
@@ -531,8 +567,7 @@ def variants_table() -> str:
         "| task × base | baselines | settings changed | validation | test |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for path in sorted(RESULTS.glob("compare_*.json")):
-        result = json.loads(path.read_text())
+    for result in _compare_results():
         if not result.get("variant") and not result.get("mixer_grid"):
             continue
         comparison = result["comparison"]
@@ -1463,8 +1498,7 @@ def _dynamic_points() -> dict[tuple[str, str, str], tuple[tuple[str, ...], dict[
     config's own is ``()``) run with the most seeds is a candidate, and the one with the best
     mean validation score is chosen, as the static mixer's α is from its grid."""
     groups: dict[tuple, dict[tuple[str, ...], dict[int, tuple[float, float]]]] = {}
-    for path in sorted(RESULTS.glob("compare_*.json")):
-        result = json.loads(path.read_text())
+    for result in _compare_results():
         comparison = result["comparison"]
         row = comparison["rows"].get("dynamic")
         metric = comparison["metric"]

@@ -33,7 +33,7 @@ def row(kind, val, test, layer=None, **extra):
     }
 
 
-def write(root, name, rows, overrides=(), variant=None, grid=None, chosen=None):
+def write(root, name, rows, overrides=(), variant=None, grid=None, chosen=None, date=None):
     comparison = {
         "task": "conll2003",
         "base": "all-MiniLM-L6-v2",
@@ -59,6 +59,8 @@ def write(root, name, rows, overrides=(), variant=None, grid=None, chosen=None):
         "summary": summary,
         "comparison": comparison,
     }
+    if date:
+        result["date"] = date
     (root / f"compare_{name}.json").write_text(json.dumps(result))
 
 
@@ -259,6 +261,31 @@ def test_the_dynamic_mixers_alpha_is_chosen_on_its_validation_mean_over_seeds(ta
     setting, by_seed = tables._dynamic_points()[key]
     assert setting == ("task.mixer.alpha=128",)  # the config's own, named
     assert by_seed == {0: 0.79, 1: 0.77, 2: 0.78}
+
+
+def test_a_row_measured_again_later_counts_with_its_latest_run(tables, tmp_path):
+    write(tmp_path, "a", full(), date="2026-11-24T00:00:00Z")  # uniform 77
+    later = {"uniform": row("uniform", 0.70, 0.60)}  # the same setting and seed, re-run
+    write(tmp_path, "a-uniform-rerun", later, date="2026-11-28T00:00:00Z")
+    write(tmp_path, "b", full(0.01), ["task.head.decoding=bio"], date="2026-11-29T00:00:00Z")
+    line = tables.baselines_table().splitlines()[2]
+    assert "| 60.0 (n = 1) | 76.0 (n = 1) |" in line  # the re-run's uniform, scalar mix kept
+    assert "| **78.0** (n = 1) |" in line  # the other rows of the first run still count
+    (first,) = [r for r in tables._compare_results() if "mixer" in r["comparison"]["rows"]][:1]
+    assert "uniform" not in first["comparison"]["rows"] and "uniform" not in first["summary"]
+    assert "uniform" in json.loads((tmp_path / "compare_a.json").read_text())["summary"]
+
+
+def test_the_dynamic_mixers_heads_are_named_beside_its_alpha(tables, tmp_path):
+    for seed in (0, 1):
+        seeded = [f"train.seed={seed}"] if seed else []
+        rows = full()
+        rows["dynamic"] = row("dynamic", 0.80, 0.78)
+        write(tmp_path, f"a-{seed}", rows, seeded)
+        heads = ["task.mixer.alpha=4", "task.mixer.heads=8"]
+        write(tmp_path, f"h-{seed}", {"dynamic": row("dynamic", 0.9, 0.8)}, seeded + heads, "v")
+    line = tables.dynamic_columns_table().splitlines()[2]
+    assert "| 80.0 ± 0.0 (n = 2, α = 4, 8 heads) |" in line
 
 
 def test_a_row_that_was_skipped_is_a_dash_not_a_crash(tables, tmp_path):
