@@ -340,10 +340,13 @@ def test_every_mixer_mode_equals_its_whole_prompt():
         ).eval()
         for mode in ("scalar_mix", "dynamic")
     }
-    tasks["tok_dynamic"] = Task(
-        TaskConfig("token_classification", ["O", "X"], {"dim": 8, "mode": "dynamic"}),
+    tasks["tok_dynamic"] = Task(  # two heads: two softmaxes over the layers per token
+        TaskConfig("token_classification", ["O", "X"], {"dim": 8, "mode": "dynamic", "heads": 2}),
         make_tasks()["tok"].base,
     ).eval()
+    for name in ("dynamic", "tok_dynamic"):
+        with torch.no_grad():  # a zero query is the static mix: make the weights per token
+            tasks[name].mixer.query.normal_()
     collector = SideTaskCollector(tasks, runner)
     sched = Scheduler(runner)
     for req, ids in PROMPTS.items():
