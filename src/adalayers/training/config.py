@@ -125,6 +125,11 @@ class TrainConfig:
         lr_patience: epochs without improvement before the learning rate is halved.
         lr_factor: the factor of that decay.
         early_stopping: stop after this many epochs without improvement (0: never).
+        early_stopping_min_delta: an epoch improves on the best only when its validation score
+            is higher by more than this (in the metric's units, e.g. 0.005 MCC); the best
+            epoch kept and the patience both follow it, as in Keras' ``EarlyStopping``. 0: any
+            increase counts. On a small validation set, where one example moves the score by
+            about 0.001, a small positive value keeps near-ties from deciding the run.
         grad_clip: clip the gradient norm to this (0: no clipping).
         grad_accumulation: optimiser step every N batches.
         mixed_precision: ``no``, ``fp16`` or ``bf16``: autocast the forward through Accelerate
@@ -158,6 +163,7 @@ class TrainConfig:
     lr_patience: int = 5
     lr_factor: float = 0.5
     early_stopping: int = 10
+    early_stopping_min_delta: float = 0.0
     grad_clip: float = 1.0
     grad_accumulation: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -181,6 +187,7 @@ class TrainConfig:
             "weight_decay",
             "lr_patience",
             "early_stopping",
+            "early_stopping_min_delta",
             "grad_clip",
             "checkpoint_every",
             "log_every_seconds",

@@ -239,7 +239,7 @@ class Loop:
                 f"choose from {sorted(k for k in val if k not in NESTED)}"
             )
         score = float(val[metric])
-        improved = score > state.best
+        improved = score > state.best + self.settings.early_stopping_min_delta
         if improved:
             state.best, state.best_epoch, state.bad_epochs = score, epoch + 1, 0
         else:
