@@ -51,8 +51,11 @@ def save_tasks(folder, backbone):
         "elmo": TaskConfig(
             "sequence_classification", ["a", "b"], {"dim": 8, "mode": "scalar_mix"}, {}
         ),
-        "routed": TaskConfig(
-            "token_classification", ["O", "X"], {"dim": 8, "mode": "dynamic"}, {"num_heads": 2}
+        "routed": TaskConfig(  # two softmaxes over the layers per token
+            "token_classification",
+            ["O", "X"],
+            {"dim": 8, "mode": "dynamic", "heads": 2},
+            {"num_heads": 2},
         ),
     }
     paths = {}
@@ -60,6 +63,8 @@ def save_tasks(folder, backbone):
         task = Task(config, info)
         with torch.no_grad():  # spread the layer weights so that every state counts
             task.mixer.p.normal_()
+            if config.mixer.mode == "dynamic":  # and weights that differ per token
+                task.mixer.query.normal_()
         paths[name] = task.save_pretrained(folder / name)
     return paths
 
