@@ -39,7 +39,7 @@ VARIANTS = (
 )
 
 
-def build(batch: int, length: int, dim: int):
+def build(batch: int, length: int, dim: int, heads: int = 1):
     from adalayers.core.backbone import load_backbone
     from adalayers.core.multitask import AdaLayers
     from adalayers.core.taps import stream_taps
@@ -56,7 +56,7 @@ def build(batch: int, length: int, dim: int):
                 TaskConfig(
                     "sequence_classification",
                     ["a", "b", "c"],
-                    mixer={"dim": dim, "alpha": 4.0, "mode": MODES[mode]},
+                    mixer={"dim": dim, "alpha": 4.0, "mode": MODES[mode], "heads": heads},
                     head={"num_heads": 8},
                 ),
                 backbone.info(),
@@ -111,13 +111,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--heads", type=int, default=1, help="the dynamic mixer's mixer.heads")
+    parser.add_argument(
+        "--name", default=None, help="results file (default dynamic_mixer[-heads<h>])"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import interleaved_rounds, write_result
 
-    calls, backbone, dynamic, diff = build(args.batch, args.length, args.dim)
+    calls, backbone, dynamic, diff = build(args.batch, args.length, args.dim, args.heads)
     times, cpu = interleaved_rounds(calls, VARIANTS, args.rounds, args.warmup)
 
     # With one torch thread every op runs in this thread, so its CPU time is the work done,
@@ -152,12 +156,13 @@ def main() -> None:
         "batch": args.batch,
         "length": args.length,
         "dim": args.dim,
+        "heads": args.heads,
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "measure": "thread CPU time" if one_thread else "wall time",
         "task": "sequence_classification, every state tapped, SequenceHead with 8 heads",
         "parameters_per_task": {
-            "static": dynamic.parameters_added()["task0"]["parameters"] - args.dim,
+            "static": dynamic.parameters_added()["task0"]["parameters"] - args.dim * args.heads,
             "dynamic": dynamic.parameters_added()["task0"]["parameters"],
         },
         "dynamic_over_static": figures(measure),
@@ -168,7 +173,8 @@ def main() -> None:
     }
     for key, value in result["dynamic_over_static"].items():
         print(f"{key:24s} {value:.3f}")
-    print(write_result("dynamic_mixer", result))
+    name = args.name or ("dynamic_mixer" if args.heads == 1 else f"dynamic_mixer-heads{args.heads}")
+    print(write_result(name, result))
 
 
 if __name__ == "__main__":

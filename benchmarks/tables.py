@@ -1044,6 +1044,46 @@ def dynamic_mixer_table() -> str:
         f"{r['max_abs_diff_streaming_vs_stacked_dynamic_4']:.1e}.",
         _source(name, r),
     ]
+    for path in sorted(RESULTS.glob(f"{name}-heads*.json")):  # mixer.heads > 1
+        h = _load(path.stem)
+        cpu, wall = h["dynamic_over_static"], h["dynamic_over_static_wall"]
+        lines += [
+            "",
+            f"With `mixer.heads: {h['heads']}` ({h['rounds']} rounds, the same batch): the whole "
+            f"forward **{cpu['forward_1_task']:.2f}×** the static mixer's with 1 task "
+            f"(wall {wall['forward_1_task']:.2f}×), **{cpu['forward_4_tasks']:.2f}×** with 4 "
+            f"(wall {wall['forward_4_tasks']:.2f}×); taps + head alone {cpu['work_alone']:.2f}×; "
+            f"max \\|streaming − stacked\\| "
+            f"{h['max_abs_diff_streaming_vs_stacked_dynamic_4']:.1e}. {_source(path.stem, h)}",
+        ]
+    return "\n".join(lines)
+
+
+def dynamic_weights_table() -> str:
+    """How far the trained per-token layer weights move from the static prior."""
+    name = "dynamic_weights"
+    r = _load(name)
+    lines = [
+        "| run (seed 0) | heads | α | mean \\|q\\| | distance from the prior (TV) "
+        "| entropy, nats (prior's) | largest weight |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in r["runs"]:
+        folder = Path(row["run"]).parent.name
+        q = statistics.mean(row["query_norm"])
+        lines.append(
+            f"| `{folder}` | {row['heads']} | {row['alpha']:g} | {q:.2f} "
+            f"| {row['tv_from_prior']:.2f} | {row['entropy']:.2f} ({row['prior_entropy']:.2f}) "
+            f"| {row['max_weight']:.2f} |"
+        )
+    examples = {row["examples"] for row in r["runs"]}
+    lines += [
+        "",
+        f"Over every real token of the first {', '.join(map(str, sorted(examples)))} validation "
+        "examples of each run's task; TV: half the summed absolute difference between a token's "
+        "layer weights and the prior p~ (0: the static mix).",
+        _source(name, r),
+    ]
     return "\n".join(lines)
 
 
@@ -1596,6 +1636,7 @@ GENERATORS = {
     "baselines": baselines_table,
     "runtime": runtime_table,
     "dynamic-mixer": dynamic_mixer_table,
+    "dynamic-weights": dynamic_weights_table,
     "mixed-precision": mixed_precision_table,
     "embed-side-tasks": embed_table,
     "vllm-side-tasks": vllm_table,
