@@ -441,3 +441,27 @@ def test_every_markdown_link_to_a_section_finds_its_heading():
             if path.suffix == ".md" and path.is_file() and anchor not in _anchors(path):
                 broken.append(f"{document.relative_to(root)} -> {target or 'itself'}#{anchor}")
     assert not broken, f"links to headings that do not exist: {broken}"
+
+
+def test_the_dynamic_weights_table_gives_each_run_its_distance_from_the_prior(tables, tmp_path):
+    run = {
+        "run": "runs/compare/minilm-conll2003-bio-dynamic-alpha4-heads8/dynamic",
+        "heads": 8,
+        "alpha": 4.0,
+        "examples": 200,
+        "tokens": 3000,
+        "prior": [0.5, 0.5],
+        "prior_entropy": 0.6931,
+        "query_norm": [0.5, 1.0],
+        "tv_from_prior": 0.4461,
+        "entropy": 0.51,
+        "max_weight": 0.7,
+    }
+    result = {"runs": [run], "command": "python benchmarks/dynamic_weights.py", "commit": "abc"}
+    (tmp_path / "dynamic_weights.json").write_text(json.dumps(result))
+    lines = tables.dynamic_weights_table().splitlines()
+    assert lines[2] == (
+        "| `minilm-conll2003-bio-dynamic-alpha4-heads8` | 8 | 4 | 0.75 | 0.45 "
+        "| 0.51 (0.69) | 0.70 |"
+    )
+    assert "first 200 validation examples" in lines[4]
