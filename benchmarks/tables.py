@@ -1534,9 +1534,24 @@ def small_data_table() -> str:
 def _dynamic_points() -> dict[tuple[str, str, str], tuple[tuple[str, ...], dict[int, float]]]:
     """(task, base, setting) of a column -> (the dynamic mixer's settings chosen on validation,
     seed -> test metric). Every run with a dynamic row counts, variants too: grouped by what they
-    changed bar the mixer's own knobs (:data:`MIXER_ONLY`), each setting of those knobs (the
-    config's own is ``()``) run with the most seeds is a candidate, and the one with the best
-    mean validation score is chosen, as the static mixer's α is from its grid."""
+    changed bar the mixer's own knobs (:data:`MIXER_ONLY`), each setting of those knobs (α,
+    heads; the config's α named where a run kept it) run with the most seeds is a candidate, and
+    the one with the best mean validation score is chosen, as the static mixer's α is from its
+    grid."""
+    groups = _dynamic_groups()
+    out: dict[tuple[str, str, str], tuple[tuple[str, ...], dict[int, float]]] = {}
+    for column, candidates in _dynamic_candidates(groups).items():
+        best = max(
+            sorted(candidates),  # ties: the first in name order
+            key=lambda k: statistics.mean(v for v, _ in candidates[k].values()),
+        )
+        out[column] = (best, {seed: test for seed, (_, test) in candidates[best].items()})
+    return out
+
+
+def _dynamic_groups() -> dict[tuple, dict[tuple[str, ...], dict[int, tuple[float, float]]]]:
+    """(config, task, base, changes bar the mixer's knobs) -> the mixer's knobs -> seed ->
+    (validation, test) of every run with a dynamic row."""
     groups: dict[tuple, dict[tuple[str, ...], dict[int, tuple[float, float]]]] = {}
     for result in _compare_results():
         comparison = result["comparison"]
@@ -1553,7 +1568,15 @@ def _dynamic_points() -> dict[tuple[str, str, str], tuple[tuple[str, ...], dict[
         setting = tuple(c for c in mixer if c.partition("=")[0] in MIXER_ONLY)
         by_seed = groups.setdefault(key, {}).setdefault(setting, {})
         by_seed.setdefault(_seed(result) or 0, scores)
-    out: dict[tuple[str, str, str], tuple[tuple[str, ...], dict[int, float]]] = {}
+    return groups
+
+
+def _dynamic_candidates(
+    groups: dict[tuple, dict[tuple[str, ...], dict[int, tuple[float, float]]]],
+) -> dict[tuple[str, str, str], dict[tuple[str, ...], dict[int, tuple[float, float]]]]:
+    """(task, base, setting) of a column -> its candidate dynamic settings (those run with the
+    most seeds) -> seed -> (validation, test); the config's own setting named by its α."""
+    out: dict[tuple[str, str, str], dict[tuple[str, ...], dict[int, tuple[float, float]]]] = {}
     for result in _column_runs():
         comparison = result["comparison"]
         key = (Path(result["config"]).stem, comparison["task"], comparison["base"])
@@ -1562,17 +1585,49 @@ def _dynamic_points() -> dict[tuple[str, str, str], tuple[tuple[str, ...], dict[
         if not settings or column in out:
             continue
         most = max(len(runs) for runs in settings.values())
-        candidates = {k: runs for k, runs in settings.items() if len(runs) == most}
-        best = max(
-            sorted(candidates),  # ties: the config's own first
-            key=lambda k: statistics.mean(v for v, _ in candidates[k].values()),
-        )
-        by_seed = {seed: test for seed, (_, test) in candidates[best].items()}
-        if not best:  # the config's own α
-            config = yaml.safe_load((ROOT / result["config"]).read_text())
-            best = (f"task.mixer.alpha={config['task']['mixer']['alpha']:g}",)
-        out[column] = (best, by_seed)
+        config = yaml.safe_load((ROOT / result["config"]).read_text())
+        own = (f"task.mixer.alpha={config['task']['mixer']['alpha']:g}",)
+        out[column] = {_named(k, own): runs for k, runs in settings.items() if len(runs) == most}
     return out
+
+
+def dynamic_grid_table() -> str:
+    """Every dynamic setting run on a column with its seeds: validation and test means, the
+    one :func:`_dynamic_points` chooses in bold."""
+    cells = _cells()
+    columns, _ = _columns(cells)
+    chosen = _dynamic_points()
+    candidates = _dynamic_candidates(_dynamic_groups())
+    lines = [
+        "| task × base | α | heads | seeds | validation | test |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, title in columns:
+        if key not in candidates:
+            continue
+        for setting, runs in sorted(candidates[key].items(), key=lambda kv: _knobs(kv[0])):
+            alpha, heads = _knobs(setting)
+            val = [100 * v for v, _ in runs.values()]
+            test = [100 * t for _, t in runs.values()]
+            mark = "**" if setting == chosen[key][0] else ""
+            lines.append(
+                f"| {title} | {alpha:g} | {heads} | {len(runs)} | {mark}{_mean_sd(val)}{mark} "
+                f"| {_mean_sd(test)} |"
+            )
+    return "\n".join(lines)
+
+
+def _named(setting: tuple[str, ...], own: tuple[str, ...]) -> tuple[str, ...]:
+    """A setting of the mixer's knobs with the config's α named where it kept it."""
+    if any(c.startswith("task.mixer.alpha=") for c in setting):
+        return tuple(sorted(setting))
+    return tuple(sorted(setting + own))
+
+
+def _knobs(setting: tuple[str, ...]) -> tuple[float, int]:
+    """(α, heads) of a dynamic setting."""
+    knobs = dict(c.partition("=")[::2] for c in setting)
+    return float(knobs.get("task.mixer.alpha", "nan")), int(knobs.get("task.mixer.heads", "1"))
 
 
 def dynamic_columns_table() -> str:
@@ -1586,7 +1641,8 @@ def dynamic_columns_table() -> str:
     chosen = _dynamic_points()
     kinds = ("dynamic", "mixer_chosen", "uniform", "best_single_layer", "scalar_mix", "probe")
     lines = [
-        "| task × base | dynamic mixer, α chosen on validation | dynamic mixer, config's α "
+        "| task × base | dynamic mixer, α and heads chosen on validation "
+        "| dynamic mixer, config's α "
         "| static mixer, α chosen on validation | uniform mix "
         "| best single layer | scalar mix | probe, one state | dynamic − uniform "
         "| dynamic − best single | ≥ +1 over both |",
@@ -1636,6 +1692,7 @@ GENERATORS = {
     "baselines": baselines_table,
     "runtime": runtime_table,
     "dynamic-mixer": dynamic_mixer_table,
+    "dynamic-grid": dynamic_grid_table,
     "dynamic-weights": dynamic_weights_table,
     "mixed-precision": mixed_precision_table,
     "embed-side-tasks": embed_table,

@@ -465,3 +465,20 @@ def test_the_dynamic_weights_table_gives_each_run_its_distance_from_the_prior(ta
         "| 0.51 (0.69) | 0.70 |"
     )
     assert "first 200 validation examples" in lines[4]
+
+
+def test_the_dynamic_grid_lists_every_setting_and_bolds_the_one_chosen(tables, tmp_path):
+    for seed in (0, 1):
+        seeded = [f"train.seed={seed}"] if seed else []
+        rows = full()
+        rows["dynamic"] = row("dynamic", 0.80, 0.78)  # the config's α (its file says 128)
+        write(tmp_path, f"a-{seed}", rows, seeded)
+        heads = ["task.mixer.heads=8"]  # at the config's α
+        write(tmp_path, f"h-{seed}", {"dynamic": row("dynamic", 0.82, 0.70)}, seeded + heads, "v")
+    lines = tables.dynamic_grid_table().splitlines()
+    assert lines[2:] == [
+        "| CoNLL-2003 × MiniLM | 128 | 1 | 2 | 80.0 ± 0.0 | 78.0 ± 0.0 |",
+        "| CoNLL-2003 × MiniLM | 128 | 8 | 2 | **82.0 ± 0.0** | 70.0 ± 0.0 |",
+    ]
+    line = tables.dynamic_columns_table().splitlines()[2]
+    assert "| 70.0 ± 0.0 (n = 2, α = 128, 8 heads) |" in line
