@@ -660,11 +660,19 @@ def streaming_table() -> str:
     def cell(diff: float | None) -> str:
         return "–" if diff is None else (f"{diff:.1e}" if diff else "0")
 
+    grouped = r.get("max_abs_diff_dynamic_heads") or {}
     lines = ["| base | max abs difference of the task logits |", "| --- | --- |"]
     if dynamic:
         lines = ["| base | static mixer | dynamic mixer |", "| --- | --- | --- |"]
+    if grouped:
+        heads = ", ".join(f"{h} at {k}" for k, h in r["dynamic_heads"].items())
+        lines = [
+            f"| base | static mixer | dynamic mixer | dynamic mixer, heads ({heads}) |",
+            "| --- | --- | --- | --- |",
+        ]
     for base, diff in r["max_abs_diff"].items():
         extra = f" {cell(dynamic.get(base))} |" if dynamic else ""
+        extra += f" {cell(grouped.get(base))} |" if grouped else ""
         lines.append(f"| {base} | {cell(diff)} |{extra}")
     return "\n".join([*lines, "", _source(name, r)])
 
