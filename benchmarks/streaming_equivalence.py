@@ -88,7 +88,7 @@ def main() -> None:
                 "benchmark": "streaming_equivalence",
                 "max_abs_diff": results,
                 "max_abs_diff_dynamic": dynamic,
-                "dynamic_heads": {"k=8 (tiny bases)": HEADS[8], "k=64 (MiniLM)": HEADS[64]},
+                "dynamic_heads": {"tiny bases, k = 8": HEADS[8], "MiniLM, k = 64": HEADS[64]},
                 "max_abs_diff_dynamic_heads": grouped,
                 "overall_max": max(results.values()),
                 "overall_max_dynamic": max(dynamic.values()),

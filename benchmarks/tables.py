@@ -665,9 +665,9 @@ def streaming_table() -> str:
     if dynamic:
         lines = ["| base | static mixer | dynamic mixer |", "| --- | --- | --- |"]
     if grouped:
-        heads = ", ".join(f"{h} at {k}" for k, h in r["dynamic_heads"].items())
+        heads = "; ".join(f"{h}: {k}" for k, h in r["dynamic_heads"].items())
         lines = [
-            f"| base | static mixer | dynamic mixer | dynamic mixer, heads ({heads}) |",
+            f"| base | static mixer | dynamic mixer | dynamic mixer with heads ({heads}) |",
             "| --- | --- | --- | --- |",
         ]
     for base, diff in r["max_abs_diff"].items():
