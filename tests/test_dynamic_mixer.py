@@ -3,6 +3,7 @@ streaming = stacked on every family, cutoff and early stop, saving and loading."
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -309,6 +310,17 @@ def test_saved_dynamic_task_loads_and_predicts(tiny_model_dir, tmp_path):
     loaded = Task.from_pretrained(folder, backbone)
     assert loaded.config.mixer.heads == 2 and loaded.mixer.query.shape == (2, 8)
     assert torch.equal(loaded.mixer.query, tasks["tok"].mixer.query)
+
+
+def test_a_folder_whose_config_says_other_heads_is_refused_before_loading(tiny_model_dir, tmp_path):
+    """The query's shape follows ``heads``: a config edited to other heads names the tensor."""
+    backbone = load_backbone(tiny_model_dir("bert"))
+    folder = tasks_for(backbone)["tok"].save_pretrained(tmp_path / "tok")  # two heads
+    config = json.loads((folder / "config.json").read_text())
+    config["mixer"]["heads"] = 4
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mixer\.query has shape \(2, 8\).*\(4, 8\)"):
+        Task.from_pretrained(folder, backbone)
 
 
 @pytest.mark.parametrize(
