@@ -64,10 +64,7 @@ def weights_of(run: Path, examples: int, data_dir: str | None) -> dict:
             )
             states = backbone.model(**enc, output_hidden_states=True).hidden_states
             f = torch.stack([mixer.project(layer, states[layer]) for layer, _ in active])
-            trailing = f.dim() - (2 if mixer.config.heads == 1 else 1)  # against (B, T[, h])
-            s = mixer.scores(f, weights.view(-1, *([1] * trailing)))  # (n, B, T[, h])
-            if s.dim() == 3:
-                s = s.unsqueeze(-1)  # one head
+            s = mixer.scores(f, weights.view(-1, 1, 1, 1))  # (n, B, T, h)
             a = torch.softmax(s, dim=0)[:, enc["attention_mask"].bool()]  # (n, N, h)
             w = weights.view(-1, 1, 1)
             tv.append((a - w).abs().sum(0).div(2).flatten())

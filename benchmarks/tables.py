@@ -1546,15 +1546,18 @@ def _dynamic_points() -> dict[tuple[str, str, str], tuple[tuple[str, ...], dict[
     heads; the config's α named where a run kept it) run with the most seeds is a candidate, and
     the one with the best mean validation score is chosen, as the static mixer's α is from its
     grid."""
-    groups = _dynamic_groups()
     out: dict[tuple[str, str, str], tuple[tuple[str, ...], dict[int, float]]] = {}
-    for column, candidates in _dynamic_candidates(groups).items():
-        best = max(
-            sorted(candidates),  # ties: the first in name order
-            key=lambda k: statistics.mean(v for v, _ in candidates[k].values()),
-        )
+    for column, candidates in _dynamic_candidates(_dynamic_groups()).items():
+        best = _best_on_validation(candidates)
         out[column] = (best, {seed: test for seed, (_, test) in candidates[best].items()})
     return out
+
+
+def _best_on_validation(candidates: dict[tuple[str, ...], dict[int, tuple[float, float]]]):
+    """The setting with the best mean validation score (ties: the first in name order)."""
+    return max(
+        sorted(candidates), key=lambda k: statistics.mean(v for v, _ in candidates[k].values())
+    )
 
 
 def _dynamic_groups() -> dict[tuple, dict[tuple[str, ...], dict[int, tuple[float, float]]]]:
@@ -1604,7 +1607,6 @@ def dynamic_grid_table() -> str:
     one :func:`_dynamic_points` chooses in bold."""
     cells = _cells()
     columns, _ = _columns(cells)
-    chosen = _dynamic_points()
     candidates = _dynamic_candidates(_dynamic_groups())
     lines = [
         "| task × base | α | heads | seeds | validation | test |",
@@ -1617,7 +1619,7 @@ def dynamic_grid_table() -> str:
             alpha, heads = _knobs(setting)
             val = [100 * v for v, _ in runs.values()]
             test = [100 * t for _, t in runs.values()]
-            mark = "**" if setting == chosen[key][0] else ""
+            mark = "**" if setting == _best_on_validation(candidates[key]) else ""
             lines.append(
                 f"| {title} | {alpha:g} | {heads} | {len(runs)} | {mark}{_mean_sd(val)}{mark} "
                 f"| {_mean_sd(test)} |"

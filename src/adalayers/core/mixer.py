@@ -412,11 +412,9 @@ class LayerMixer(nn.Module):
 
     def scores(self, f: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``mode: dynamic``: ``s_i = q . f_i + log p~_i`` (float32) of one layer's features
-        ``f`` (..., k) and its prior weight ``p~_i``: shape (...), or (..., h) for ``h`` heads
-        (``weight`` then broadcasts against (..., 1))."""
-        q = self.query.to(f.dtype)  # (k,) or (h, k)
-        if q.dim() == 1:
-            return (f @ q).float() + torch.log(weight).float()
+        ``f`` (..., k) and its prior weight ``p~_i`` (broadcast against (..., 1)): shape (..., h),
+        one score per head (h = 1: the single query)."""
+        q = self.query.to(f.dtype).view(-1, f.shape[-1])  # (h, k)
         return (f @ q.t()).float() + torch.log(weight).float()
 
     def accumulate_dynamic(
@@ -442,7 +440,7 @@ class LayerMixer(nn.Module):
             :meth:`finish` takes it, or its ``mixed`` buffer.
         """
         f = features if features is not None else self.project(layer, z)  # (B, T, k)
-        s = self.scores(f, weight)  # (B, T)
+        s = self.scores(f, weight)  # (B, T, h)
         return DynamicState.start(f, s) if state is None else state.add(f, s)
 
     def finish(self, mixed: torch.Tensor | DynamicState) -> torch.Tensor:
@@ -554,13 +552,9 @@ class LayerMixer(nn.Module):
         f = layer_norm(h).reshape(n, b, t, -1)  # (n, B, T, k)
         mixing = torch.stack([weight for _, weight in active])  # (n,)
         if dynamic:  # per token: softmax over the layers of q . f_i + log p~_i
-            heads = self.config.heads
-            if heads == 1:
-                s = self.scores(f, mixing[:, None, None])  # (n, B, T)
-                a = torch.softmax(s, dim=0).to(f.dtype)  # (n, B, T)
-                # elementwise, not einsum: that is one tiny (1 x n) @ (n x k) product per token
-                return (a.unsqueeze(-1) * f).sum(0)  # (B, T, k)
             s = self.scores(f, mixing[:, None, None, None])  # (n, B, T, h)
             a = torch.softmax(s, dim=0).to(f.dtype)  # (n, B, T, h)
-            return (a.unsqueeze(-1) * _groups(f, heads)).sum(0).flatten(-2, -1)  # (B, T, k)
+            # elementwise, not einsum: that is one tiny (1 x n) @ (n x k) product per token
+            grouped = _groups(f, self.config.heads)  # (n, B, T, h, k / h)
+            return (a.unsqueeze(-1) * grouped).sum(0).flatten(-2, -1)  # (B, T, k)
         return torch.einsum("n,nbtk->btk", mixing, f)  # (B, T, k)

@@ -9,8 +9,8 @@ rounding, at about two thirds of the cost for four readers.
 
 A dynamic mixer (``mode: dynamic``) reads its ``f_i`` from the same fused product and folds it into
 an online softmax (:class:`~adalayers.core.mixer.DynamicState`): its buffer is the state's
-``mixed`` (B, T, k), always the mix of the layers seen so far, beside two (B, T) scalars held by
-the taps. A static reader's path is unchanged.
+``mixed`` (B, T, k), always the mix of the layers seen so far, beside two (B, T, h) scalars
+(h: ``mixer.heads``) held by the taps. A static reader's path is unchanged.
 """
 
 from __future__ import annotations
